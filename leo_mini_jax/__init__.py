@@ -1,0 +1,1 @@
+"""LEO-MINI in JAX/Flax."""
