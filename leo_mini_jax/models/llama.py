@@ -1,0 +1,434 @@
+"""LLaMA-family decoder (Llama-2 / Vicuna v1.5, Llama-3) with optional MMoE-LLM MLPs.
+
+RMSNorm, rotary embeddings in HF's rotate-half layout (HF q/k weights need no
+permutation), grouped-query attention through `jax.nn.dot_product_attention`, SwiGLU MLP,
+layers under `nn.scan` with an `nn.remat` policy, and a KV cache driven by two pure
+functions: `prefill` and `decode_step`.
+
+Sequences are right-padded: the real tokens of every row form a prefix. Causal masking
+alone then keeps real tokens from seeing padding, so training and prefill need no padding
+mask (and can use cuDNN flash attention); decoding masks the cache by each row's length.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from leo_mini_jax.models import mmoe as mmoe_lib
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": "nothing_saveable",
+    "dots": "checkpoint_dots",
+    "dots_no_batch": "checkpoint_dots_with_no_batch_dims",
+    "everything": "everything_saveable",
+}
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 frequency-dependent rope scaling (HF rope_type 'llama3')."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shapes and numerics of a LLaMA-family decoder."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int | None = None  # None = num_heads (no GQA)
+  head_dim: int | None = None  # None = hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 4096
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str | None = None  # None: XLA on CPU/TPU, cuDNN picked by JAX where valid
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  mmoe: mmoe_lib.MMoEConfig = mmoe_lib.MMoEConfig()
+
+  def __post_init__(self):
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"llm.num_heads={self.num_heads} must be a multiple of "
+                       f"llm.num_kv_heads={self.kv_heads}")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ValueError(f"llm.hidden_size={self.hidden_size} is not divisible by "
+                       f"llm.num_heads={self.num_heads}; set llm.head_dim")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"llm.remat_policy={self.remat_policy!r}: expected one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"llm.attention_impl={self.attention_impl!r}: expected one of "
+                       f"{ATTENTION_IMPLEMENTATIONS}")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(f"llm.{name}={getattr(self, name)!r} is not a dtype") from None
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> Array:
+  """inv_freq [head_dim // 2] as HF computes it, with Llama-3 scaling when configured."""
+  dim = config.dim_per_head
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  old_context = scaling.original_max_position_embeddings
+  low_freq_wavelen = old_context / scaling.low_freq_factor
+  high_freq_wavelen = old_context / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rotary(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotate-half rotary embedding.
+
+  Args:
+    x: [B, T, H, Dh].
+    positions: [B, T] integer positions.
+    inv_freq: [Dh // 2].
+  """
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _kernel(names):
+  return nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # HF casts back to the input dtype before the scale.
+    return jnp.asarray(scale, self.dtype) * x32.astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """A bias-free linear map with a 2-D kernel [in, out] (HF's weight, transposed)."""
+  features: int
+  axes: tuple[str, str]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", _kernel(self.axes), (x.shape[-1], self.features),
+                        self.param_dtype)
+    return jnp.dot(x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, layer_cache: dict | None,
+               cache_lengths: Array | None) -> tuple[Array, dict | None]:
+    """Causal GQA self-attention.
+
+    Args:
+      x: [B, T, D].
+      positions: [B, T].
+      layer_cache: None (training), or {'k','v': [B, S, Hkv, Dh]} to fill (prefill,
+        cache_lengths None) or to extend by one token (decode).
+      cache_lengths: [B] tokens already in the cache (decode only).
+
+    Returns:
+      output [B, T, D] and the updated layer cache (None in training).
+    """
+    cfg = self.config
+    dt, pdt = cfg.compute_dtype, cfg.weight_dtype
+    batch, length, _ = x.shape
+    heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    proj = functools.partial(Projection, dtype=dt, param_dtype=pdt)
+    q = proj(heads * head_dim, ("embed", "heads"), name="q_proj")(x)
+    k = proj(kv_heads * head_dim, ("embed", "kv_heads"), name="k_proj")(x)
+    v = proj(kv_heads * head_dim, ("embed", "kv_heads"), name="v_proj")(x)
+    q = q.reshape(batch, length, heads, head_dim)
+    k = k.reshape(batch, length, kv_heads, head_dim)
+    v = v.reshape(batch, length, kv_heads, head_dim)
+    q = nn.with_logical_constraint(
+        q, ("activation_batch", "activation_length", "activation_heads", None))
+    k = nn.with_logical_constraint(
+        k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    inv_freq = rope_inverse_frequencies(cfg)
+    q = apply_rotary(q, positions, inv_freq)
+    k = apply_rotary(k, positions, inv_freq)
+
+    attend = functools.partial(jax.nn.dot_product_attention,
+                               implementation=cfg.attention_impl)
+    if layer_cache is None:
+      out, new_cache = attend(q, k, v, is_causal=True), None
+    elif cache_lengths is None:  # prefill: attend causally, store the keys and values
+      out = attend(q, k, v, is_causal=True)
+      new_cache = {
+          name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], t.astype(
+              layer_cache[name].dtype), 0, axis=1)
+          for name, t in (("k", k), ("v", v))
+      }
+    else:  # decode one token per row at slot cache_lengths[b]
+      write = jax.vmap(lambda c, t, i: jax.lax.dynamic_update_slice_in_dim(c, t, i, axis=0))
+      new_cache = {
+          name: write(layer_cache[name], t.astype(layer_cache[name].dtype), cache_lengths)
+          for name, t in (("k", k), ("v", v))
+      }
+      out = attend(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
+                   key_value_seq_lengths=cache_lengths + length)
+    out = out.reshape(batch, length, heads * head_dim)
+    out = proj(cfg.hidden_size, ("heads", "embed"), name="o_proj")(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU MLP; with MMoE-LLM each target projection adds its LoRA-expert delta."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, router_context: Array | None,
+               token_mask: Array) -> tuple[Array, dict[str, Array]]:
+    cfg = self.config
+    dt, pdt = cfg.compute_dtype, cfg.weight_dtype
+    mmoe_cfg = cfg.mmoe
+    proj = functools.partial(Projection, dtype=dt, param_dtype=pdt)
+    aux = {}
+    weights = None
+    if mmoe_cfg.enabled:
+      weights, aux = mmoe_lib.MMoERouter(mmoe_cfg, dtype=dt, param_dtype=pdt,
+                                         name="mmoe_router")(x, router_context, token_mask)
+
+    def project(name, inputs, features, axes):
+      y = proj(features, axes, name=name)(inputs)
+      if mmoe_cfg.enabled and name in mmoe_cfg.targets:
+        y = y + mmoe_lib.LoRAExperts(mmoe_cfg, features, axes[0], axes[1], dtype=dt,
+                                     param_dtype=pdt, name=f"mmoe_{name}")(inputs, weights)
+      return y
+
+    gate = project("gate_proj", x, cfg.intermediate_size, ("embed", "mlp"))
+    up = project("up_proj", x, cfg.intermediate_size, ("embed", "mlp"))
+    hidden = nn.silu(gate) * up
+    hidden = nn.with_logical_constraint(
+        hidden, ("activation_batch", "activation_length", "activation_mlp"))
+    return project("down_proj", hidden, cfg.hidden_size, ("mlp", "embed")), aux
+
+
+class DecoderLayer(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array, positions: Array, router_context: Array | None,
+               token_mask: Array, cache_lengths: Array | None, layer_cache: dict | None):
+    """One pre-norm block. Signature fits nn.scan: (carry, broadcasts..., scanned)."""
+    cfg = self.config
+    norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
+                             param_dtype=cfg.weight_dtype)
+    attn_out, new_cache = Attention(cfg, name="attention")(
+        norm(name="input_norm")(hidden), positions, layer_cache, cache_lengths)
+    hidden = hidden + attn_out
+    mlp_out, aux = MLP(cfg, name="mlp")(norm(name="post_attention_norm")(hidden),
+                                        router_context, token_mask)
+    hidden = hidden + mlp_out
+    hidden = nn.with_logical_constraint(
+        hidden, ("activation_batch", "activation_length", "activation_embed"))
+    return hidden, (new_cache, aux)
+
+
+class LlamaForCausalLM(nn.Module):
+  """Decoder + embeddings + LM head.
+
+  `apply({'params': p}, input_ids)` returns logits [B, T, vocab]. `forward` is the full
+  interface used by LeoMini (input embeddings, router context, aux outputs); `prefill` and
+  `decode_step` run the KV cache.
+  """
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ("vocab", "embed")))
+    layer_cls = DecoderLayer
+    policy_name = REMAT_POLICIES[cfg.remat_policy]
+    if policy_name is not None:
+      layer_cls = nn.remat(layer_cls, policy=getattr(jax.checkpoint_policies, policy_name),
+                           prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          layer_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg)
+    else:  # named layers_0, layers_1, ...
+      self.layers = [layer_cls(cfg) for _ in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = Projection(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype,
+                                cfg.weight_dtype)
+
+  def __call__(self, input_ids: Array) -> Array:
+    logits, _ = self.forward(self.embed(input_ids))
+    return logits
+
+  def decoder(self, hidden, positions, router_context, token_mask, cache_lengths, cache):
+    """Runs every layer; returns (hidden, new cache or None, aux stacked over layers)."""
+    if self.config.scan_layers:
+      hidden, (new_cache, aux) = self.layers(hidden, positions, router_context, token_mask,
+                                             cache_lengths, cache)
+      return hidden, new_cache, aux
+    new_caches, auxes = [], []
+    for index, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else jax.tree.map(lambda c: c[index], cache)
+      hidden, (layer_new_cache, aux) = layer(hidden, positions, router_context, token_mask,
+                                             cache_lengths, layer_cache)
+      new_caches.append(layer_new_cache)
+      auxes.append(aux)
+    stack = lambda *xs: jnp.stack(xs)
+    new_cache = None if cache is None else jax.tree.map(stack, *new_caches)
+    return hidden, new_cache, jax.tree.map(stack, *auxes)
+
+  def embed(self, input_ids: Array) -> Array:
+    """[B, T] ids → [B, T, D] input embeddings."""
+    return self.embed_tokens(input_ids)
+
+  def logits(self, hidden: Array) -> Array:
+    hidden = self.final_norm(hidden)
+    if self.config.tie_embeddings:
+      logits = self.embed_tokens.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    return nn.with_logical_constraint(
+        logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+  def forward(self, inputs_embeds: Array, positions: Array | None = None,
+              token_mask: Array | None = None, router_context: Array | None = None):
+    """Full-sequence forward.
+
+    Args:
+      inputs_embeds: [B, T, D].
+      positions: [B, T]; default arange.
+      token_mask: [B, T] non-padding tokens (for the MMoE balance loss); default all.
+      router_context: [B, 2D] pooled visual + instruction embeddings (MMoE only).
+
+    Returns:
+      logits [B, T, vocab] and aux: per-layer MMoE outputs (empty without MMoE).
+    """
+    hidden, positions, token_mask = self._prepare(inputs_embeds, positions, token_mask)
+    hidden, _, aux = self.decoder(hidden, positions, router_context, token_mask, None, None)
+    return self.logits(hidden), aux
+
+  def _prepare(self, inputs_embeds, positions, token_mask):
+    batch, length = inputs_embeds.shape[:2]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if token_mask is None:
+      token_mask = jnp.ones((batch, length), jnp.int32)
+    hidden = nn.with_logical_constraint(
+        inputs_embeds.astype(self.config.compute_dtype),
+        ("activation_batch", "activation_length", "activation_embed"))
+    return hidden, positions, token_mask
+
+  def prefill(self, inputs_embeds: Array, lengths: Array, cache_size: int,
+              router_context: Array | None = None):
+    """Runs the prompt and builds the cache.
+
+    Args:
+      inputs_embeds: [B, T, D] right-padded prompts.
+      lengths: [B] real prompt lengths.
+      cache_size: S >= T, slots per row.
+      router_context: as in `forward`.
+
+    Returns:
+      logits at each row's last real token [B, vocab], and the cache
+      {'k','v': [layers, B, S, Hkv, Dh], 'lengths': [B]}.
+    """
+    cfg = self.config
+    batch, length = inputs_embeds.shape[:2]
+    token_mask = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
+    hidden, positions, token_mask = self._prepare(inputs_embeds, None, token_mask)
+    shape = (cfg.num_layers, batch, cache_size, cfg.kv_heads, cfg.dim_per_head)
+    empty = {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+    hidden, cache, _ = self.decoder(hidden, positions, router_context, token_mask, None, empty)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+    cache["lengths"] = lengths.astype(jnp.int32)
+    return self.logits(last)[:, 0], cache
+
+  def decode_step(self, token_ids: Array, cache: dict, router_context: Array | None = None):
+    """Feeds one token per row at position cache['lengths'].
+
+    Returns logits [B, vocab] and the cache with the token appended.
+    """
+    lengths = cache["lengths"]
+    hidden = self.embed(token_ids[:, None])
+    positions = lengths[:, None]
+    token_mask = jnp.ones_like(positions)
+    hidden, _, _ = self._prepare(hidden, positions, token_mask)
+    layer_cache = {"k": cache["k"], "v": cache["v"]}
+    hidden, new_cache, _ = self.decoder(hidden, positions, router_context, token_mask,
+                                        lengths, layer_cache)
+    new_cache["lengths"] = lengths + 1
+    return self.logits(hidden)[:, 0], new_cache
+
+
+def count_params(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

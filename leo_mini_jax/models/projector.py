@@ -1,0 +1,27 @@
+"""Visual projector: Linear → GELU → Linear with hidden width d_LLM (paper §4.1)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Projector(nn.Module):
+  """[B, N^V, Σ d_i] → [B, N^V, d_LLM]."""
+  llm_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, visual_tokens: jax.Array) -> jax.Array:
+    dense = lambda axes, name: nn.Dense(
+        self.llm_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+    hidden = dense(("projector_in", "projector_hidden"), "fc1")(visual_tokens)
+    # Exact (erf) GELU, as torch nn.GELU() in LLaVA/EAGLE projectors.
+    hidden = nn.gelu(hidden, approximate=False)
+    out = dense(("projector_hidden", "embed"), "fc2")(hidden)
+    return nn.with_logical_constraint(
+        out, ("activation_batch", "activation_vision_tokens", "activation_embed"))

@@ -1,0 +1,158 @@
+"""Visual token reducers behind one interface, selected by `reducer.kind`.
+
+Every reducer maps per-expert features {I_i [B, N_i, d_i]} (with each expert's grid) and
+the instruction embeddings to [B, N^V, Σ d_i]:
+
+  - 'cotr': conditional token reduction (models/cotr.py), LEO-MINI stage 3.
+  - 'none': EAGLE's fusion: every expert's map resized bilinearly to a common grid and
+    concatenated on channels (stages 1–2; N^V = grid²).
+  - 'mqt':  a small query transformer per expert (MQT-LLaVA-style baseline, Table 5).
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from leo_mini_jax import config_utils
+from leo_mini_jax.models import cotr as cotr_lib
+
+Array = jax.Array
+KINDS = ("cotr", "none", "mqt")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReducerConfig:
+  kind: str = "none"
+  num_visual_tokens: int = 64  # N^V for 'cotr' and 'mqt'
+  cotr_dim: int = 256
+  pool: str = "mean"
+  grid_size: int = 32  # 'none': common grid side
+  mqt_layers: int = 1
+  mqt_heads: int = 4
+  mqt_mlp_ratio: int = 2
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"reducer.kind={self.kind!r}: expected one of {KINDS}")
+    cotr_lib.CoTRConfig(self.num_visual_tokens, self.cotr_dim, self.pool)  # validates
+
+  @property
+  def output_tokens(self) -> int:
+    return self.grid_size ** 2 if self.kind == "none" else self.num_visual_tokens
+
+
+def resize_tokens(tokens: Array, grid: tuple[int, int], size: int) -> Array:
+  """[B, h·w, d] on grid (h, w) → [B, size², d], bilinear, half-pixel centres.
+
+  Matches torch `F.interpolate(mode='bilinear', align_corners=False)` (no antialiasing),
+  which EAGLE uses.
+  """
+  batch, _, dim = tokens.shape
+  height, width = grid
+  fmap = tokens.reshape(batch, height, width, dim)
+  if (height, width) != (size, size):
+    fmap = jax.image.resize(fmap, (batch, size, size, dim), "bilinear", antialias=False)
+  return fmap.reshape(batch, size * size, dim)
+
+
+class EagleResize(nn.Module):
+  """reducer.kind='none': no parameters."""
+  grid_size: int
+
+  def __call__(self, features, grids, text_embeds, text_mask):
+    del text_embeds, text_mask
+    return jnp.concatenate(
+        [resize_tokens(f, g, self.grid_size) for f, g in zip(features, grids)], axis=-1)
+
+
+class QueryTransformerBlock(nn.Module):
+  """Pre-LN block: queries self-attend, cross-attend to the expert's tokens, then MLP."""
+  num_heads: int
+  mlp_ratio: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries: Array, tokens: Array) -> Array:
+    dim = queries.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ln = lambda name: nn.LayerNorm(
+        name=name, scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), **kw)
+    attn = lambda name: nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 ("vision_embed", "vision_heads", None)),
+        out_kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("vision_heads", None, "vision_embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vision_heads", None)),
+        **kw)
+    x = ln("self_attention_norm")(queries)
+    queries = queries + attn("self_attention")(x, x)
+    queries = queries + attn("cross_attention")(ln("cross_attention_norm")(queries),
+                                                ln("tokens_norm")(tokens))
+    dense = lambda features, axes, name: nn.Dense(
+        features, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), **kw)
+    hidden = dense(dim * self.mlp_ratio, ("vision_embed", "vision_mlp"), "fc1")(
+        ln("mlp_norm")(queries))
+    return queries + dense(dim, ("vision_mlp", "vision_embed"), "fc2")(nn.gelu(hidden))
+
+
+class QueryTransformer(nn.Module):
+  """reducer.kind='mqt': N^V learnable queries per expert attend to that expert only."""
+  config: ReducerConfig
+  expert_names: tuple[str, ...]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, grids, text_embeds, text_mask):
+    del grids, text_embeds, text_mask
+    cfg = self.config
+    outputs = []
+    for name, feats in zip(self.expert_names, features):
+      batch, _, dim = feats.shape
+      queries = self.param(
+          f"{name}_queries",
+          nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                       ("queries", "vision_embed")),
+          (cfg.num_visual_tokens, dim), self.param_dtype)
+      x = jnp.broadcast_to(jnp.asarray(queries, self.dtype), (batch,) + queries.shape)
+      for index in range(cfg.mqt_layers):
+        x = QueryTransformerBlock(cfg.mqt_heads, cfg.mqt_mlp_ratio, self.dtype,
+                                  self.param_dtype, name=f"{name}_block_{index}")(x, feats)
+      outputs.append(x)
+    return jnp.concatenate(outputs, axis=-1)
+
+
+class CoTRReducer(nn.Module):
+  """reducer.kind='cotr' behind the common interface."""
+  config: ReducerConfig
+  expert_names: tuple[str, ...]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, grids, text_embeds, text_mask):
+    del grids
+    cfg = self.config
+    cotr_cfg = cotr_lib.CoTRConfig(cfg.num_visual_tokens, cfg.cotr_dim, cfg.pool)
+    return cotr_lib.CoTR(cotr_cfg, self.expert_names, self.dtype, self.param_dtype,
+                         name="cotr")(features, text_embeds, text_mask)
+
+
+def build_reducer(cfg: Any, expert_names: Sequence[str], dtype=jnp.float32,
+                  param_dtype=jnp.float32, name: str = "reducer") -> nn.Module:
+  """The reducer named by `cfg.kind` (ReducerConfig or a dict/ConfigDict)."""
+  cfg = config_utils.from_config(ReducerConfig, cfg)
+  names = tuple(expert_names)
+  if cfg.kind == "none":
+    return EagleResize(cfg.grid_size, name=name)
+  if cfg.kind == "mqt":
+    return QueryTransformer(cfg, names, dtype, param_dtype, name=name)
+  return CoTRReducer(cfg, names, dtype, param_dtype, name=name)
