@@ -1,0 +1,144 @@
+"""CoTR against an independent NumPy implementation of Eq. 2–7 (DESIGN.md §2.2)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from leo_mini_jax.models import cotr as cotr_lib
+from leo_mini_jax.models import reducers
+
+TEXT_DIM = 12
+COTR_DIM = 8
+
+
+def _inputs(rng, dims, lengths, batch=2, text_len=7):
+  features = [rng.normal(size=(batch, n, d)).astype(np.float32) for n, d in zip(lengths, dims)]
+  text = rng.normal(size=(batch, text_len, TEXT_DIM)).astype(np.float32)
+  mask = np.zeros((batch, text_len), np.int32)
+  mask[0, 1:4] = 1
+  mask[1, 2:6] = 1
+  return features, text, mask
+
+
+def _numpy_cotr(params, names, features, text, mask, pool):
+  """Eq. 2–7, one example at a time, cross term as an explicit sum over j ≠ i."""
+  linear = lambda x, p: x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+
+  def pooled(tokens, weights):
+    total = (tokens * weights[:, None]).sum(0)
+    return total / max(weights.sum(), 1.0) if pool == "mean" else total
+
+  outputs = []
+  for b in range(text.shape[0]):
+    visual_hat = [linear(f[b], params[f"{n}_visual_proj"]) for n, f in zip(names, features)]
+    text_hat = linear(text[b], params["text_proj"])
+    per_expert = []
+    for i, name in enumerate(names):
+      ones = np.ones(visual_hat[i].shape[0], np.float32)
+      q_hat = linear(np.asarray(params[f"{name}_queries"]), params[f"{name}_query_proj"])
+      s_query = q_hat @ visual_hat[i].T
+      s_self = pooled(visual_hat[i], ones) @ visual_hat[i].T
+      s_cross = sum(pooled(visual_hat[j], np.ones(visual_hat[j].shape[0], np.float32))
+                    @ visual_hat[i].T for j in range(len(names)) if j != i)
+      s_text = pooled(text_hat, mask[b].astype(np.float32)) @ visual_hat[i].T
+      scores = (s_query + s_self[None] + s_cross[None] + s_text[None]) / np.sqrt(COTR_DIM)
+      scores = scores - scores.max(-1, keepdims=True)
+      alpha = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+      per_expert.append(alpha @ features[i][b])
+    outputs.append(np.concatenate(per_expert, -1))
+  return np.stack(outputs)
+
+
+def _run(num_visual_tokens, names, dims, lengths, pool="mean", seed=0):
+  rng = np.random.default_rng(seed)
+  features, text, mask = _inputs(rng, dims, lengths)
+  module = cotr_lib.CoTR(cotr_lib.CoTRConfig(num_visual_tokens, COTR_DIM, pool), names)
+  params = nn.unbox(module.init(jax.random.PRNGKey(seed), features, text, mask))["params"]
+  # Random biases so every term of the equations is exercised.
+  params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32),
+                        params)
+  apply = lambda f, t, m: module.apply({"params": params}, f, t, m)
+  return apply, params, features, text, mask
+
+
+@pytest.mark.parametrize("num_visual_tokens", [1, 16, 64, 256])
+@pytest.mark.parametrize("names,dims,lengths", [
+    (("clip", "convnext"), (6, 10), (9, 4)),
+    (("clip", "convnext", "sam"), (6, 10, 5), (9, 4, 16)),
+])
+def test_matches_numpy_equations(num_visual_tokens, names, dims, lengths):
+  apply, params, features, text, mask = _run(num_visual_tokens, names, dims, lengths)
+  got = np.asarray(apply(features, text, mask))
+  want = _numpy_cotr(params, names, features, text, mask, "mean")
+  assert got.shape == (2, num_visual_tokens, sum(dims))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sum_pool_matches_numpy():
+  names, dims, lengths = ("a", "b"), (6, 10), (9, 4)
+  apply, params, features, text, mask = _run(16, names, dims, lengths, pool="sum")
+  want = _numpy_cotr(params, names, features, text, mask, "sum")
+  np.testing.assert_allclose(np.asarray(apply(features, text, mask)), want, atol=1e-5,
+                             rtol=1e-5)
+
+
+def test_rows_are_convex_combinations_of_expert_tokens():
+  # With constant features every query must return that constant (softmax rows sum to 1).
+  apply, _, features, text, mask = _run(4, ("a", "b"), (6, 10), (9, 4))
+  constant = [np.full_like(f, 3.0) for f in features]
+  np.testing.assert_allclose(np.asarray(apply(constant, text, mask)), 3.0, rtol=1e-5)
+
+
+def test_tokens_outside_instruction_mask_do_not_matter():
+  apply, _, features, text, mask = _run(16, ("a", "b"), (6, 10), (9, 4))
+  base = np.asarray(apply(features, text, mask))
+  changed = text.copy()
+  changed[mask == 0] = 100.0 * np.random.default_rng(1).normal(size=changed[mask == 0].shape)
+  np.testing.assert_allclose(np.asarray(apply(features, changed, mask)), base, atol=1e-6)
+  # ... but instruction tokens do.
+  changed = text.copy()
+  changed[mask == 1] += 5.0
+  assert np.abs(np.asarray(apply(features, changed, mask)) - base).max() > 1e-3
+
+
+def test_padding_length_does_not_matter():
+  apply, _, features, text, mask = _run(16, ("a", "b"), (6, 10), (9, 4))
+  base = np.asarray(apply(features, text, mask))
+  padded_text = np.concatenate([text, np.ones((2, 5, TEXT_DIM), np.float32)], axis=1)
+  padded_mask = np.concatenate([mask, np.zeros((2, 5), np.int32)], axis=1)
+  np.testing.assert_allclose(np.asarray(apply(features, padded_text, padded_mask)), base,
+                             atol=1e-6)
+
+
+def test_eagle_resize_matches_bilinear_reference():
+  # 2x2 → 4x4 bilinear with half-pixel centres (torch align_corners=False).
+  grid = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
+  tokens = grid.reshape(1, 4, 1)
+  out = np.asarray(reducers.resize_tokens(jnp.asarray(tokens), (2, 2), 4)).reshape(4, 4)
+  coords = np.clip((np.arange(4) + 0.5) / 2 - 0.5, 0, 1)
+  want = np.array([[(1 - y) * (1 - x) * 0 + (1 - y) * x * 1 + y * (1 - x) * 2 + y * x * 3
+                    for x in coords] for y in coords])
+  np.testing.assert_allclose(out, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,tokens", [("none", 9), ("cotr", 5), ("mqt", 5)])
+def test_reducers_share_one_interface(kind, tokens):
+  rng = np.random.default_rng(0)
+  features, text, mask = _inputs(rng, (6, 10), (16, 4))
+  grids = ((4, 4), (2, 2))
+  reducer = reducers.build_reducer(
+      dict(kind=kind, num_visual_tokens=5, cotr_dim=8, grid_size=3, mqt_heads=2),
+      ("a", "b"))
+  variables = reducer.init(jax.random.PRNGKey(0), features, grids, text, mask)
+  out = reducer.apply(variables, features, grids, text, mask)
+  assert out.shape == (2, tokens, 16)
+  assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_bad_reducer_config_names_the_field():
+  with pytest.raises(ValueError, match="reducer.kind"):
+    reducers.build_reducer(dict(kind="pool"), ("a",))
+  with pytest.raises(ValueError, match="unknown field"):
+    reducers.build_reducer(dict(kind="cotr", tokens=4), ("a",))
