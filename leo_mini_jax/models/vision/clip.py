@@ -1,0 +1,284 @@
+"""CLIP ViT vision tower (the HF transformers `CLIPVisionModel` architecture).
+
+    pixels [B, H, W, 3] ─► patch conv (p×p, stride p, no bias) ─► [B, (H/p)(W/p), D]
+      + position embeddings (bicubically interpolated when H ≠ pretrained size)
+      [class token first, `cls_token='keep'` only]
+    ─► pre-LayerNorm ─► L × (x + MHA(LN(x)); x + MLP(LN(x))) ─► patch tokens [B, N, D]
+
+The output is the last layer's hidden states without the post-LayerNorm (HF applies that
+to the pooled class token only) and without the class token.
+
+`cls_token` chooses where the class token leaves:
+  * 'keep': HF's forward. The class token is concatenated, attends through every layer
+    and is dropped from the output only.
+  * 'drop': EAGLE's HR-CLIP (the LEO-MINI default). The class token and its position
+    embedding are removed right after the embeddings, before the pre-LayerNorm, so the
+    encoder sees patch tokens only.
+Both modes create the same parameters, so one checkpoint ports to either.
+
+Position embeddings exist for `pretrained_image_size`. At another image size the patch
+grid is resized like HF's `interpolate_pos_encoding`, i.e. torch
+`F.interpolate(mode='bicubic', align_corners=False, size=(h, w))`. `jax.image.resize`
+is not that (Keys a=-0.5 and antialiasing), so the torch kernel (a=-0.75, clamped
+borders, no antialias) is written out below as two small interpolation matrices.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from leo_mini_jax import config_utils
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+HIDDEN_ACTS = ("quick_gelu", "gelu")
+CLS_TOKEN_MODES = ("drop", "keep")
+TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+  """CLIP ViT settings; defaults are OpenAI ViT-L/14 at 336 px.
+
+  `pretrained_image_size` is the size the position embeddings were trained for (None →
+  `image_size`; filled in at construction, so `dataclasses.replace(cfg, image_size=...)`
+  keeps the trained grid). `image_size` is the size the tower runs at.
+  """
+  image_size: int = 336
+  patch_size: int = 14
+  hidden_size: int = 1024
+  intermediate_size: int = 4096
+  num_layers: int = 24
+  num_heads: int = 16
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = "quick_gelu"
+  cls_token: str = "drop"
+  pretrained_image_size: int | None = None
+  mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+  std: tuple[float, ...] = OPENAI_CLIP_STD
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False                  # rematerialise each encoder layer in the backward pass
+  attention_impl: str | None = None    # jax.nn.dot_product_attention `implementation`
+
+  def __post_init__(self):
+    if self.pretrained_image_size is None:
+      object.__setattr__(self, "pretrained_image_size", self.image_size)
+    if self.hidden_act not in HIDDEN_ACTS:
+      raise ValueError(f"ClipConfig.hidden_act={self.hidden_act!r}: expected one of {HIDDEN_ACTS}")
+    if self.cls_token not in CLS_TOKEN_MODES:
+      raise ValueError(
+          f"ClipConfig.cls_token={self.cls_token!r}: expected one of {CLS_TOKEN_MODES}")
+    for field in ("image_size", "pretrained_image_size"):
+      size = getattr(self, field)
+      if size % self.patch_size:
+        raise ValueError(
+            f"ClipConfig.{field}={size} is not a multiple of patch_size={self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"ClipConfig.hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    if len(self.mean) != 3 or len(self.std) != 3:
+      raise ValueError(f"ClipConfig.mean/std need 3 values, got {self.mean} / {self.std}")
+
+  @classmethod
+  def from_config(cls, cfg: Any, **overrides: Any) -> "ClipConfig":
+    return config_utils.from_config(cls, cfg, **overrides)
+
+  # What the expert registry reads (see experts.py).
+  @property
+  def input_size(self) -> int:
+    return self.image_size
+
+  @property
+  def output_grid(self) -> tuple[int, int]:
+    side = self.image_size // self.patch_size
+    return side, side
+
+  @property
+  def feature_dim(self) -> int:
+    return self.hidden_size
+
+  @property
+  def pretrained_grid(self) -> int:
+    return self.pretrained_image_size // self.patch_size
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+  """[out_size, in_size] matrix M with `M @ x` = torch 1-D bicubic resize of x.
+
+  torch `upsample_bicubic2d` with align_corners=False and a given `size`: scale = in/out,
+  source coordinate s = scale·(i + 0.5) − 0.5 (not clamped for cubic), taps at
+  floor(s) − 1 … floor(s) + 2 with indices clamped to the border, Keys kernel with
+  a = −0.75. Index and weight arithmetic is float32 as in torch's CPU kernel. The 2-D
+  resize is separable: rows by one matrix, columns by another.
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+  floor = np.floor(src)
+  t = (src - floor).astype(np.float32)
+  a = np.float32(a)
+
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  taps = (far(t + 1), near(t), near(1 - t), far(2 - t))
+  matrix = np.zeros((out_size, in_size), np.float32)
+  rows = np.arange(out_size)
+  for offset, weight in enumerate(taps):
+    cols = np.clip(floor.astype(np.int64) - 1 + offset, 0, in_size - 1)
+    np.add.at(matrix, (rows, cols), weight)
+  return matrix
+
+
+def interpolate_patch_positions(patch_pos: jax.Array, new_grid: tuple[int, int]) -> jax.Array:
+  """Bicubic (torch, a=−0.75) resize of square-grid position embeddings.
+
+  Args:
+    patch_pos: [g·g, D] patch position embeddings (class position excluded), row-major.
+    new_grid: (h, w) target grid.
+
+  Returns:
+    [h·w, D] in float32; `patch_pos` itself (as float32) when (h, w) == (g, g).
+  """
+  num, dim = patch_pos.shape
+  side = int(round(num ** 0.5))
+  if side * side != num:
+    raise ValueError(f"interpolate_patch_positions: {num} positions are not a square grid")
+  patch_pos = patch_pos.astype(jnp.float32)
+  if tuple(new_grid) == (side, side):
+    return patch_pos
+  rows = jnp.asarray(torch_bicubic_matrix(side, new_grid[0]))
+  cols = jnp.asarray(torch_bicubic_matrix(side, new_grid[1]))
+  grid = patch_pos.reshape(side, side, dim)
+  # HIGHEST: TPUs would otherwise round these small matmuls through bfloat16.
+  out = jnp.einsum("ih,jw,hwd->ijd", rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(new_grid[0] * new_grid[1], dim)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's GELU approximation x·σ(1.702x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, cfg: ClipConfig) -> nn.Dense:
+  return nn.Dense(
+      features, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+
+
+def _layer_norm(name: str, cfg: ClipConfig) -> nn.LayerNorm:
+  # use_fast_variance=False: E[x²]−E[x]² loses digits on the large residual stream.
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype), use_fast_variance=False, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+class ClipAttention(nn.Module):
+  """Multi-head self-attention with biased q/k/v/out projections, scale head_dim^-½."""
+  config: ClipConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, N, D] → [B, N, D]."""
+    cfg = self.config
+    batch, length, dim = x.shape
+    head_dim = dim // cfg.num_heads
+    split = lambda t: t.reshape(batch, length, cfg.num_heads, head_dim)
+    q = split(_dense(dim, ("vision_embed", "vision_heads"), "q_proj", cfg)(x))
+    k = split(_dense(dim, ("vision_embed", "vision_heads"), "k_proj", cfg)(x))
+    v = split(_dense(dim, ("vision_embed", "vision_heads"), "v_proj", cfg)(x))
+    # The XLA path takes the softmax in float32 and casts back to the input dtype.
+    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
+                                       implementation=cfg.attention_impl)
+    out = out.reshape(batch, length, dim)
+    return _dense(dim, ("vision_heads", "vision_embed"), "out_proj", cfg)(out)
+
+
+class ClipMlp(nn.Module):
+  """fc1 → activation → fc2."""
+  config: ClipConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    h = _dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), "fc1", cfg)(x)
+    h = quick_gelu(h) if cfg.hidden_act == "quick_gelu" else nn.gelu(h, approximate=False)
+    return _dense(cfg.hidden_size, ("vision_mlp", "vision_embed"), "fc2", cfg)(h)
+
+
+class ClipEncoderLayer(nn.Module):
+  """Pre-norm transformer block: x + MHA(LN₁(x)), then x + MLP(LN₂(x))."""
+  config: ClipConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    x = x + ClipAttention(cfg, name="self_attn")(_layer_norm("layer_norm1", cfg)(x))
+    x = x + ClipMlp(cfg, name="mlp")(_layer_norm("layer_norm2", cfg)(x))
+    return nn.with_logical_constraint(x, TOKEN_AXES)
+
+
+class ClipVisionTower(nn.Module):
+  """CLIP ViT: normalised pixels → last-layer patch tokens (no post-LN, no class token)."""
+  config: ClipConfig
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    """Args: pixels [B, H, W, 3] normalised float (H, W multiples of patch_size).
+
+    Returns: [B, (H/p)·(W/p), hidden_size].
+    """
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    batch, height, width, _ = pixels.shape
+    if height % cfg.patch_size or width % cfg.patch_size:
+      raise ValueError(f"ClipVisionTower: image {height}×{width} is not a multiple of "
+                       f"patch_size={cfg.patch_size}")
+    grid = (height // cfg.patch_size, width // cfg.patch_size)
+    dim = cfg.hidden_size
+
+    patches = nn.Conv(
+        dim, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
+        padding="VALID", use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(),
+            ("conv_height", "conv_width", "conv_in", "vision_embed")),
+        name="patch_embedding")(pixels.astype(dtype))
+    patches = patches.reshape(batch, grid[0] * grid[1], dim)
+
+    class_embedding = self.param(
+        "class_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(dim ** -0.5), ("vision_embed",)),
+        (dim,), param_dtype)
+    num_positions = cfg.pretrained_grid ** 2 + 1
+    position_embedding = self.param(
+        "position_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vision_pos", "vision_embed")),
+        (num_positions, dim), param_dtype)
+
+    patch_pos = interpolate_patch_positions(position_embedding[1:], grid)
+    x = patches + patch_pos.astype(dtype)[None]
+    if cfg.cls_token == "keep":
+      cls = (class_embedding + position_embedding[0]).astype(dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, dim)), x], axis=1)
+    x = nn.with_logical_constraint(x, TOKEN_AXES)
+
+    x = _layer_norm("pre_layernorm", cfg)(x)
+    layer_cls = nn.remat(ClipEncoderLayer) if cfg.remat else ClipEncoderLayer
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f"layers_{i}")(x)
+
+    if cfg.cls_token == "keep":
+      x = x[:, 1:]
+    return x

@@ -1,0 +1,196 @@
+"""ConvNeXt vision tower (timm `ConvNeXt`, as in open_clip's `convnext_xxlarge`).
+
+    pixels [B, H, W, 3] ─► stem: conv 4×4 stride 4 (+bias) ─► LayerNorm
+    ─► stage 0: blocks                                           [B, H/4,  W/4,  dims[0]]
+    ─► stage s = 1..3: LayerNorm ─► conv 2×2 stride 2 ─► blocks  [B, H/2^(s+2), ..., dims[s]]
+    ─► tokens [B, (H/32)·(W/32), dims[-1]]
+
+    block(x) = x + γ ⊙ fc2(GELU(fc1(LN(dwconv7×7(x)))))     (fc1: C → mlp_ratio·C)
+
+This is timm's `forward_features` for the patch-stem, channels-last-MLP variant. For
+`convnext_xxlarge` `norm_pre` is Identity (head_norm_first=False), so the last stage's
+output is taken as is. timm's xxlarge sets every LayerNorm's eps to 1e-5 (other ConvNeXt
+sizes use 1e-6); GELU is exact (erf). Activations are NHWC throughout; conv kernels are
+HWIO and the depthwise conv is a grouped conv with `feature_group_count = C`.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from leo_mini_jax import config_utils
+from leo_mini_jax.models.vision.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision_embed")
+MAP_AXES = ("activation_batch", None, None, "activation_vision_embed")
+CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNextConfig:
+  """ConvNeXt settings; defaults are `convnext_xxlarge.clip_laion2b_soup` at 1024 px.
+
+  mean/std are that checkpoint's (timm pretrained cfg: the OpenAI CLIP statistics).
+  `ls_init_value=None` builds blocks without layer scale (γ), as timm does.
+  """
+  image_size: int = 1024
+  depths: tuple[int, ...] = (3, 4, 30, 3)
+  dims: tuple[int, ...] = (384, 768, 1536, 3072)
+  mlp_ratio: float = 4.0
+  kernel_size: int = 7
+  patch_size: int = 4
+  layer_norm_eps: float = 1e-5
+  ls_init_value: float | None = 1e-6
+  mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+  std: tuple[float, ...] = OPENAI_CLIP_STD
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False   # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    if len(self.depths) != len(self.dims) or not self.dims:
+      raise ValueError(f"ConvNextConfig: depths {self.depths} and dims {self.dims} must have "
+                       "the same, non-zero length")
+    if self.kernel_size % 2 != 1:
+      raise ValueError(f"ConvNextConfig.kernel_size={self.kernel_size} must be odd")
+    if len(self.mean) != 3 or len(self.std) != 3:
+      raise ValueError(f"ConvNextConfig.mean/std need 3 values, got {self.mean} / {self.std}")
+    if min(self.output_grid) < 1:
+      raise ValueError(f"ConvNextConfig.image_size={self.image_size} is too small for "
+                       f"stride {self.patch_size * 2 ** (len(self.dims) - 1)}")
+
+  @classmethod
+  def from_config(cls, cfg: Any, **overrides: Any) -> "ConvNextConfig":
+    return config_utils.from_config(cls, cfg, **overrides)
+
+  # What the expert registry reads (see experts.py).
+  @property
+  def input_size(self) -> int:
+    return self.image_size
+
+  @property
+  def output_grid(self) -> tuple[int, int]:
+    side = self.image_size // self.patch_size
+    for _ in self.dims[1:]:
+      side //= 2   # 2×2 stride-2 VALID conv floors, like torch
+    return side, side
+
+  @property
+  def feature_dim(self) -> int:
+    return self.dims[-1]
+
+  @property
+  def mlp_dims(self) -> tuple[int, ...]:
+    return tuple(int(self.mlp_ratio * d) for d in self.dims)
+
+
+def _conv(features: int, kernel: int, stride: int, padding: Any, groups: int, name: str,
+          cfg: ConvNextConfig) -> nn.Conv:
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding=padding,
+      feature_group_count=groups, dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+
+
+def _layer_norm(name: str, cfg: ConvNextConfig) -> nn.LayerNorm:
+  # Normalises the channel (last) axis: timm's LayerNorm2d on NCHW is this on NHWC.
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype), use_fast_variance=False, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, cfg: ConvNextConfig) -> nn.Dense:
+  return nn.Dense(
+      features, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+
+
+class ConvNextBlock(nn.Module):
+  """x + γ ⊙ fc2(GELU(fc1(LN(dwconv(x))))) on [B, H, W, C]."""
+  config: ConvNextConfig
+  dim: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    pad = cfg.kernel_size // 2
+    h = _conv(self.dim, cfg.kernel_size, 1, ((pad, pad), (pad, pad)), self.dim, "conv_dw", cfg)(x)
+    h = _layer_norm("norm", cfg)(h)
+    h = _dense(self.mlp_dim, ("vision_embed", "vision_mlp"), "fc1", cfg)(h)
+    h = nn.gelu(h, approximate=False)
+    h = _dense(self.dim, ("vision_mlp", "vision_embed"), "fc2", cfg)(h)
+    if cfg.ls_init_value is not None:
+      gamma = self.param(
+          "gamma",
+          nn.with_logical_partitioning(nn.initializers.constant(cfg.ls_init_value),
+                                       ("vision_embed",)),
+          (self.dim,), jnp.dtype(cfg.param_dtype))
+      h = h * gamma.astype(h.dtype)
+    return nn.with_logical_constraint(x + h, MAP_AXES)
+
+
+class ConvNextDownsample(nn.Module):
+  """LayerNorm then 2×2 stride-2 conv: [B, H, W, C_in] → [B, H/2, W/2, C_out]."""
+  config: ConvNextConfig
+  dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = _layer_norm("norm", self.config)(x)
+    return _conv(self.dim, 2, 2, "VALID", 1, "conv", self.config)(x)
+
+
+class ConvNextStem(nn.Module):
+  """Patchify conv (patch_size, stride patch_size, with bias) then LayerNorm."""
+  config: ConvNextConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    x = _conv(cfg.dims[0], cfg.patch_size, cfg.patch_size, "VALID", 1, "conv", cfg)(x)
+    return _layer_norm("norm", cfg)(x)
+
+
+class ConvNextStage(nn.Module):
+  """Optional downsample (every stage but the first) then `depth` blocks."""
+  config: ConvNextConfig
+  index: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    dim, mlp_dim = cfg.dims[self.index], cfg.mlp_dims[self.index]
+    if self.index > 0:
+      x = ConvNextDownsample(cfg, dim, name="downsample")(x)
+    block_cls = nn.remat(ConvNextBlock) if cfg.remat else ConvNextBlock
+    for b in range(cfg.depths[self.index]):
+      x = block_cls(cfg, dim, mlp_dim, name=f"blocks_{b}")(x)
+    return x
+
+
+class ConvNextTower(nn.Module):
+  """ConvNeXt: normalised pixels → last-stage feature tokens."""
+  config: ConvNextConfig
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    """Args: pixels [B, H, W, 3] normalised float.
+
+    Returns: [B, (H/32)·(W/32), dims[-1]], row-major over the stride-32 grid (stride
+    patch_size·2^(stages−1) in general).
+    """
+    cfg = self.config
+    x = ConvNextStem(cfg, name="stem")(pixels.astype(jnp.dtype(cfg.dtype)))
+    for s in range(len(cfg.dims)):
+      x = ConvNextStage(cfg, s, name=f"stages_{s}")(x)
+    batch, height, width, channels = x.shape
+    return nn.with_logical_constraint(x.reshape(batch, height * width, channels), TOKEN_AXES)
