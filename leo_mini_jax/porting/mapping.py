@@ -263,6 +263,8 @@ class _Assignment:
 def _display_source(rule: Rule, groups: Mapping[str, str]) -> str:
   """A readable source key for a rule and group values, e.g. 'model.layers.1.mlp.up_proj.weight'."""
   text = re.sub(r"\(\?P<(\w+)>(?:[^()]|\([^()]*\))*\)", r"{\1}", rule.source)
+  # An optional prefix such as (?:model\.)? is shown present (the common layout).
+  text = re.sub(r"\(\?:([^()|]*)\)\?", r"\1", text)
   if re.search(r"(?<!\\)[\[\]()*+?|^$]", text):
     return f"a key matching {rule.source!r}"
   text = re.sub(r"\\(.)", r"\1", text).replace("\\d", "")
