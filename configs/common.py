@@ -1,0 +1,77 @@
+"""Shared pieces of the config files: the `arg` parser and the Table 6 stage rules."""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'stage=3,tokens=16' → ConfigDict, typed by the defaults (big_vision style).
+
+  Unknown keys and values that do not parse as the default's type fail by name.
+  """
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ValueError(f"config arg {item!r}: expected key=value with key in {sorted(defaults)}")
+    default = defaults[key]
+    try:
+      if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(raw)
+        values[key] = raw.lower() in ("true", "1")
+      else:
+        values[key] = type(default)(raw) if default is not None else raw
+    except ValueError:
+      raise ValueError(f"config arg {key}={raw!r}: expected a {type(default).__name__}") from None
+  return ml_collections.ConfigDict(values)
+
+
+def mmoe_config(enabled: bool, router_inputs: str = "multimodal") -> dict:
+  """MMoE-LLM as in the paper (§4.1): E=3 LoRA experts of rank 16 + a general expert, k=1."""
+  return dict(enabled=enabled, num_experts=3, rank=16, alpha=32.0,
+              targets=("gate_proj", "up_proj", "down_proj"), top_k=1,
+              gate="straight_through", router_inputs=router_inputs, router_hidden_dim=128,
+              balance_coef=0.05)
+
+
+def vicuna_7b_llm() -> dict:
+  return dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+              num_heads=32, num_kv_heads=32, rope_theta=10000.0, rms_norm_eps=1e-5,
+              max_position_embeddings=4096, tie_embeddings=False)
+
+
+def llama3_8b_llm() -> dict:
+  return dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+              num_heads=32, num_kv_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+              max_position_embeddings=8192, tie_embeddings=False)
+
+
+def clip_l14_336() -> dict:
+  """HF openai/clip-vit-large-patch14-336 as EAGLE uses it (class token dropped)."""
+  return dict(name="clip", image_size=336, patch_size=14, hidden_size=1024,
+              intermediate_size=4096, num_layers=24, num_heads=16, hidden_act="quick_gelu",
+              cls_token="drop")
+
+
+def convnext_xxl() -> dict:
+  """open_clip/timm convnext_xxlarge.clip_laion2b_soup at 1024 px (32×32×3072)."""
+  return dict(name="convnext", image_size=1024, depths=(3, 4, 30, 3),
+              dims=(384, 768, 1536, 3072))
+
+
+def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: str) -> dict:
+  """A LEO-MINI model config at paper scale: bf16 compute, f32 master weights, remat.
+
+  Stages 1–2 fuse experts EAGLE's way (32×32 grid, 1024 tokens); stage 3 adds CoTR with
+  N^V = `tokens` and MMoE-LLM.
+  """
+  cotr_stage = stage == 3
+  return dict(
+      llm=dict(llm, dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch",
+               mmoe=mmoe_config(cotr_stage, router)),
+      experts=[clip_l14_336(), convnext_xxl()],
+      reducer=dict(kind=reducer if cotr_stage else "none", num_visual_tokens=tokens,
+                   cotr_dim=1024, grid_size=32),
+      dtype="bfloat16",
+  )

@@ -1,0 +1,215 @@
+"""LEO-MINI: vision experts → reducer → projector → LLM with MMoE-LLM (paper Fig. 2).
+
+The model takes the data pipeline's batch (see `leo_mini_jax/data/conversation.py`):
+token ids with one image placeholder per image example, masks, and one uint8
+master-resolution image per example. The projected visual tokens replace each example's
+placeholder; the text after it shifts right by N^V − 1. Every output row has length
+L + N^V − 1, so examples without an image (text-only) end in N^V − 1 padding slots and run
+in the same batch.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from leo_mini_jax import config_utils
+from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID
+from leo_mini_jax.models import llama as llama_lib
+from leo_mini_jax.models import projector as projector_lib
+from leo_mini_jax.models import reducers as reducers_lib
+from leo_mini_jax.models.cotr import masked_pool
+from leo_mini_jax.models.vision import experts as experts_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LeoMiniConfig:
+  llm: llama_lib.LlamaConfig
+  experts: tuple[tuple[str, Any], ...]  # (registry name, expert config), in order
+  reducer: reducers_lib.ReducerConfig = reducers_lib.ReducerConfig()
+  dtype: str = "float32"  # reducer and projector compute dtype
+  param_dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "LeoMiniConfig":
+    """From the `model` ConfigDict: llm, experts (list of dicts with 'name'), reducer."""
+    values = config_utils.to_plain(cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"model: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    if not values.get("experts"):
+      raise ValueError("model.experts: at least one vision expert is required")
+    return cls(
+        llm=config_utils.from_config(llama_lib.LlamaConfig, values["llm"]),
+        experts=tuple((m.expert, m.config)
+                      for m in experts_lib.build_experts(values["experts"])[0]),
+        reducer=config_utils.from_config(reducers_lib.ReducerConfig,
+                                         values.get("reducer", {})),
+        dtype=values.get("dtype", "float32"),
+        param_dtype=values.get("param_dtype", "float32"),
+    )
+
+  @property
+  def expert_names(self) -> tuple[str, ...]:
+    return tuple(name for name, _ in self.experts)
+
+  @property
+  def expert_infos(self) -> tuple[experts_lib.ExpertInfo, ...]:
+    return tuple(experts_lib.expert_info(name, cfg) for name, cfg in self.experts)
+
+  @property
+  def num_visual_tokens(self) -> int:
+    return self.reducer.output_tokens
+
+
+def assemble_sequence(text_embeds: Array, visual_tokens: Array, batch: dict[str, Array]
+                      ) -> dict[str, Array]:
+  """Places each example's visual tokens at its image placeholder.
+
+  Args:
+    text_embeds: [B, L, D] embeddings of input_ids (placeholder rows arbitrary).
+    visual_tokens: [B, N^V, D] projected visual tokens.
+    batch: input_ids, attention_mask, has_image, and optionally loss_mask [B, L].
+
+  Returns:
+    dict of [B, L + N^V − 1, ...] arrays: inputs_embeds, attention_mask, is_visual,
+    targets (the token each position must predict, i.e. the next token) and target_mask.
+  """
+  input_ids = batch["input_ids"]
+  batch_size, length = input_ids.shape
+  num_visual = visual_tokens.shape[1]
+  out_length = length + num_visual - 1
+  placeholder = input_ids == IMAGE_PLACEHOLDER_ID
+  uses_image = jnp.any(placeholder, axis=1) & batch["has_image"].astype(bool)
+  start = jnp.argmax(placeholder, axis=1)[:, None]  # first placeholder
+  out_pos = jnp.arange(out_length)[None, :]
+  is_visual = uses_image[:, None] & (out_pos >= start) & (out_pos < start + num_visual)
+  after = uses_image[:, None] & (out_pos >= start + num_visual)
+  text_index = jnp.where(after, out_pos - num_visual + 1, out_pos)
+  text_index = jnp.broadcast_to(text_index, (batch_size, out_length))
+  clipped = jnp.clip(text_index, 0, length - 1)
+  take = lambda x: jnp.take_along_axis(x, clipped, axis=1)
+  # A stray placeholder (no image) is dropped like padding.
+  text_valid = ((text_index < length) & ~is_visual & (take(batch["attention_mask"]) > 0)
+                & ~take(placeholder))
+  visual_index = jnp.clip(out_pos - start, 0, num_visual - 1)
+  visual = jnp.take_along_axis(visual_tokens, visual_index[..., None], axis=1)
+  text = jnp.take_along_axis(text_embeds, clipped[..., None], axis=1)
+  inputs_embeds = jnp.where(is_visual[..., None], visual.astype(text.dtype),
+                            jnp.where(text_valid[..., None], text, 0))
+  attention_mask = (is_visual | text_valid).astype(jnp.int32)
+  token_ids = jnp.where(text_valid, take(input_ids), 0)
+  loss_mask = batch.get("loss_mask")
+  loss_mask = (jnp.zeros_like(text_valid) if loss_mask is None
+               else text_valid & (take(loss_mask) > 0))
+  shift = lambda x: jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+  return {
+      "inputs_embeds": inputs_embeds,
+      "attention_mask": attention_mask,
+      "is_visual": is_visual,
+      "targets": shift(token_ids),
+      "target_mask": shift(loss_mask.astype(jnp.int32)),
+  }
+
+
+class VisionExperts(nn.Module):
+  """All experts on the one uint8 master-resolution batch; params under vision/<name>."""
+  experts: tuple[tuple[str, Any], ...]
+
+  @nn.compact
+  def __call__(self, images: Array) -> list[Array]:
+    return [experts_lib.VisionExpert(expert=name, config=cfg, name=name)(images)
+            for name, cfg in self.experts]
+
+
+class LeoMini(nn.Module):
+  config: LeoMiniConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.vision = VisionExperts(cfg.experts)
+    self.reducer = reducers_lib.build_reducer(cfg.reducer, cfg.expert_names, dtype,
+                                              param_dtype, name=None)
+    self.projector = projector_lib.Projector(cfg.llm.hidden_size, dtype, param_dtype)
+    self.llm = llama_lib.LlamaForCausalLM(cfg.llm)
+
+  def _text_embeds(self, input_ids: Array) -> Array:
+    return self.llm.embed(jnp.where(input_ids == IMAGE_PLACEHOLDER_ID, 0, input_ids))
+
+  def encode_images(self, images: Array, text_embeds: Array,
+                    instruction_mask: Array) -> Array:
+    """uint8 [B, S, S, 3] → projected visual tokens [B, N^V, d_LLM]."""
+    features = self.vision(images)
+    grids = tuple(info.output_grid for info in self.config.expert_infos)
+    reduced = self.reducer(features, grids, text_embeds, instruction_mask)
+    return self.projector(reduced)
+
+  def _inputs(self, batch: dict[str, Array]):
+    text_embeds = self._text_embeds(batch["input_ids"])
+    instruction_mask = batch.get("instruction_mask", jnp.zeros_like(batch["input_ids"]))
+    visual = self.encode_images(batch["image"], text_embeds, instruction_mask)
+    sequence = assemble_sequence(text_embeds, visual, batch)
+    router_context = None
+    if self.config.llm.mmoe.enabled:
+      # Pooled once per example from the LLM's input embeddings (DESIGN.md §2.3).
+      has_image = batch["has_image"].astype(visual.dtype)[:, None]
+      pooled_visual = jnp.mean(visual, axis=1) * has_image
+      pooled_text = masked_pool(text_embeds, instruction_mask, "mean")
+      router_context = jnp.concatenate(
+          [pooled_visual.astype(text_embeds.dtype), pooled_text], axis=-1)
+    return sequence, router_context
+
+  def __call__(self, batch: dict[str, Array]) -> tuple[Array, dict[str, Any]]:
+    """Training / scoring forward.
+
+    Returns:
+      logits [B, L + N^V − 1, vocab] and aux: targets and target_mask aligned with the
+      logits, attention_mask, balance_loss (already × λ; 0 without MMoE), routing
+      (per-layer expert_fraction [layers, E] and top_expert [layers, B, T]),
+      num_visual_tokens.
+    """
+    sequence, router_context = self._inputs(batch)
+    logits, layer_aux = self.llm.forward(sequence["inputs_embeds"],
+                                         token_mask=sequence["attention_mask"],
+                                         router_context=router_context)
+    mmoe_cfg = self.config.llm.mmoe
+    balance = (mmoe_cfg.balance_coef * jnp.mean(layer_aux["balance_loss"])
+               if mmoe_cfg.enabled else jnp.zeros((), jnp.float32))
+    aux = {
+        "targets": sequence["targets"],
+        "target_mask": sequence["target_mask"],
+        "attention_mask": sequence["attention_mask"],
+        "balance_loss": balance,
+        "routing": {k: v for k, v in layer_aux.items() if k != "balance_loss"},
+        "num_visual_tokens": self.config.num_visual_tokens,
+    }
+    return logits, aux
+
+  def prefill(self, batch: dict[str, Array], cache_size: int):
+    """Prompt batch → (logits of the next token [B, vocab], cache)."""
+    sequence, router_context = self._inputs(batch)
+    lengths = jnp.sum(sequence["attention_mask"], axis=1).astype(jnp.int32)
+    logits, cache = self.llm.prefill(sequence["inputs_embeds"], lengths, cache_size,
+                                     router_context)
+    if router_context is not None:
+      cache["router_context"] = router_context
+    return logits, cache
+
+  def decode_step(self, token_ids: Array, cache: dict):
+    """One generated token per row → (logits [B, vocab], cache)."""
+    router_context = cache.get("router_context")
+    llm_cache = {k: v for k, v in cache.items() if k != "router_context"}
+    logits, new_cache = self.llm.decode_step(token_ids, llm_cache, router_context)
+    if router_context is not None:
+      new_cache["router_context"] = router_context
+    return logits, new_cache
+
+  def sequence_length(self, text_length: int) -> int:
+    """Length of the LLM sequence for text rows of `text_length` tokens."""
+    return text_length + self.config.num_visual_tokens - 1
