@@ -208,3 +208,33 @@ def test_unsupported_features_fail_by_name(change, needle):
 def test_missing_config_json_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     load_llm(tmp_path)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def _write_tokenizer(folder, specials, words=("hello", "world")):
+  tokenizers = pytest.importorskip("tokenizers")
+  vocab = {t: i for i, t in enumerate([*specials, *words])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=specials[0]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(list(specials))
+  os.makedirs(folder, exist_ok=True)
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  return vocab
+
+
+def test_tokenizer_and_template_follow_the_family(tmp_path):
+  from leo_mini_jax.porting.tokenizer import load_tokenizer
+  llama3 = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>")
+  vocab = _write_tokenizer(tmp_path / "l3", llama3)
+  config = port.config_from_hf(dict(HF4_LLAMA3, vocab_size=128))
+  tok, template = load_tokenizer(tmp_path / "l3", config)
+  assert template == "llama3"
+  assert tok.bos_id == vocab["<|begin_of_text|>"] and tok.eos_id == vocab["<|end_of_text|>"]
+  assert tok.encode("hello world") == [vocab["hello"], vocab["world"]]
+  _write_tokenizer(tmp_path / "v", ("<unk>", "<s>", "</s>"))
+  assert load_tokenizer(tmp_path / "v")[1] == "vicuna_v1"
+  with pytest.raises(ValueError, match="embedding table has only 4 rows"):
+    load_tokenizer(tmp_path / "l3", port.config_from_hf(dict(HF4_LLAMA3, vocab_size=4)))
