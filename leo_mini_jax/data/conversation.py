@@ -302,3 +302,50 @@ def split_for_generation(turns: Any) -> tuple[list[dict], str | None]:
     if isinstance(turn, dict) and _ROLE_ALIASES.get(turn.get("from")) == "gpt":
       return turns[:i], turn.get("value")
   return turns, None
+
+
+def fit_to_length(tokenized: Tokenized, max_length: int, overlong: str, *,
+                  prompt_only: bool = False) -> tuple[Tokenized, bool]:
+  """(tokens that fit in `max_length`, whether they were truncated).
+
+  overlong='truncate' cuts the tail (masks stay aligned, they are cut with the ids);
+  'drop' rejects the record. Raises ConversationError when the record cannot be used:
+  dropped, truncated past the image placeholder or past every assistant token, or a
+  generation prompt that does not fit (cutting it would remove the assistant header).
+  """
+  if overlong not in ("truncate", "drop"):
+    raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+  n = len(tokenized)
+  if n <= max_length:
+    return tokenized, False
+  if prompt_only:
+    raise ConversationError(f"prompt of {n} tokens exceeds max_length {max_length}")
+  if overlong == "drop":
+    raise ConversationError(f"{n} tokens exceed max_length {max_length} (overlong='drop')")
+  cut = tokenized.truncate(max_length)
+  if (IMAGE_PLACEHOLDER_ID in tokenized.input_ids
+      and IMAGE_PLACEHOLDER_ID not in cut.input_ids):
+    raise ConversationError(
+        f"truncation to max_length {max_length} removes the image placeholder")
+  if not any(cut.loss_mask):
+    raise ConversationError(
+        f"truncation to max_length {max_length} removes every assistant token")
+  return cut, True
+
+
+def tokenize_record(conversations: Any, has_image: bool,
+                    tokenizer: tokenizers_lib.Tokenizer, template: "str | Template",
+                    max_length: int, overlong: str,
+                    prompt_only: bool = False) -> tuple[Tokenized, bool]:
+  """A record's tokens fitted to `max_length`: (tokens, truncated).
+
+  prompt_only builds the generation prompt from the turns before the first gpt turn.
+  Raises ConversationError (a ValueError) naming why a record is unusable.
+  """
+  if prompt_only:
+    turns, _ = split_for_generation(conversations)
+    tokenized = tokenize_prompt(turns, tokenizer, template, has_image=has_image)
+  else:
+    tokenized = tokenize_conversation(conversations, tokenizer, template,
+                                      has_image=has_image)
+  return fit_to_length(tokenized, max_length, overlong, prompt_only=prompt_only)

@@ -97,28 +97,32 @@ class ByteTokenizer(Tokenizer):
     return self._special_ids.get(self.ALIASES.get(token, token))
 
 
-class _PrefixStripper:
+class _ContinuationEncoder:
   """Encodes continuations with tokenizers that add a dummy-prefix space ("▁word").
 
   SentencePiece (add_dummy_prefix) and HF Metaspace pre-tokenizers prepend "▁" to the
-  text they are given. Encoding `sentinel + text` and dropping the sentinel's ids
-  yields the ids `text` has in the middle of a sentence. If the sentinel's ids are not a
-  prefix of the result (a merge across the boundary), the plain encoding is used.
+  text they are given. Encoding `sentinel + text` and dropping the sentinel's ids yields
+  the ids `text` has in the middle of a sentence. If the sentinel's ids are not a prefix
+  of the result (a merge across the boundary), the plain encoding is used. Tokenizers
+  that add no prefix (byte-level BPE such as Llama-3's) use the plain encoding.
+  (A plain class rather than closures so that tokenizers pickle into grain workers.)
   """
 
-  def __init__(self, raw_encode, sentinel: str):
-    self._raw_encode = raw_encode
-    self._sentinel = sentinel
-    self._sentinel_ids = raw_encode(sentinel)
+  SENTINEL = "\n"
 
-  def __call__(self, text: str) -> list[int]:
+  def __init__(self, raw_encode, first_piece_of_a: str):
+    self.adds_prefix = first_piece_of_a.startswith("\u2581")
+    self.sentinel_ids = raw_encode(self.SENTINEL) if self.adds_prefix else []
+
+  def __call__(self, raw_encode, text: str) -> list[int]:
     if not text:
       return []
-    ids = self._raw_encode(self._sentinel + text)
-    n = len(self._sentinel_ids)
-    if n and ids[:n] == self._sentinel_ids:
-      return ids[n:]
-    return self._raw_encode(text)
+    n = len(self.sentinel_ids)
+    if self.adds_prefix and n:
+      ids = raw_encode(self.SENTINEL + text)
+      if ids[:n] == self.sentinel_ids:
+        return ids[n:]
+    return raw_encode(text)
 
 
 def _read_special_names(folder: str | None) -> dict[str, str]:
@@ -194,10 +198,8 @@ class HFTokenizer(Tokenizer):
       raise ValueError(f"cannot read tokenizer {path}: {e}") from None
     self.path = path
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    raw = lambda text: self._tok.encode(text, add_special_tokens=False).ids
     first = self._tok.encode("a", add_special_tokens=False).tokens
-    adds_prefix = bool(first) and first[0].startswith("\u2581")
-    self._encode = _PrefixStripper(raw, "\n") if adds_prefix else raw
+    self._continuation = _ContinuationEncoder(self._raw_encode, first[0] if first else "")
     names = _read_special_names(os.path.dirname(path))
     _resolve_specials(self, path, bos_token or names.get("bos"),
                       eos_token or names.get("eos"), pad_token or names.get("pad"))
@@ -205,8 +207,11 @@ class HFTokenizer(Tokenizer):
   def __repr__(self):
     return f"HFTokenizer({self.path!r})"
 
+  def _raw_encode(self, text: str) -> list[int]:
+    return list(self._tok.encode(text, add_special_tokens=False).ids)
+
   def encode(self, text: str) -> list[int]:
-    return list(self._encode(text))
+    return self._continuation(self._raw_encode, text)
 
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     ids = [int(i) for i in ids if int(i) >= 0]
@@ -234,12 +239,10 @@ class SentencePieceTokenizer(Tokenizer):
       raise ValueError(f"cannot read sentencepiece model {path}: {e}") from None
     self.path = path
     self.vocab_size = self._sp.GetPieceSize()
-    raw = lambda text: list(self._sp.EncodeAsIds(text))
     first = self._sp.EncodeAsPieces("a")
-    adds_prefix = bool(first) and first[0].startswith("\u2581")
-    self._encode = _PrefixStripper(raw, "\n") if adds_prefix else raw
+    self._continuation = _ContinuationEncoder(self._raw_encode, first[0] if first else "")
     names = _read_special_names(os.path.dirname(path))
-    own = lambda i: i if i is not None and i >= 0 else None
+    own = lambda i: i if i >= 0 else None  # sentencepiece answers -1 for "none"
     _resolve_specials(self, path, bos_token or names.get("bos"),
                       eos_token or names.get("eos"), pad_token or names.get("pad"),
                       default_bos=own(self._sp.bos_id()), default_eos=own(self._sp.eos_id()),
@@ -248,8 +251,11 @@ class SentencePieceTokenizer(Tokenizer):
   def __repr__(self):
     return f"SentencePieceTokenizer({self.path!r})"
 
+  def _raw_encode(self, text: str) -> list[int]:
+    return list(self._sp.EncodeAsIds(text))
+
   def encode(self, text: str) -> list[int]:
-    return list(self._encode(text))
+    return self._continuation(self._raw_encode, text)
 
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     keep = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
