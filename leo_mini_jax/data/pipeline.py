@@ -1,0 +1,382 @@
+"""The grain input pipeline: source → shuffle → process shard → tokenize → batch.
+
+One entry point, `make_dataset(data_cfg, tokenizer, template, split, ...)`, driven by the
+`data` ConfigDict of `default_data_config()`. It returns a `DataPipeline` whose
+`iterator()` is a grain `DatasetIterator`: `get_state()` / `set_state(state)` resume the
+exact sequence, and orbax saves it beside the train state with
+`grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`.
+
+Modes:
+  train     infinite: a global seeded shuffle per epoch (different every epoch), then
+            process p takes positions p, p+P, ... — the process shards of an epoch are
+            disjoint and cover it. Yields batch dicts.
+  eval      one pass in file order, teacher-forced full conversations. Yields
+            (batch, meta); every process yields the same number of batches (the tail is
+            padded with rows whose meta 'valid' is False and whose loss_mask is 0).
+  generate  like eval but prompt-only (turns before the first gpt turn + the assistant
+            header); meta carries the reference answer.
+
+Batch dict (per process, B = data.batch_size / process_count, L = data.max_length,
+S = data.resolution):
+  input_ids        int32 [B, L]  right-padded with tokenizer.pad_id; one
+                                 IMAGE_PLACEHOLDER_ID (-200) per image example
+  attention_mask   int32 [B, L]  1 on real tokens (a prefix of each row)
+  loss_mask        int32 [B, L]  1 on assistant tokens incl. their end-of-turn token
+  instruction_mask int32 [B, L]  1 on user message text
+  image            uint8 [B, S, S, 3]  zeros for text-only rows
+  has_image        bool  [B]
+Meta (eval/generate): {'id': [str], 'question_type': [str], 'answer': [str],
+'valid': bool [B]}.
+
+A record that fails in the transform despite validation (an image that passed the
+header check but does not decode) becomes a row with one real token and no loss, and is
+logged with its id: a run never stops midway on bad data.
+"""
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from leo_mini_jax.data import conversation as conversation_lib
+from leo_mini_jax.data import images as images_lib
+from leo_mini_jax.data import llava
+from leo_mini_jax.data import synthetic
+from leo_mini_jax.data import tokenizers as tokenizers_lib
+
+logger = logging.getLogger(__name__)
+
+MODES = ("train", "eval", "generate")
+KINDS = ("synthetic", "llava", "tfds")
+PADDING_RECORD = {"id": "", "padding": True}  # grain drops None elements, so pad with this
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "instruction_mask", "image",
+              "has_image")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `data` config section with its defaults (configs start from this)."""
+  c = ml_collections.ConfigDict()
+  c.kind = "synthetic"           # 'synthetic' | 'llava' | 'tfds'
+  c.train_json = ""              # llava: LLaVA JSON of the train split
+  c.eval_json = ""               # llava: LLaVA JSON of the eval split (reference = 1st gpt)
+  c.image_root = ""              # llava: image paths are relative to this ('' = JSON dir)
+  c.tfds_dir = ""                # tfds: data_dir of a tfds_builder build (or its version dir)
+  c.tfds_train_split = "train"
+  c.tfds_eval_split = "eval"
+  c.strict = False               # stop at start on the first bad record instead of skipping
+  c.validate = True              # scan records at start (llava: images too; tfds: lengths)
+  c.image_check = "verify"       # 'verify' (PIL header/structure check) | 'exists'
+  c.max_length = 256             # text tokens per row; the placeholder counts as one
+  c.overlong = "truncate"        # 'truncate' | 'drop'
+  c.resolution = 64              # master image resolution sent to the device
+  c.image_mean_rgb = (122, 116, 104)  # square-padding colour: CLIP mean as uint8 RGB
+  c.template = "vicuna_v1"       # 'vicuna_v1' | 'llama3' | 'plain' | 'auto' (from vocab)
+  c.system_prompt = ml_collections.config_dict.placeholder(str)  # None = template default
+  c.tokenizer = "byte"           # for load_tokenizer when make_dataset gets none
+  c.num_train = 10_000           # synthetic: examples in the train split
+  c.num_eval = 500               # synthetic: examples in the eval split
+  c.synthetic_question_types = synthetic.QUESTION_TYPES
+  c.synthetic_style = "auto"     # 'vqa' | 'caption' | 'auto' (caption iff template 'plain')
+  c.batch_size = 32              # global; each process gets batch_size / process_count
+  c.num_workers = 0              # grain worker processes (0 = in-process threads only)
+  c.read_threads = 2             # threads preparing batches in each process
+  c.prefetch_batches = 4         # batches prepared ahead per process
+  c.seed = 0                     # shuffle seed (synthetic scenes use it too)
+  return c
+
+
+def resolve_template(data_cfg, tokenizer: tokenizers_lib.Tokenizer,
+                     template: Any = None) -> conversation_lib.Template:
+  """The Template object: an explicit one, else data.template ('auto' = from the vocab)."""
+  if isinstance(template, conversation_lib.Template):
+    return template
+  name = template or data_cfg.template
+  if name == "auto":
+    name = tokenizers_lib.template_for(tokenizer)
+  return conversation_lib.get_template(name, data_cfg.get("system_prompt"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleEncoder:
+  """Turns a source record into fixed-shape numpy arrays (+ host metadata).
+
+  A plain picklable object so grain worker processes can run it.
+  """
+  tokenizer: tokenizers_lib.Tokenizer
+  template: conversation_lib.Template
+  max_length: int
+  overlong: str
+  resolution: int
+  image_mean_rgb: tuple[int, ...]
+  prompt_only: bool
+
+  def empty(self) -> dict[str, np.ndarray]:
+    """A row with one real token and nothing to learn (padding and failed records)."""
+    first = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else \
+        self.tokenizer.pad_id
+    return self._arrays(conversation_lib.Tokenized([first], [0], [0]), None)
+
+  def _arrays(self, tokens: conversation_lib.Tokenized,
+              image: np.ndarray | None) -> dict[str, np.ndarray]:
+    n, length = len(tokens), self.max_length
+    has_image = image is not None
+    input_ids = np.full((length,), self.tokenizer.pad_id, np.int32)
+    input_ids[:n] = tokens.input_ids
+    attention_mask = np.zeros((length,), np.int32)
+    attention_mask[:n] = 1
+    loss_mask = np.zeros((length,), np.int32)
+    loss_mask[:n] = tokens.loss_mask
+    instruction_mask = np.zeros((length,), np.int32)
+    instruction_mask[:n] = tokens.instruction_mask
+    if image is None:
+      image = np.zeros((self.resolution, self.resolution, 3), np.uint8)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "loss_mask": loss_mask, "instruction_mask": instruction_mask,
+            "image": image, "has_image": np.bool_(has_image)}
+
+  def encode(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays of one record; raises (ValueError/OSError) when it is unusable."""
+    has_image = record.get("image") is not None
+    tokens, _ = conversation_lib.tokenize_record(
+        record["conversations"], has_image, self.tokenizer, self.template,
+        self.max_length, self.overlong, prompt_only=self.prompt_only)
+    image = None
+    if has_image:
+      image = images_lib.to_master_resolution(record["image"], self.resolution,
+                                              self.image_mean_rgb)
+    return self._arrays(tokens, image)
+
+  def __call__(self, record: dict[str, Any]):
+    """Arrays of `record` and its metadata; never raises on bad data."""
+    if record.get("padding"):
+      return self.empty(), {"id": "", "question_type": "", "answer": "", "valid": False}
+    meta = {"id": str(record.get("id", "")),
+            "question_type": str(record.get("question_type", "")),
+            "answer": str(record.get("answer", "")), "valid": True}
+    try:
+      return self.encode(record), meta
+    except (ValueError, OSError, KeyError, TypeError) as e:
+      logger.warning("record %r failed in the data transform and becomes an empty row: "
+                     "%s: %s", meta["id"], type(e).__name__, e)
+      return self.empty(), dict(meta, valid=False)
+
+
+class _TrainTransform:
+  """Train rows: the arrays only."""
+
+  def __init__(self, encoder: ExampleEncoder):
+    self.encoder = encoder
+
+  def __call__(self, record):
+    return self.encoder(record)[0]
+
+
+def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Stacks per-example arrays into the batch dict."""
+  return {key: np.stack([e[key] for e in examples]) for key in BATCH_KEYS}
+
+
+def collate_with_meta(items: Sequence[tuple[dict, dict]]) -> tuple[dict, dict]:
+  """(batch dict, meta) for eval/generate rows."""
+  batch = collate([example for example, _ in items])
+  meta = {key: [m[key] for _, m in items] for key in ("id", "question_type", "answer")}
+  meta["valid"] = np.array([m["valid"] for _, m in items], dtype=bool)
+  return batch, meta
+
+
+class Subset:
+  """The records of `source` at `indices` (what validation kept)."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self.source, self.indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    return self.source[self.indices[int(index)]]
+
+
+class ProcessShard:
+  """Positions p, p+P, p+2P, ... of `source`, padded with PADDING_RECORD to `length`."""
+
+  def __init__(self, source, process_index: int, process_count: int, length: int):
+    self.source, self.length = source, length
+    self.process_index, self.process_count = process_index, process_count
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int):
+    position = self.process_index + int(index) * self.process_count
+    return self.source[position] if position < len(self.source) else PADDING_RECORD
+
+
+def _validate_sample(source, encoder: ExampleEncoder, num: int):
+  """Synthetic data is valid by construction; check a sample fits max_length untruncated."""
+  for index in range(min(num, len(source))):
+    record = source[index]
+    try:
+      _, truncated = conversation_lib.tokenize_record(
+          record["conversations"], True, encoder.tokenizer, encoder.template,
+          encoder.max_length, encoder.overlong, prompt_only=encoder.prompt_only)
+    except conversation_lib.ConversationError as e:
+      raise ValueError(f"synthetic record {record['id']!r}: {e} (data.max_length="
+                       f"{encoder.max_length}; raise it or set data.system_prompt='')"
+                       ) from None
+    if truncated:
+      raise ValueError(f"synthetic record {record['id']!r} does not fit data.max_length="
+                       f"{encoder.max_length}; raise it or set data.system_prompt=''")
+
+
+def build_source(data_cfg, split: str, encoder: ExampleEncoder, seed: int
+                 ) -> tuple[Any, llava.ValidationReport | None]:
+  """The validated random-access source of `split` for data.kind."""
+  kind = data_cfg.kind
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  length_check = llava.LengthCheck(encoder.tokenizer, encoder.template, encoder.max_length,
+                                   encoder.overlong, encoder.prompt_only)
+  if kind == "synthetic":
+    style = data_cfg.synthetic_style
+    if style == "auto":
+      style = "caption" if encoder.template.name == "plain" else "vqa"
+    num = data_cfg.num_train if split == "train" else data_cfg.num_eval
+    source = synthetic.SyntheticVQA(split, num, data_cfg.resolution, seed,
+                                    tuple(data_cfg.synthetic_question_types), style)
+    _validate_sample(source, encoder, 4 * len(source.question_types))
+    return source, None
+  if kind == "llava":
+    json_path = data_cfg.train_json if split == "train" else data_cfg.eval_json
+    return llava.load_llava(json_path, data_cfg.image_root, length_check=length_check,
+                            strict=data_cfg.strict, image_check=data_cfg.image_check,
+                            validate=data_cfg.validate)
+  if kind == "tfds":
+    from leo_mini_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+    tfds_split = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_eval_split
+    source = tfds_builder.TfdsSource(data_cfg.tfds_dir, tfds_split)
+    if not data_cfg.validate:
+      return source, None
+    kept, report = _validate_decoded(source, f"{source.dataset_dir}:{tfds_split}",
+                                     length_check, data_cfg.strict)
+    return Subset(source, kept), report
+  raise ValueError(f"data.kind must be one of {KINDS}, got {kind!r}")
+
+
+def _validate_decoded(source, name: str, length_check: llava.LengthCheck, strict: bool
+                      ) -> tuple[list[int], llava.ValidationReport]:
+  """Conversation and length checks over a source whose images were checked at build."""
+  report = llava.ValidationReport(source=name, num_records=len(source))
+  kept = []
+  for index in range(len(source)):
+    record = source[index]
+    reason, truncated = llava.check_conversation(record, record["image"] is not None,
+                                                 length_check)
+    if reason is not None:
+      if strict:
+        raise llava.InvalidRecordError(
+            f"{name}: record {record['id']!r} (#{index}): {reason} (strict=True)")
+      report.skipped.append((record["id"], reason))
+      continue
+    if truncated:
+      report.truncated.append(record["id"])
+    kept.append(index)
+  report.log()
+  return kept, report
+
+
+@dataclasses.dataclass
+class DataPipeline:
+  """A built pipeline. Iterate it, or keep `iterator()` to checkpoint its state."""
+  dataset: grain.IterDataset
+  split: str
+  mode: str
+  num_examples: int            # usable examples in the split (all processes)
+  local_batch_size: int        # rows per batch in this process
+  num_batches: int | None      # batches per process for eval/generate; None = infinite
+  report: llava.ValidationReport | None
+  tokenizer: tokenizers_lib.Tokenizer
+  template: conversation_lib.Template
+
+  def iterator(self) -> grain.DatasetIterator:
+    """A fresh iterator; `get_state()`/`set_state()` save and restore its position."""
+    return iter(self.dataset)
+
+  def __iter__(self):
+    return self.iterator()
+
+
+def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
+                 template: Any = None, split: str = "train",
+                 process_index: int | None = None, process_count: int | None = None,
+                 seed: int | None = None, *, mode: str | None = None) -> DataPipeline:
+  """Builds the pipeline of `split` for this process.
+
+  Args:
+    data_cfg: the `data` ConfigDict (see default_data_config).
+    tokenizer: defaults to load_tokenizer(data_cfg.tokenizer).
+    template: a Template or name; defaults to data_cfg.template.
+    split: 'train' or 'eval'.
+    process_index, process_count: this process's shard; default jax.process_index() /
+      jax.process_count(). Tests pass them to simulate several processes.
+    seed: shuffle seed; defaults to data_cfg.seed.
+    mode: 'train' | 'eval' | 'generate'; defaults to 'train' for the train split and
+      'generate' for the eval split.
+  """
+  mode = mode or ("train" if split == "train" else "generate")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if data_cfg.batch_size % process_count:
+    raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by the "
+                     f"process count {process_count}")
+  local_batch_size = data_cfg.batch_size // process_count
+  seed = int(data_cfg.seed if seed is None else seed)
+  tokenizer = tokenizer or tokenizers_lib.load_tokenizer(data_cfg.tokenizer)
+  template = resolve_template(data_cfg, tokenizer, template)
+  encoder = ExampleEncoder(tokenizer, template, int(data_cfg.max_length), data_cfg.overlong,
+                           int(data_cfg.resolution), tuple(data_cfg.image_mean_rgb),
+                           prompt_only=(mode == "generate"))
+  source, report = build_source(data_cfg, split, encoder, seed)
+  num_examples = len(source)
+  if num_examples == 0:
+    raise ValueError(f"{data_cfg.kind} {split} split has no usable records"
+                     + (f" ({report.summary()})" if report else ""))
+
+  if mode == "train":
+    ds = grain.MapDataset.source(source).shuffle(seed % 2**32).repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.map(_TrainTransform(encoder))
+    ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=collate)
+    num_batches = None
+  else:
+    per_process = math.ceil(num_examples / process_count)
+    num_batches = math.ceil(per_process / local_batch_size)
+    shard = ProcessShard(source, process_index, process_count,
+                         num_batches * local_batch_size)
+    ds = grain.MapDataset.source(shard).map(encoder)
+    ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=collate_with_meta)
+  read_options = grain.ReadOptions(num_threads=int(data_cfg.read_threads),
+                                   prefetch_buffer_size=int(data_cfg.prefetch_batches))
+  iter_ds = ds.to_iter_dataset(read_options)
+  if data_cfg.num_workers > 0:
+    _ensure_absl_flags_parsed()
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)))
+  return DataPipeline(iter_ds, split, mode, num_examples, local_batch_size, num_batches,
+                      report, tokenizer, template)
+
+
+def _ensure_absl_flags_parsed():
+  """grain workers read absl flags; outside `app.run` (tests, notebooks) mark them parsed."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
