@@ -47,11 +47,13 @@ class Transform:
 
   `fn` maps one numpy array to one array (or to a tuple of arrays for rules with several
   targets); `shape_fn` maps the input shape the same way and raises ValueError when the
-  input shape does not fit.
+  input shape does not fit. `invert`, where given, maps the result back exactly (used to
+  export weights in the source layout).
   """
   name: str
   fn: Callable[[np.ndarray], Any]
   shape_fn: Callable[[Shape], Any]
+  invert: Callable[[np.ndarray], np.ndarray] | None = None
 
   def __call__(self, x: np.ndarray):
     return self.fn(x)
@@ -67,7 +69,7 @@ def _require_ndim(name: str, ndim: int) -> Callable[[Shape], None]:
   return check
 
 
-IDENTITY = Transform("identity", lambda x: x, lambda s: s)
+IDENTITY = Transform("identity", lambda x: x, lambda s: s, lambda x: x)
 
 
 def transpose(*axes: int, name: str | None = None) -> Transform:
@@ -78,7 +80,9 @@ def transpose(*axes: int, name: str | None = None) -> Transform:
     check(s)
     return tuple(s[a] for a in axes)
 
-  return Transform(name or f"transpose{axes}", lambda x: np.transpose(x, axes), shape_fn)
+  back = tuple(int(a) for a in np.argsort(axes))
+  return Transform(name or f"transpose{axes}", lambda x: np.transpose(x, axes), shape_fn,
+                   lambda x: np.transpose(x, back))
 
 
 # torch Linear weight (out, in) → Flax Dense kernel (in, out).
@@ -114,7 +118,14 @@ def chain(*transforms: Transform) -> Transform:
       s = t.out_shape(s)
     return s
 
-  return Transform(" then ".join(t.name for t in transforms), fn, shape_fn)
+  invert = None
+  if all(t.invert is not None for t in transforms):
+    def invert(x):
+      for t in reversed(transforms):
+        x = t.invert(x)
+      return x
+
+  return Transform(" then ".join(t.name for t in transforms), fn, shape_fn, invert)
 
 
 def split(num: int, axis: int = 0, then: Transform = IDENTITY) -> Transform:
@@ -502,3 +513,75 @@ def rename_keys(keys: Iterable[str], rules: Sequence[Rule]) -> dict[str, str | N
         result[key] = rule.targets[0].format(**m.groupdict()) if rule.targets else None
         break
   return result
+
+
+# -------------------------------------------------------------------------------- exporting
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportItem:
+  """One source-layout tensor to write: its key, shape, dtype and how to produce it."""
+  key: str
+  shape: Shape
+  dtype: np.dtype
+  target: str
+  index: tuple[int, ...]
+  _leaf: Any = dataclasses.field(repr=False, compare=False)
+  _invert: Callable[[np.ndarray], np.ndarray] = dataclasses.field(repr=False, compare=False)
+
+  def load(self, dtype=None) -> np.ndarray:
+    """The tensor in the source layout (reads one stacked slice at a time)."""
+    value = self._leaf[self.index] if self.index else self._leaf
+    value = np.asarray(jax.device_get(value))
+    if dtype is not None:
+      value = value.astype(np.dtype(dtype), copy=False)
+    return np.ascontiguousarray(self._invert(value))
+
+
+def plan_export(params: Mapping[str, Any], rules: Sequence[Rule],
+                exclude: str | None = None) -> list[ExportItem]:
+  """Inverts a mapping table: which source key each parameter (or stacked slice) becomes.
+
+  Every rule with one target and an invertible transform is used in reverse; the source
+  key is the rule's regex written out with the group values (so rules meant for export
+  need plain regexes: escaped literals, named groups, optional `(?:prefix)?` groups which
+  are written present). Parameters no rule covers raise a ValueError listing them all,
+  unless they fully match `exclude`.
+  """
+  flat = flatten_tree(params)
+  items: list[ExportItem] = []
+  covered = set()
+  for rule in rules:
+    if rule.target is None:
+      continue
+    if len(rule.targets) != 1 or rule.transform.invert is None:
+      raise ValueError(f"Rule {rule.source!r} ({rule.transform.name}) cannot be inverted")
+    template = rule.targets[0]
+    pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template)))
+    for path in flat:
+      m = pattern.fullmatch(path)
+      if not m or path in covered:
+        continue
+      covered.add(path)
+      leaf = flat[path]
+      depth = len(rule.stack)
+      for index in itertools.product(*(range(n) for n in leaf.shape[:depth])):
+        groups = dict(m.groupdict(), **{g: str(i) for g, i in zip(rule.stack, index)})
+        key = _display_source(rule, groups)
+        if key.startswith("a key matching"):
+          raise ValueError(f"Rule {rule.source!r}: cannot write out a source key from this regex")
+        # a zero-stride stand-in: the shape without allocating the tensor
+        stand_in = np.broadcast_to(np.zeros((), np.bool_), leaf.shape[depth:])
+        shape = tuple(rule.transform.invert(stand_in).shape)
+        items.append(ExportItem(key, shape, np.dtype(leaf.dtype), path, index, leaf,
+                                rule.transform.invert))
+  uncovered = [p for p in flat if p not in covered
+               and not (exclude is not None and re.fullmatch(exclude, p))]
+  if uncovered:
+    raise ValueError(f"{len(uncovered)} parameter(s) have no place in the export layout: "
+                     f"{uncovered}")
+  keys = [item.key for item in items]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"export writes some keys twice: "
+                     f"{sorted({k for k in keys if keys.count(k) > 1})}")
+  return items

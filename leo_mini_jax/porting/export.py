@@ -1,0 +1,219 @@
+"""Our LLM params → an HF `LlamaForCausalLM` safetensors folder that transformers loads.
+
+    export_llm(params["llm"], config.llm, "/out/my-llama", dtype="bfloat16",
+               tokenizer_dir="/ckpt/Meta-Llama-3-8B")
+
+The key layout is the LLaMA port's mapping table run backwards (`mapping.plan_export`),
+so export and import cannot drift apart. Files are written tensor by tensor: each shard's
+header is computed from shapes first, then every tensor (one stacked layer slice at a
+time) is converted and appended, so the host holds one tensor beside the params. A
+folder over `max_shard_size` is split into `model-0000k-of-0000n.safetensors` with a
+`model.safetensors.index.json`, as `save_pretrained` does. `config.json` is written in the
+transformers 4.x form (`rope_theta`, `rope_scaling`, `torch_dtype`) that both 4.x and 5.x
+read. Exporting params loaded at the checkpoint's own dtype reproduces every tensor
+bit for bit.
+"""
+
+import json
+import os
+import re
+import shutil
+import struct
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from leo_mini_jax.models import llama as llama_lib
+from leo_mini_jax.porting import llama as llama_port
+from leo_mini_jax.porting import mapping
+
+# numpy dtype → (safetensors dtype name, torch dtype name for config.json)
+_DTYPE_NAMES = {
+    np.dtype(np.float32): ("F32", "float32"),
+    np.dtype(np.float16): ("F16", "float16"),
+    np.dtype(ml_dtypes.bfloat16): ("BF16", "bfloat16"),
+    np.dtype(np.float64): ("F64", "float64"),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes from 5_000_000_000, '5GB' (10^9) or '4GiB' (2^30), as save_pretrained reads them."""
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+  if not m:
+    raise ValueError(f"max_shard_size={size!r}: expected bytes or e.g. '5GB', '500MB', '4GiB'")
+  unit = (m.group(2) or "B").upper()
+  powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+  if unit not in powers:
+    raise ValueError(f"max_shard_size={size!r}: unknown unit {m.group(2)!r}")
+  return int(float(m.group(1)) * powers[unit])
+
+
+def hf_config(config: llama_lib.LlamaConfig, torch_dtype: str,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """config.json contents (transformers 4.x form) for `config`."""
+  scaling = None
+  if config.rope_scaling is not None:
+    s = config.rope_scaling
+    scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+               "high_freq_factor": s.high_freq_factor,
+               "original_max_position_embeddings": s.original_max_position_embeddings}
+  out = {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.kv_heads,
+      "head_dim": config.dim_per_head,
+      "hidden_act": "silu",
+      "max_position_embeddings": config.max_position_embeddings,
+      "rms_norm_eps": config.rms_norm_eps,
+      "rope_theta": config.rope_theta,
+      "rope_scaling": scaling,
+      "tie_word_embeddings": config.tie_embeddings,
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "mlp_bias": False,
+      "pretraining_tp": 1,
+      "use_cache": True,
+      "torch_dtype": torch_dtype,
+  }
+  out.update(extra or {})
+  return out
+
+
+def _header(items: list[mapping.ExportItem], dtype) -> tuple[bytes, list[int]]:
+  """safetensors header bytes (padded to 8) and each tensor's byte size, in item order."""
+  entries, sizes, offset = {}, [], 0
+  for item in items:
+    out_dtype = np.dtype(dtype) if dtype is not None else item.dtype
+    size = int(np.prod(item.shape, dtype=np.int64)) * out_dtype.itemsize
+    entries[item.key] = {"dtype": _DTYPE_NAMES[out_dtype][0], "shape": list(item.shape),
+                         "data_offsets": [offset, offset + size]}
+    sizes.append(size)
+    offset += size
+  entries["__metadata__"] = {"format": "pt"}
+  header = json.dumps(entries, separators=(",", ":")).encode()
+  header += b" " * (-len(header) % 8)
+  return header, sizes
+
+
+def write_safetensors(path: str, items: list[mapping.ExportItem], dtype=None) -> int:
+  """Writes `items` to one .safetensors file, one tensor at a time; returns data bytes."""
+  header, sizes = _header(items, dtype)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)
+    for item, size in zip(items, sizes):
+      value = item.load(dtype)
+      if value.dtype.byteorder == ">":
+        value = value.byteswap().view(value.dtype.newbyteorder("<"))
+      data = value.tobytes()
+      if len(data) != size:
+        raise AssertionError(f"{item.key}: wrote {len(data)} bytes, header says {size}")
+      f.write(data)
+      del value, data
+  return sum(sizes)
+
+
+def _shards(items: list[mapping.ExportItem], limit: int, itemsize) -> list[list[mapping.ExportItem]]:
+  """Greedy split in order: a new shard starts when the next tensor would pass `limit`."""
+  shards, current, size = [], [], 0
+  for item in items:
+    n = int(np.prod(item.shape, dtype=np.int64)) * itemsize(item)
+    if current and size + n > limit:
+      shards.append(current)
+      current, size = [], 0
+    current.append(item)
+    size += n
+  if current:
+    shards.append(current)
+  return shards
+
+
+def export_llm(params: Mapping[str, Any], config: llama_lib.LlamaConfig,
+               out_dir: str | os.PathLike, *, dtype: str | None = None,
+               max_shard_size: int | str = "5GB", tokenizer_dir: str | None = None,
+               extra_config: Mapping[str, Any] | None = None,
+               exclude: str | None = None) -> list[str]:
+  """Writes `params` of `LlamaForCausalLM(config)` as an HF LlamaForCausalLM folder.
+
+  Args:
+    params: the LLM's params tree (scanned or unscanned, as `config.scan_layers` says).
+    config: its LlamaConfig.
+    out_dir: created if absent; existing model files in it are replaced.
+    dtype: 'float32' / 'bfloat16' / 'float16'; None keeps each parameter's dtype.
+    max_shard_size: bytes or a string such as '5GB'.
+    tokenizer_dir: copy the tokenizer files found there (tokenizer.json/.model, configs).
+    extra_config: more config.json fields (e.g. bos_token_id, eos_token_id).
+    exclude: regex of parameter paths to leave out (e.g. '.*mmoe_.*' for a stage-3 LLM,
+      whose LoRA experts and routers HF's LlamaForCausalLM has no place for). Without it
+      any parameter outside the LLaMA layout is an error naming it.
+
+  Returns:
+    The paths written.
+  """
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  items = mapping.plan_export(params, llama_port.llama_rules(config), exclude=exclude)
+  target = np.dtype(jnp_dtype(dtype)) if dtype is not None else None
+  dtypes = {target} if target is not None else {item.dtype for item in items}
+  unsupported = [str(d) for d in dtypes if d not in _DTYPE_NAMES]
+  if unsupported:
+    raise ValueError(f"cannot export dtype(s) {unsupported}; supported: "
+                     f"{[str(d) for d in _DTYPE_NAMES]}")
+  torch_dtype = _DTYPE_NAMES[target][1] if target is not None else (
+      _DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)][1])
+  for name in os.listdir(out_dir):  # stale shards from an earlier export would confuse loaders
+    if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name):
+      os.remove(os.path.join(out_dir, name))
+
+  itemsize = lambda item: (target or item.dtype).itemsize
+  shards = _shards(items, parse_size(max_shard_size), itemsize)
+  written = []
+  if len(shards) == 1:
+    names = ["model.safetensors"]
+  else:
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  weight_map, total = {}, 0
+  for name, shard in zip(names, shards):
+    path = os.path.join(out_dir, name)
+    total += write_safetensors(path, shard, target)
+    weight_map.update({item.key: name for item in shard})
+    written.append(path)
+  if len(shards) > 1:
+    path = os.path.join(out_dir, "model.safetensors.index.json")
+    with open(path, "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    written.append(path)
+  path = os.path.join(out_dir, "config.json")
+  with open(path, "w") as f:
+    json.dump(hf_config(config, torch_dtype, extra_config), f, indent=2)
+  written.append(path)
+  if tokenizer_dir is not None:
+    written += _copy_tokenizer(tokenizer_dir, out_dir)
+  return written
+
+
+def jnp_dtype(name: str):
+  """'bfloat16' → ml_dtypes.bfloat16 etc. (numpy names otherwise)."""
+  return ml_dtypes.bfloat16 if str(name) == "bfloat16" else np.dtype(name)
+
+
+def _copy_tokenizer(src: str, out_dir: str) -> list[str]:
+  copied = [os.path.join(out_dir, n) for n in TOKENIZER_FILES
+            if os.path.exists(os.path.join(src, n))]
+  if not any(os.path.basename(c).startswith("tokenizer.") for c in copied):
+    raise FileNotFoundError(f"{src}: neither tokenizer.json nor tokenizer.model to copy")
+  for dst in copied:
+    shutil.copyfile(os.path.join(src, os.path.basename(dst)), dst)
+  return copied
+
