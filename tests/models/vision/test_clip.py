@@ -13,6 +13,14 @@ from scipy.special import erf
 from leo_mini_jax.models.vision.clip import (ClipConfig, ClipVisionTower,
                                              interpolate_patch_positions, torch_bicubic_matrix)
 
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 TINY = ClipConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                   num_layers=2, num_heads=4)
 

@@ -11,6 +11,14 @@ from scipy.special import erf
 
 from leo_mini_jax.models.vision.convnext import ConvNextConfig, ConvNextTower
 
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 TINY = ConvNextConfig(image_size=64, dims=(8, 16, 32, 64), depths=(1, 1, 2, 1))
 
 

@@ -12,6 +12,14 @@ from leo_mini_jax.models.vision.convnext import ConvNextConfig
 from leo_mini_jax.models.vision.experts import (VisionExpert, build_expert, build_experts,
                                                 preprocess_images, registered_experts)
 
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 CLIP = dict(name="clip", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
             num_layers=2, num_heads=4)
 CONVNEXT = dict(name="convnext", image_size=64, dims=[8, 16, 32, 64], depths=[1, 1, 2, 1])
