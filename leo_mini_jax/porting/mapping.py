@@ -188,6 +188,42 @@ def ignore(pattern: str) -> Rule:
   return Rule(pattern, None)
 
 
+def _has_top_level_alternation(pattern: str) -> bool:
+  depth, escaped = 0, False
+  for ch in pattern:
+    if escaped:
+      escaped = False
+    elif ch == "\\":
+      escaped = True
+    elif ch in "([":
+      depth += 1
+    elif ch in ")]":
+      depth -= 1
+    elif ch == "|" and depth == 0:
+      return True
+  return False
+
+
+def prefixed(rules: Sequence[Rule], source_prefix: str = "",
+             target_prefix: str = "") -> list[Rule]:
+  """The same table for keys under `source_prefix` and params under `target_prefix`.
+
+  E.g. `prefixed(llama_rules(cfg), 'llm:', 'llm/')` for a `readers.CombinedReader`
+  source named 'llm' and a model whose LLM params sit under 'llm/'.
+  """
+  out = []
+  for rule in rules:
+    source = rule.source
+    if _has_top_level_alternation(source):
+      source = f"(?:{source})"
+    target = rule.target
+    if target is not None:
+      target = (target_prefix + target if isinstance(target, str)
+                else tuple(target_prefix + t for t in target))
+    out.append(Rule(re.escape(source_prefix) + source, target, rule.transform, rule.stack))
+  return out
+
+
 # ---------------------------------------------------------------------------------- errors
 
 
@@ -401,6 +437,10 @@ def plan(reader, rules: Sequence[Rule], expected: Mapping[str, Any],
 
 # ------------------------------------------------------------------------------- executing
 
+# `fill=OMIT`: leave allowed-missing parameters out of the result (for a checkpoint whose
+# reader, e.g. train.py's init_from, initialises them itself).
+OMIT = "omit"
+
 
 def convert(reader, rules: Sequence[Rule], expected: Mapping[str, Any], *,
             allow_missing: str | None = None,
@@ -418,14 +458,16 @@ def convert(reader, rules: Sequence[Rule], expected: Mapping[str, Any], *,
       from the checkpoint (new modules); they are taken from `fill`.
     fill: values for the allowed-missing parameters: a params tree (e.g. a fresh init), or
       a callable taking the list of missing paths and returning {path: array}
-      (`init_filler`). Required when anything allowed is actually missing.
+      (`init_filler`), or `OMIT` to leave them out of the result. Required when anything
+      allowed is actually missing.
     shardings: optional tree (like `expected`) of `jax.sharding.Sharding`s; each finished
       parameter is placed with it and its host copy dropped.
     to_device: without shardings, put each finished parameter on the default device
       (False keeps numpy arrays).
 
   Returns:
-    A nested dict of arrays with exactly the paths, shapes and dtypes of `expected`.
+    A nested dict of arrays with exactly the paths, shapes and dtypes of `expected`
+    (less the allowed-missing ones with `fill=OMIT`).
 
   Raises:
     PortError listing every missing, unexpected and shape-mismatched key, before any
@@ -436,6 +478,12 @@ def convert(reader, rules: Sequence[Rule], expected: Mapping[str, Any], *,
   sharding_flat = flatten_tree(shardings) if shardings is not None else {}
 
   fill_values: dict[str, Any] = {}
+  if allowed and isinstance(fill, str) and fill == OMIT:
+    partial = sorted({a.target for a in assignments if a.target in allowed})
+    if partial:
+      raise ValueError(f"parameters {partial} are only partly in the checkpoint: they cannot "
+                       "be omitted; pass `fill` values for their missing slots")
+    allowed = {}  # the caller asked for the allowed-missing parameters to be left out
   if allowed:
     if fill is None:
       raise ValueError(f"parameters {sorted(allowed)} are missing (allowed by "

@@ -296,6 +296,53 @@ class TorchReader(CheckpointReader):
     self._loaded = self._loaded_file = None
 
 
+
+class CombinedReader(CheckpointReader):
+  """Several checkpoints as one, each key prefixed with its source name and ':'.
+
+  `CombinedReader({'llm': llama_reader, 'clip': clip_reader})` has keys such as
+  'llm:model.norm.weight', so one mapping table (rules prefixed with
+  `mapping.prefixed`) can convert a model assembled from several checkpoints and report
+  every problem across all of them at once.
+  """
+
+  def __init__(self, readers: Mapping[str, CheckpointReader]):
+    self.readers = dict(readers)
+    self.files = tuple(f for r in self.readers.values() for f in r.files)
+
+  def _split(self, key: str) -> tuple[CheckpointReader, str]:
+    name, sep, inner = key.partition(":")
+    if not sep or name not in self.readers:
+      raise KeyError(f"tensor {key!r}: no source named {name!r} (sources: {sorted(self.readers)})")
+    return self.readers[name], inner
+
+  def keys(self) -> list[str]:
+    return [f"{name}:{k}" for name, r in self.readers.items() for k in r.keys()]
+
+  def __contains__(self, key: str) -> bool:
+    name, _, inner = key.partition(":")
+    return name in self.readers and inner in self.readers[name]
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    reader, inner = self._split(key)
+    return reader.shape(inner)
+
+  def dtype(self, key: str) -> np.dtype:
+    reader, inner = self._split(key)
+    return reader.dtype(inner)
+
+  def get(self, key: str) -> np.ndarray:
+    reader, inner = self._split(key)
+    return reader.get(inner)
+
+  def close(self) -> None:
+    for r in self.readers.values():
+      r.close()
+
+  def __repr__(self) -> str:
+    return "CombinedReader(" + ", ".join(f"{n}={r!r}" for n, r in self.readers.items()) + ")"
+
+
 def _from_index(index_path: str) -> CheckpointReader:
   try:
     with open(index_path) as f:

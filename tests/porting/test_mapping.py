@@ -213,3 +213,50 @@ def test_transform_shape_rules():
   x = np.arange(12.0)
   np.testing.assert_array_equal(t(x), x.reshape(4, 3).T)
   assert t.out_shape((12,)) == (3, 4)
+
+
+def test_omit_leaves_allowed_missing_out(tmp_path):
+  params = M.convert(_save(tmp_path, _torch_layout_state()), _rules(),
+                     M.abstract_params(Toy(), IMG), allow_missing=r"new_head/.*", fill=M.OMIT)
+  assert "new_head" not in params and "blocks" in params
+  state = _torch_layout_state()
+  del state["blocks.1.fc.weight"]
+  with pytest.raises(ValueError, match="only partly"):
+    M.convert(_save(tmp_path, state, "b.safetensors"), _rules(), M.abstract_params(Toy(), IMG),
+              allow_missing=r"new_head/.*|blocks/fc/kernel", fill=M.OMIT)
+
+
+def test_combined_reader_and_prefixed_rules(tmp_path):
+  """Two checkpoints into one tree: all problems from both are reported together."""
+  class Two(nn.Module):
+    @nn.compact
+    def __call__(self, img):
+      a, _ = Toy(name="a")(img)
+      b, _ = Toy(name="b", scan=False)(img)
+      return a + b
+
+  state = _torch_layout_state()
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  reader = readers.CombinedReader({"first": _save(tmp_path / "a", state),
+                                   "second": _save(tmp_path / "b", _torch_layout_state(1))})
+  assert "first:stem.weight" in reader and reader.shape("second:dw.weight") == (6, 1, 3, 3)
+  rules = (M.prefixed(_rules(), "first:", "a/") + M.prefixed(_rules(False), "second:", "b/"))
+  expected = M.abstract_params(Two(), IMG)
+  params = M.convert(reader, rules, expected, allow_missing=r".*/new_head/.*", fill=M.OMIT)
+  np.testing.assert_array_equal(params["a"]["blocks"]["fc"]["kernel"][2],
+                                state["blocks.2.fc.weight"].T)
+  np.testing.assert_array_equal(params["b"]["blocks_2"]["fc"]["bias"],
+                                _torch_layout_state(1)["blocks.2.fc.bias"])
+  del state["dw.bias"]
+  (tmp_path / "c").mkdir()
+  bad = readers.CombinedReader({"first": _save(tmp_path / "c", state),
+                                "second": _save(tmp_path / "b", {"extra": np.zeros(1, np.float32),
+                                                                  **_torch_layout_state(1)})})
+  with pytest.raises(M.PortError) as info:
+    M.convert(bad, rules, expected, allow_missing=r".*/new_head/.*", fill=M.OMIT)
+  assert "a/dw/bias (expected from first:dw.bias)" in str(info.value)
+  assert "second:extra" in str(info.value)
+  # a rule with a top-level alternation keeps its meaning under a prefix
+  alt = M.prefixed([M.Rule(r"x|y", "t")], "p:", "q/")[0]
+  assert alt.match("p:y") and not alt.match("y")
