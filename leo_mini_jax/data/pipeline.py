@@ -216,21 +216,24 @@ class ProcessShard:
     return self.source[position] if position < len(self.source) else PADDING_RECORD
 
 
-def _validate_sample(source, encoder: ExampleEncoder, num: int):
-  """Synthetic data is valid by construction; check a sample fits max_length untruncated."""
-  for index in range(min(num, len(source))):
-    record = source[index]
+def _check_synthetic_lengths(source: synthetic.SyntheticVQA, encoder: ExampleEncoder):
+  """Synthetic data is valid by construction; every text it can produce must fit
+  max_length untruncated (checked over the finite set of possible turns)."""
+  for human, gpt in synthetic.all_turn_texts(source.question_types, source.style):
+    turns = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
     try:
       _, truncated = conversation_lib.tokenize_record(
-          record["conversations"], True, encoder.tokenizer, encoder.template,
-          encoder.max_length, encoder.overlong, prompt_only=encoder.prompt_only)
+          turns, True, encoder.tokenizer, encoder.template, encoder.max_length,
+          encoder.overlong, prompt_only=encoder.prompt_only)
     except conversation_lib.ConversationError as e:
-      raise ValueError(f"synthetic record {record['id']!r}: {e} (data.max_length="
-                       f"{encoder.max_length}; raise it or set data.system_prompt='')"
-                       ) from None
+      truncated, reason = True, str(e)
+    else:
+      reason = "it would be truncated"
     if truncated:
-      raise ValueError(f"synthetic record {record['id']!r} does not fit data.max_length="
-                       f"{encoder.max_length}; raise it or set data.system_prompt=''")
+      raise ValueError(
+          f"synthetic {source.split} data: the turns {human!r} / {gpt!r} do not fit "
+          f"data.max_length={encoder.max_length} ({reason}); raise data.max_length or "
+          "set data.system_prompt=''")
 
 
 def build_source(data_cfg, split: str, encoder: ExampleEncoder, seed: int
@@ -248,7 +251,7 @@ def build_source(data_cfg, split: str, encoder: ExampleEncoder, seed: int
     num = data_cfg.num_train if split == "train" else data_cfg.num_eval
     source = synthetic.SyntheticVQA(split, num, data_cfg.resolution, seed,
                                     tuple(data_cfg.synthetic_question_types), style)
-    _validate_sample(source, encoder, 4 * len(source.question_types))
+    _check_synthetic_lengths(source, encoder)
     return source, None
   if kind == "llava":
     json_path = data_cfg.train_json if split == "train" else data_cfg.eval_json

@@ -189,12 +189,40 @@ def describe(params: tuple) -> dict[str, str]:
                 caption=f"{n} shape" + ("s" if n > 1 else ""))
   if qtype == "position":
     _, region, other_region, target, other = params
+    del other_region, other  # the caption names the target only: short rows
     return dict(question=QUESTIONS[qtype].format(color=COLOR_NAMES[target[1]]),
                 answer=POSITIONS[region],
-                caption=(f"{name(target)} at the {POSITIONS[region]} and "
-                         f"{name(other)} at the {POSITIONS[other_region]}"))
+                caption=f"{name(target)} at the {POSITIONS[region]}")
   word = WORDS[params[1]]
   return dict(question=QUESTIONS[qtype], answer=word, caption=f'the word "{word}"')
+
+
+def turn_texts(params: tuple, style: str) -> tuple[str, str]:
+  """(human text, gpt text) of a scene for style 'vqa' or 'caption'."""
+  text = describe(params)
+  if style == "caption":
+    return "<image>\n" + CAPTION_PROMPT, text["caption"]
+  return "<image>\n" + text["question"], text["answer"]
+
+
+def all_turn_texts(question_types: Sequence[str] = QUESTION_TYPES,
+                   style: str = "vqa") -> list[tuple[str, str]]:
+  """Every (human text, gpt text) pair the generator can produce: the finite set a
+  pipeline checks against max_length once, instead of scanning examples."""
+  item = lambda shape, color: (shape, color, 0, 0, 1, (0, 0, 0))
+  scenes = []
+  for qtype in question_types:
+    if qtype in ("color", "shape"):
+      scenes += [(qtype, item(s, c)) for s in range(len(SHAPES))
+                 for c in range(len(COLORS))]
+    elif qtype == "count":
+      scenes += [(qtype, (item(0, 0),) * n) for n in range(1, 5)]
+    elif qtype == "position":
+      scenes += [(qtype, r, 0, item(s, c), item(0, 0)) for r in range(len(POSITIONS))
+                 for s in range(len(SHAPES)) for c in range(len(COLORS))]
+    elif qtype == "text":
+      scenes += [(qtype, w, 10, 0, 0) for w in range(len(WORDS))]
+  return sorted(set(turn_texts(scene, style) for scene in scenes))
 
 
 class SyntheticVQA:
@@ -239,15 +267,12 @@ class SyntheticVQA:
       raise IndexError(f"synthetic {self.split} index {index} out of range [0, {self.num})")
     params = self.scene_params(index)
     text = describe(params)
-    if self.style == "caption":
-      turns = [CAPTION_PROMPT, text["caption"]]
-    else:
-      turns = [text["question"], text["answer"]]
+    human, gpt = turn_texts(params, self.style)
     return {
         "id": f"synthetic-{self.split}-{self.seed}-{index:07d}",
         "image": render(params, self.resolution),
-        "conversations": [{"from": "human", "value": "<image>\n" + turns[0]},
-                          {"from": "gpt", "value": turns[1]}],
+        "conversations": [{"from": "human", "value": human},
+                          {"from": "gpt", "value": gpt}],
         "question_type": params[0],
         "answer": text["answer"],
         "caption": text["caption"],

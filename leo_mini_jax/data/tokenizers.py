@@ -4,7 +4,10 @@ Every tokenizer here encodes a piece of text *as a continuation*: no BOS/EOS is 
 and no "dummy prefix" space is inserted before the first word. Conversation templates
 (conversation.py) tokenize a prompt piece by piece and concatenate the ids, so each
 piece must encode exactly the characters it holds; separators carry their spaces
-explicitly (" ASSISTANT:", " red").
+explicitly (" ASSISTANT:", " red"). Loading switches the dummy prefix off where a file
+turns it on (sentencepiece add_dummy_prefix, HF Prepend/Metaspace/ByteLevel prefix
+space), as HF's non-legacy Llama tokenizer does; the first word after BOS is then
+encoded without "▁" (a one-token difference from whole-string Llama-2 tokenization).
 
   ByteTokenizer            dependency-free; ids 0..255 are UTF-8 bytes, then specials.
   HFTokenizer              a HF `tokenizers` tokenizer.json.
@@ -97,32 +100,61 @@ class ByteTokenizer(Tokenizer):
     return self._special_ids.get(self.ALIASES.get(token, token))
 
 
-class _ContinuationEncoder:
-  """Encodes continuations with tokenizers that add a dummy-prefix space ("▁word").
+_PREFIX_MARKS = ("\u2581", "\u0120")  # "▁" (sentencepiece, Metaspace), "Ġ" (byte-level)
 
-  SentencePiece (add_dummy_prefix) and HF Metaspace pre-tokenizers prepend "▁" to the
-  text they are given. Encoding `sentinel + text` and dropping the sentinel's ids yields
-  the ids `text` has in the middle of a sentence. If the sentinel's ids are not a prefix
-  of the result (a merge across the boundary), the plain encoding is used. Tokenizers
-  that add no prefix (byte-level BPE such as Llama-3's) use the plain encoding.
-  (A plain class rather than closures so that tokenizers pickle into grain workers.)
+
+def _hf_spec_without_dummy_prefix(spec: dict) -> dict:
+  """A tokenizer.json dict with the dummy-prefix space switched off.
+
+  Covers the three places HF tokenizers add it: a `Prepend("▁")` normalizer (Llama-2
+  legacy files), a Metaspace pre-tokenizer (prepend_scheme / add_prefix_space) and a
+  ByteLevel pre-tokenizer with add_prefix_space.
+  """
+  def fix_normalizer(node):
+    if not isinstance(node, dict):
+      return node
+    if node.get("type") == "Prepend":
+      return None
+    if node.get("type") == "Sequence":
+      node["normalizers"] = [n for n in map(fix_normalizer, node["normalizers"]) if n]
+    return node
+
+  def fix_pre_tokenizer(node):
+    if not isinstance(node, dict):
+      return
+    if node.get("type") == "Metaspace":
+      node["prepend_scheme"] = "never"
+      if "add_prefix_space" in node:
+        node["add_prefix_space"] = False
+    elif node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
+      node["add_prefix_space"] = False
+    for child in node.get("pretokenizers", ()):
+      fix_pre_tokenizer(child)
+
+  spec["normalizer"] = fix_normalizer(spec.get("normalizer"))
+  fix_pre_tokenizer(spec.get("pre_tokenizer"))
+  return spec
+
+
+class _SentinelContinuation:
+  """Fallback for tokenizers whose dummy prefix could not be switched off.
+
+  Encodes `"\n" + text` and drops the ids of "\n": the ids `text` has mid-sentence.
+  If "\n" merged with the text (its ids are not a prefix), the plain encoding is used.
   """
 
   SENTINEL = "\n"
 
-  def __init__(self, raw_encode, first_piece_of_a: str):
-    self.adds_prefix = first_piece_of_a.startswith("\u2581")
-    self.sentinel_ids = raw_encode(self.SENTINEL) if self.adds_prefix else []
+  def __init__(self, raw_encode):
+    self.sentinel_ids = raw_encode(self.SENTINEL)
 
   def __call__(self, raw_encode, text: str) -> list[int]:
-    if not text:
-      return []
     n = len(self.sentinel_ids)
-    if self.adds_prefix and n:
+    if text and n:
       ids = raw_encode(self.SENTINEL + text)
       if ids[:n] == self.sentinel_ids:
         return ids[n:]
-    return raw_encode(text)
+    return raw_encode(text) if text else []
 
 
 def _read_special_names(folder: str | None) -> dict[str, str]:
@@ -193,13 +225,18 @@ class HFTokenizer(Tokenizer):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
-      self._tok = tokenizers.Tokenizer.from_file(path)
-    except Exception as e:  # the Rust side raises plain Exception
+      with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+      self._tok = tokenizers.Tokenizer.from_str(
+          json.dumps(_hf_spec_without_dummy_prefix(spec)))
+    except Exception as e:  # json errors, and the Rust side raises plain Exception
       raise ValueError(f"cannot read tokenizer {path}: {e}") from None
     self.path = path
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     first = self._tok.encode("a", add_special_tokens=False).tokens
-    self._continuation = _ContinuationEncoder(self._raw_encode, first[0] if first else "")
+    self._fallback = None
+    if first and first[0].startswith(_PREFIX_MARKS):
+      self._fallback = _SentinelContinuation(self._raw_encode)
     names = _read_special_names(os.path.dirname(path))
     _resolve_specials(self, path, bos_token or names.get("bos"),
                       eos_token or names.get("eos"), pad_token or names.get("pad"))
@@ -211,7 +248,9 @@ class HFTokenizer(Tokenizer):
     return list(self._tok.encode(text, add_special_tokens=False).ids)
 
   def encode(self, text: str) -> list[int]:
-    return self._continuation(self._raw_encode, text)
+    if self._fallback is not None:
+      return self._fallback(self._raw_encode, text)
+    return self._raw_encode(text) if text else []
 
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     ids = [int(i) for i in ids if int(i) >= 0]
@@ -219,6 +258,31 @@ class HFTokenizer(Tokenizer):
 
   def token_id(self, token: str) -> int | None:
     return self._tok.token_to_id(token)
+
+
+def _sp_proto_without_dummy_prefix(path: str) -> bytes:
+  """The serialized model with add_dummy_prefix off (as HF's non-legacy Llama tokenizer).
+
+  Only for models that keep whitespace (remove_extra_whitespaces=False, as Llama's):
+  models that collapse whitespace cannot carry a leading space in a piece, and for them
+  the dummy prefix is what turns " red" into "▁red". Without protobuf the file is used
+  unchanged (and encode falls back to the sentinel method).
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return data
+  proto = sentencepiece_model_pb2.ModelProto()
+  try:
+    proto.ParseFromString(data)
+  except Exception as e:  # protobuf's DecodeError
+    raise ValueError(f"cannot read sentencepiece model {path}: {e}") from None
+  if proto.normalizer_spec.remove_extra_whitespaces:
+    return data
+  proto.normalizer_spec.add_dummy_prefix = False
+  return proto.SerializeToString()
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -234,13 +298,15 @@ class SentencePieceTokenizer(Tokenizer):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     self._sp = sentencepiece.SentencePieceProcessor()
     try:
-      self._sp.Load(path)
+      self._sp.LoadFromSerializedProto(_sp_proto_without_dummy_prefix(path))
     except (OSError, RuntimeError) as e:
       raise ValueError(f"cannot read sentencepiece model {path}: {e}") from None
     self.path = path
     self.vocab_size = self._sp.GetPieceSize()
     first = self._sp.EncodeAsPieces("a")
-    self._continuation = _ContinuationEncoder(self._raw_encode, first[0] if first else "")
+    self._fallback = None
+    if first and first[0].startswith(_PREFIX_MARKS):
+      self._fallback = _SentinelContinuation(self._raw_encode)
     names = _read_special_names(os.path.dirname(path))
     own = lambda i: i if i >= 0 else None  # sentencepiece answers -1 for "none"
     _resolve_specials(self, path, bos_token or names.get("bos"),
@@ -255,7 +321,9 @@ class SentencePieceTokenizer(Tokenizer):
     return list(self._sp.EncodeAsIds(text))
 
   def encode(self, text: str) -> list[int]:
-    return self._continuation(self._raw_encode, text)
+    if self._fallback is not None:
+      return self._fallback(self._raw_encode, text)
+    return self._raw_encode(text) if text else []
 
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     keep = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
