@@ -85,7 +85,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_workers = 0              # grain worker processes (0 = in-process threads only)
   c.read_threads = 2             # threads preparing batches in each process
   c.prefetch_batches = 4         # batches prepared ahead per process
-  c.seed = 0                     # shuffle seed (synthetic scenes use it too)
+  c.seed = 0                     # shuffle seed and synthetic scene seed
   return c
 
 
@@ -236,7 +236,7 @@ def _check_synthetic_lengths(source: synthetic.SyntheticVQA, encoder: ExampleEnc
           "set data.system_prompt=''")
 
 
-def build_source(data_cfg, split: str, encoder: ExampleEncoder, seed: int
+def build_source(data_cfg, split: str, encoder: ExampleEncoder
                  ) -> tuple[Any, llava.ValidationReport | None]:
   """The validated random-access source of `split` for data.kind."""
   kind = data_cfg.kind
@@ -249,7 +249,7 @@ def build_source(data_cfg, split: str, encoder: ExampleEncoder, seed: int
     if style == "auto":
       style = "caption" if encoder.template.name == "plain" else "vqa"
     num = data_cfg.num_train if split == "train" else data_cfg.num_eval
-    source = synthetic.SyntheticVQA(split, num, data_cfg.resolution, seed,
+    source = synthetic.SyntheticVQA(split, num, data_cfg.resolution, int(data_cfg.seed),
                                     tuple(data_cfg.synthetic_question_types), style)
     _check_synthetic_lengths(source, encoder)
     return source, None
@@ -326,7 +326,8 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
     split: 'train' or 'eval'.
     process_index, process_count: this process's shard; default jax.process_index() /
       jax.process_count(). Tests pass them to simulate several processes.
-    seed: shuffle seed; defaults to data_cfg.seed.
+    seed: shuffle seed; defaults to data_cfg.seed. (The synthetic scenes always use
+      data_cfg.seed, so changing the shuffle seed does not change the dataset.)
     mode: 'train' | 'eval' | 'generate'; defaults to 'train' for the train split and
       'generate' for the eval split.
   """
@@ -348,7 +349,7 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
   encoder = ExampleEncoder(tokenizer, template, int(data_cfg.max_length), data_cfg.overlong,
                            int(data_cfg.resolution), tuple(data_cfg.image_mean_rgb),
                            prompt_only=(mode == "generate"))
-  source, report = build_source(data_cfg, split, encoder, seed)
+  source, report = build_source(data_cfg, split, encoder)
   num_examples = len(source)
   if num_examples == 0:
     raise ValueError(f"{data_cfg.kind} {split} split has no usable records"

@@ -25,6 +25,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -37,6 +38,14 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
   """Builds one TFDS dataset (splits named by the caller) from validated LLaVA records."""
 
   VERSION = tfds.core.Version(VERSION)
+
+  # TFDS's default looks the file up through importlib resources and, for a package
+  # outside its registry, needs the optional `importlib_resources` backport; the class's
+  # own file is the answer anyway.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
 
   def __init__(self, *, split_sources: dict[str, llava.LlavaSource] | None = None,
                **kwargs):
