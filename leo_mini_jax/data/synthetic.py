@@ -23,7 +23,8 @@ No scene can therefore appear in both splits; concepts (a red circle) are shared
 exact scenes are held out.
 
 Examples carry: id, image (uint8 [R, R, 3]), conversations (LLaVA format), question_type,
-answer, caption. style='caption' puts the caption in the gpt turn (stage-1 'plain').
+answer (the gpt turn: the short answer, or the caption with style='caption'),
+vqa_answer, caption. style='caption' puts the caption in the gpt turn (stage-1 'plain').
 
 Export to LLaVA JSON + PNG files:
   python -m leo_mini_jax.data.synthetic --out DIR --split train --num N --resolution R
@@ -274,7 +275,8 @@ class SyntheticVQA:
         "conversations": [{"from": "human", "value": human},
                           {"from": "gpt", "value": gpt}],
         "question_type": params[0],
-        "answer": text["answer"],
+        "answer": gpt,  # the reference: the short answer, or the caption in style 'caption'
+        "vqa_answer": text["answer"],
         "caption": text["caption"],
     }
 

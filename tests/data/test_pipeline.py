@@ -169,8 +169,12 @@ def test_plain_template_uses_captions():
   source = synthetic.SyntheticVQA("eval", 7, R, style="caption")
   tok = tokenizers_lib.ByteTokenizer()
   answer = tok.decode(batch["input_ids"][0][batch["loss_mask"][0] == 1])
-  assert answer == source[0]["caption"]
+  assert answer == source[0]["caption"] == meta["answer"][0]
   assert not batch["instruction_mask"].any()
+  prompts, meta = next(iter(build(config(template="plain"), split="eval")))
+  n = prompts["attention_mask"][0].sum()
+  assert prompts["input_ids"][0, :n].tolist() == [tok.bos_id, conv.IMAGE_PLACEHOLDER_ID]
+  assert meta["answer"][0] == source[0]["caption"]
 
 
 def test_config_errors_are_named():

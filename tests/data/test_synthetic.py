@@ -125,7 +125,7 @@ def test_caption_style_and_subsets():
   for i in range(8):
     ex = source[i]
     assert ex["question_type"] == ("color", "position")[i % 2]
-    assert ex["conversations"][1]["value"] == ex["caption"]
+    assert ex["conversations"][1]["value"] == ex["caption"] == ex["answer"]
     assert ex["conversations"][0]["value"] == "<image>\n" + synthetic.CAPTION_PROMPT
   with pytest.raises(ValueError, match="unknown"):
     synthetic.SyntheticVQA("train", 8, R, question_types=("smell",))
