@@ -56,6 +56,10 @@ class ValidationReport:
     return self.num_records - len(self.skipped)
 
   @property
+  def num_skipped(self) -> int:
+    return len(self.skipped)
+
+  @property
   def skipped_ids(self) -> list[str]:
     return [record_id for record_id, _ in self.skipped]
 

@@ -86,6 +86,7 @@ def test_bad_records_are_skipped_and_named(exported, caplog):
   with caplog.at_level(logging.WARNING, logger=llava.logger.name):
     loaded, report = llava.load_llava(path)
   assert report.num_records == 6 and report.num_kept == 3 and len(loaded) == 3
+  assert report.num_skipped == 3
   assert report.skipped_ids == ["missing-image", "unreadable-image",
                                 "malformed-conversation"]
   reasons = dict(report.skipped)
