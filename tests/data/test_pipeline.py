@@ -55,9 +55,13 @@ def test_train_batch_contract():
     assert not batch["loss_mask"][row, n:].any()
     assert not batch["instruction_mask"][row, n:].any()
     assert (batch["input_ids"][row] == conv.IMAGE_PLACEHOLDER_ID).sum() == 1
-    answer = tok.decode(batch["input_ids"][row][batch["loss_mask"][row] == 1])
-    assert answer.endswith("</s>") is False and answer.strip()  # eos is skipped in decode
-    assert batch["input_ids"][row][batch["loss_mask"][row] == 1][-1] == tok.eos_id
+    learned = batch["input_ids"][row][batch["loss_mask"][row] == 1]
+    assert learned[-1] == tok.eos_id  # the answer's end-of-turn token is learned
+    possible = {gpt for _, gpt in synthetic.all_turn_texts()}
+    assert tok.decode(learned[:-1]).strip() in possible
+    instruction = tok.decode(batch["input_ids"][row][batch["instruction_mask"][row] == 1])
+    assert instruction.strip() in {h.split("\n", 1)[1] for h, _ in
+                                   synthetic.all_turn_texts()}
   assert batch["has_image"].all()
   assert data.num_batches is None and data.local_batch_size == 4
 
