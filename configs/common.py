@@ -75,3 +75,31 @@ def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: st
                    cotr_dim=1024, grid_size=32),
       dtype="bfloat16",
   )
+
+
+def base_config(stage: int) -> ml_collections.ConfigDict:
+  """Every section a run needs, with defaults; model files fill `model` and adjust the rest."""
+  # Imported here so that config files stay importable for shape-only tools.
+  from leo_mini_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from leo_mini_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
+  from leo_mini_jax.training import optimizer  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.seed = 0
+  config.model = ml_collections.ConfigDict()
+  config.data = pipeline.default_data_config()
+  config.optimizer = optimizer.default_optimizer_config()
+  # Table 6 as (regex over parameter paths, group or None = frozen); first match wins.
+  config.schedule = [list(rule) for rule in optimizer.STAGE_SCHEDULES[stage]]
+  config.total_steps = 1000
+  config.log_every = 50
+  # A previous stage's workdir or a ported params checkpoint (porting.convert).
+  config.init_from = ""
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding_rules = [list(rule) for rule in mesh.DEFAULT_RULES]
+  config.checkpoint = dict(every_steps=1000, keep=3, keep_period=0, async_save=True)
+  config.eval = dict(max_new_tokens=16, batch_size=32, num_examples=0)
+  config.distributed = dict(multi_host=False, coordinator_address=None, num_processes=None,
+                            process_id=None)
+  return config

@@ -1,14 +1,18 @@
-"""Tiny LEO-MINI for CPU: the embedded default (synthetic VQA, a few minutes per stage).
+"""Tiny LEO-MINI for CPU: the embedded default (synthetic VQA, about a minute per stage).
 
   python train.py --config configs/tiny.py:stage=3,tokens=16 --workdir /tmp/tiny3
 
 arg knobs: stage (1, 2, 3), tokens (N^V for stage 3), reducer ('cotr', 'mqt'; stages 1–2
-always use 'none', EAGLE's fusion), router ('multimodal', 'hidden' = vanilla LoRA-MoE).
+always use 'none', EAGLE's fusion), router ('multimodal', 'hidden' = vanilla LoRA-MoE),
+steps (0 = the stage's default).
 """
 
 import ml_collections
 
 from configs import common
+
+STEPS = {1: 150, 2: 400, 3: 400}
+LEARNING_RATES = {1: 3e-3, 2: 2e-3, 3: 3e-3}
 
 
 def get_model_config(stage: int, tokens: int, reducer: str, router: str) -> dict:
@@ -29,9 +33,25 @@ def get_model_config(stage: int, tokens: int, reducer: str, router: str) -> dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, stage=3, tokens=4, reducer="cotr", router="multimodal")
-  config = ml_collections.ConfigDict()
-  config.stage = arg.stage
-  config.seed = 0
+  arg = common.parse_arg(arg, stage=3, tokens=4, reducer="cotr", router="multimodal",
+                         steps=0)
+  config = common.base_config(arg.stage)
   config.model = get_model_config(arg.stage, arg.tokens, arg.reducer, arg.router)
+
+  config.data.kind = "synthetic"
+  config.data.resolution = 64
+  config.data.max_length = 80
+  config.data.batch_size = 32
+  config.data.template = "plain" if arg.stage == 1 else "vicuna_v1"
+  config.data.system_prompt = ""  # byte tokens: keep rows short
+  config.data.num_train = 20_000
+  config.data.num_eval = 200
+
+  config.total_steps = arg.steps or STEPS[arg.stage]
+  config.optimizer.lr = LEARNING_RATES[arg.stage]
+  config.optimizer.warmup_steps = 20
+  config.log_every = 25
+  config.checkpoint.every_steps = 0  # save at the end only
+  config.eval.max_new_tokens = 8
+  config.eval.batch_size = 50
   return config

@@ -123,6 +123,8 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
   def one(leaf):
     if isinstance(leaf, nn.LogicallyPartitioned):
       value = leaf.value
+      if not hasattr(value, "shape"):  # e.g. optax.MaskedNode: an empty subtree
+        return value
       return NamedSharding(mesh, spec_for(value.shape, leaf.names, mesh, rules))
     return NamedSharding(mesh, P())
   return jax.tree.map(one, abstract_tree,

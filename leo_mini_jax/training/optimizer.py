@@ -1,0 +1,145 @@
+"""Training stages as regex rules, and the optimizer built from them (paper Table 6).
+
+`config.schedule` is a list of (regex over the parameter path, group) pairs; the first
+match wins, `None` means frozen, every path must match one rule. Each group trains with
+AdamW at `optimizer.lr × optimizer.lr_mults[group]`. Frozen parameters get no optimizer
+state (`optax.multi_transform` with `optax.set_to_zero`, not `optax.masked`, which would
+still allocate Adam moments) and, in the train step, no gradient computation.
+"""
+
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+FROZEN = "frozen"
+
+# Table 6. Stage 3's new modules are CoTR ('reducer/...') and MMoE-LLM ('.../mmoe_...').
+STAGE_SCHEDULES: dict[int, tuple[tuple[str, str | None], ...]] = {
+    1: (("projector/.*", "main"), (".*", None)),
+    2: ((".*", "main"),),
+    3: (("projector/.*", "main"), ("reducer/.*", "main"), ("llm/.*/mmoe_.*", "main"),
+        (".*", None)),
+}
+# What a stage may initialise fresh when it starts from the previous stage's checkpoint.
+STAGE_NEW_PARAMS = {1: r"(projector|reducer)/.*", 2: r"$^", 3: r"(reducer/.*|llm/.*/mmoe_.*)"}
+
+# No weight decay on norms, biases, learned queries and position/class embeddings.
+DEFAULT_NO_DECAY = (r".*/bias$", r".*/scale$", r".*_queries$", r".*position_embedding.*",
+                    r".*class_embedding.*")
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A jax key path → 'llm/layers/mlp/gate_proj/kernel' (box attributes skipped)."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    # GetAttrKey('value') of nn.LogicallyPartitioned boxes is not part of the name.
+  return "/".join(parts)
+
+
+def _is_box(x):
+  return isinstance(x, nn.LogicallyPartitioned)
+
+
+def map_paths(fn: Callable[[str], Any], params: Any) -> Any:
+  """Applies fn(path) to every leaf of a (boxed or plain) parameter tree."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: fn(path_str(path)), params)
+
+
+def group_of(path: str, schedule: Sequence[tuple[str, str | None]]) -> str:
+  for pattern, group in schedule:
+    if re.fullmatch(pattern, path):
+      return FROZEN if group is None else group
+  raise ValueError(f"schedule: parameter {path!r} matches no rule; end the schedule with a "
+                   "catch-all rule ('.*', None)")
+
+
+def param_labels(params: Any, schedule: Sequence[tuple[str, str | None]]) -> Any:
+  return map_paths(lambda p: group_of(p, schedule), params)
+
+
+def trainable_mask(params: Any, schedule) -> Any:
+  return map_paths(lambda p: group_of(p, schedule) != FROZEN, params)
+
+
+def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
+  patterns = [re.compile(p) for p in no_decay]
+  return map_paths(lambda p: not any(r.fullmatch(p) for r in patterns), params)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup then cosine decay to `min_lr_ratio × lr` (or constant)."""
+  warmup = int(opt.warmup_steps if opt.warmup_steps >= 1 else opt.warmup_steps * total_steps)
+  if opt.decay == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.lr, max(warmup, 1)), optax.constant_schedule(opt.lr)],
+        [max(warmup, 1)]) if warmup else optax.constant_schedule(opt.lr)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=opt.lr * opt.min_lr_ratio)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW per trainable group, set_to_zero for frozen, global-norm clipping first.
+
+  Args:
+    config: the run config (uses `schedule`, `optimizer`, `total_steps`).
+    params: parameter tree (boxed or plain) used to build the labels.
+
+  Returns:
+    the transformation and the base learning-rate schedule (for logging).
+  """
+  opt = config.optimizer
+  schedule = tuple((p, g) for p, g in config.schedule)
+  labels = param_labels(params, schedule)
+  base_lr = learning_rate_schedule(opt, config.total_steps)
+  groups = sorted(set(jax.tree.leaves(labels)) - {FROZEN})
+  mults = dict(opt.get("lr_mults", {}))
+  unknown = sorted(set(mults) - set(groups))
+  if unknown:
+    raise ValueError(f"optimizer.lr_mults: group(s) {unknown} are not in the schedule "
+                     f"(groups: {groups})")
+  transforms = {FROZEN: optax.set_to_zero()}
+  for group in groups:
+    mult = float(mults.get(group, 1.0))
+    transforms[group] = optax.adamw(
+        lambda step, m=mult: base_lr(step) * m, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        mask=lambda p: decay_mask(p, tuple(opt.no_decay)))
+  tx = optax.multi_transform(transforms, lambda p: param_labels(p, schedule))
+  if opt.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
+  return tx, base_lr
+
+
+def split_trainable(params: Any, mask: Any) -> tuple[Any, Any]:
+  """Plain params → (trainable, frozen) trees; the other side's leaves are None."""
+  trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
+  frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+  return trainable, frozen
+
+
+def merge_trainable(trainable: Any, frozen: Any) -> Any:
+  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                      is_leaf=lambda x: x is None)
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=0.03, decay="cosine", min_lr_ratio=0.0, b1=0.9, b2=0.999,
+      eps=1e-8, weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1, lr_mults={},
+      no_decay=DEFAULT_NO_DECAY))
+
+
+def count_leaves_bytes(tree: Any) -> int:
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+             if hasattr(x, "dtype"))

@@ -1,0 +1,129 @@
+"""The pure train step: loss, gradients of the trainable subset only, optimizer update.
+
+The loss is next-token cross-entropy on assistant tokens, averaged over the supervised
+tokens of the whole global batch (also under gradient accumulation: micro-batch sums are
+added up before dividing), plus the MMoE balance loss in stage 3.
+"""
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from leo_mini_jax.training import optimizer as optimizer_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def token_losses(logits: jax.Array, aux: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Summed cross-entropy, number of supervised tokens, number of correct argmaxes."""
+  mask = aux["target_mask"].astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, aux["targets"])
+  correct = (jnp.argmax(logits, -1) == aux["targets"]).astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct * mask)
+
+
+def _split_micro(batch: dict, steps: int) -> dict:
+  def split(x):
+    if x.shape[0] % steps:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by "
+                       f"optimizer.grad_accum_steps={steps}")
+    return x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    trainable: Any, lr_schedule: optax.Schedule,
+                    grad_accum_steps: int = 1) -> Callable:
+  """Builds `train_step(state, batch) -> (state, metrics)` (jit it with shardings).
+
+  Args:
+    model: LeoMini.
+    tx: from `optimizer.make_optimizer`.
+    trainable: bool tree over params (True = trained).
+    lr_schedule: base schedule, for the metric.
+    grad_accum_steps: micro-batches per update.
+  """
+
+  def sums(trainable_params, frozen_params, batch):
+    params = optimizer_lib.merge_trainable(trainable_params, frozen_params)
+    logits, aux = model.apply({"params": params}, batch)
+    loss_sum, count, correct = token_losses(logits, aux)
+    routing = aux["routing"].get("expert_fraction")
+    return loss_sum, (count, correct, aux["balance_loss"], routing,
+                      jnp.sum(aux["attention_mask"]))
+
+  def objective(trainable_params, frozen_params, batch, total_count):
+    loss_sum, extra = sums(trainable_params, frozen_params, batch)
+    balance = extra[2]
+    return loss_sum / total_count + balance / grad_accum_steps, (loss_sum, extra)
+
+  grad_fn = jax.grad(objective, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    trainable_params, frozen_params = optimizer_lib.split_trainable(state.params, trainable)
+    # The data contract: position 0 (BOS or the placeholder) is never supervised.
+    supervised = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+    total_count = jnp.maximum(jnp.sum(supervised), 1).astype(jnp.float32)
+    if grad_accum_steps == 1:
+      grads, (loss_sum, extra) = grad_fn(trainable_params, frozen_params, batch, total_count)
+    else:
+      micro = _split_micro(batch, grad_accum_steps)
+
+      def body(carry, micro_batch):
+        grads_acc, stats = carry
+        g, (l, e) = grad_fn(trainable_params, frozen_params, micro_batch, total_count)
+        grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+        stats = jax.tree.map(jnp.add, stats, (l, e))
+        return (grads_acc, stats), None
+
+      zeros = jax.tree.map(jnp.zeros_like, trainable_params)
+      first = jax.eval_shape(lambda: sums(trainable_params, frozen_params,
+                                          jax.tree.map(lambda x: x[0], micro)))
+      stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+      (grads, (loss_sum, extra)), _ = jax.lax.scan(body, (zeros, stats0), micro)
+      extra = extra[:2] + (extra[2] / grad_accum_steps,
+                           None if extra[3] is None else extra[3] / grad_accum_steps,
+                           extra[4])
+    count, correct, balance, routing, num_tokens = extra
+    # Frozen leaves: zeros that the update never reads (multi_transform → set_to_zero).
+    full_grads = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g,
+                              grads, state.params, is_leaf=lambda x: x is None)
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    new_params = jax.tree.map(lambda p, u, m: optax.apply_updates(p, u) if m else p,
+                              state.params, updates, trainable)
+    metrics = {
+        "loss": loss_sum / jnp.maximum(count, 1.0),
+        "token_accuracy": correct / jnp.maximum(count, 1.0),
+        "balance_loss": balance,
+        "grad_norm": optax.global_norm([g for g in jax.tree.leaves(grads)]),
+        "lr": lr_schedule(state.step),
+        "supervised_tokens": count,
+        "tokens": num_tokens,
+    }
+    if routing is not None:
+      metrics["routing_fraction"] = routing  # [layers, experts]
+    return TrainState(state.step + 1, new_params, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_loss(model: nn.Module) -> Callable:
+  """`eval_loss(params, batch) -> metrics` on a teacher-forced batch."""
+
+  def eval_loss(params, batch):
+    logits, aux = model.apply({"params": params}, batch)
+    loss_sum, count, correct = token_losses(logits, aux)
+    return {"loss": loss_sum / jnp.maximum(count, 1.0),
+            "token_accuracy": correct / jnp.maximum(count, 1.0)}
+
+  return eval_loss

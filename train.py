@@ -1,0 +1,39 @@
+"""Trains LEO-MINI from an ml_collections config.
+
+  python train.py --config configs/tiny.py:stage=1 --workdir /tmp/leo/stage1
+  python train.py --config configs/tiny.py:stage=3 --workdir /tmp/leo/stage3 \
+      --config.init_from=/tmp/leo/stage2
+
+Any config field can be overridden: --config.optimizer.lr=2e-5. Re-running with the same
+workdir resumes from its latest checkpoint.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from leo_mini_jax.parallel import mesh as mesh_lib
+from leo_mini_jax.training import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:arg).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  mesh_lib.initialize_distributed(config.distributed)
+  summary = loop.train(config, _WORKDIR.value)
+  final = summary["final"]
+  logging.info("done: %s", {k: round(v, 4) for k, v in final.items()
+                            if not k.startswith("routing/")})
+  print(f"stage {config.stage}: step {config.total_steps} loss {final.get('loss', float('nan')):.4f} "
+        f"token accuracy {final.get('token_accuracy', float('nan')):.3f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
