@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from test_llama_port import IDS, LLAMA2, LLAMA3, hf_logits, make_hf  # noqa: E402  pylint: disable=g-import-not-at-top
+from test_llama_port import _highest_matmul_precision  # noqa: E402,F401  pylint: disable=unused-import
 
 
 def _all_tensors(folder):

@@ -47,6 +47,13 @@ def hf_logits(model, ids):
     return model(torch.from_numpy(ids).long()).logits.float().numpy()
 
 
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 IDS = np.random.default_rng(0).integers(0, 128, size=(2, 12)).astype(np.int32)
 
 

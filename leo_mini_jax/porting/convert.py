@@ -1,0 +1,211 @@
+"""PyTorch checkpoints → a params checkpoint that `train.py --config.init_from=DIR` starts from.
+
+    python -m leo_mini_jax.porting.convert \
+        --config configs/leo_mini_llama3_8b.py:stage=1 \
+        --llm /ckpt/Meta-Llama-3-8B \
+        --expert clip=/ckpt/clip-vit-large-patch14-336 \
+        --expert convnext=/ckpt/convnext_xxlarge.clip_laion2b_soup \
+        --out /ckpt/leo-mini-llama3-init
+    python train.py --config configs/leo_mini_llama3_8b.py:stage=1 --workdir /runs/s1 \
+        --config.init_from=/ckpt/leo-mini-llama3-init
+
+The LEO-MINI model the config describes is built abstractly (`jax.eval_shape`, no
+weights allocated); its LLM comes from the HF folder (`llm/...`) and every vision expert
+from its checkpoint (`vision/<name>/...`). All sources are converted in one pass through a
+`readers.CombinedReader`, so every missing, unexpected or mismatched tensor of every
+checkpoint is reported at once. Before any tensor is read, the architecture each
+checkpoint declares (config.json, or the tensor shapes for timm) is compared with the
+config's, and every disagreement is named (a wrong rope_theta or activation would
+otherwise load without a shape error and compute something else).
+
+Output format: an orbax PyTree checkpoint directory (`ocp.PyTreeCheckpointer`, written by
+`training.checkpoint.save_params`) holding one item `{'params': params}`, where `params`
+is the nested dict of the LeoMini params tree with the ported parameters only, in the
+config's param dtypes: `llm/...` and `vision/<name>/...`. New modules — the projector,
+the reducer (CoTR/MQT) and MMoE-LLM's LoRA experts and routers, i.e. `--allow_missing`
+— are left out; `train.py` initialises them fresh (its `STAGE_NEW_PARAMS`) and requires
+everything else. Conversion streams tensor by tensor, casting as it goes: the host holds
+about one copy of the weights.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from leo_mini_jax.porting import llama as llama_port
+from leo_mini_jax.porting import mapping
+from leo_mini_jax.porting import readers
+
+# Parameters of modules that LEO-MINI adds on top of the ported LLM and experts.
+NEW_MODULES = r"(projector|reducer)/.*|llm/.*/mmoe_.*"
+
+# LlamaConfig fields a HF checkpoint does not determine; taken from the model config.
+LLM_RUN_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy",
+                  "mmoe", "max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSource:
+  """How to read one kind of vision expert checkpoint.
+
+  open: (path, model's expert config, run-field overrides) → (reader, rules, the config
+    the checkpoint implies).
+  run_fields: config fields the checkpoint does not determine (taken from the model's).
+  """
+  open: Callable[[str, Any, dict], tuple[readers.CheckpointReader, list[mapping.Rule], Any]]
+  run_fields: tuple[str, ...]
+
+
+def _open_clip(path: str, cfg: Any, overrides: dict):
+  from leo_mini_jax.porting import clip as clip_port  # pylint: disable=import-outside-toplevel
+  derived = clip_port.config_from_hf(path, **overrides)
+  plain = clip_port.config_from_hf(path)
+  if (tuple(plain.mean), tuple(plain.std)) != (tuple(cfg.mean), tuple(cfg.std)):
+    logging.warning("clip: the config normalises with mean %s std %s, the checkpoint's "
+                    "preprocessor uses mean %s std %s", cfg.mean, cfg.std, plain.mean, plain.std)
+  return readers.open_checkpoint(path), clip_port.clip_rules(), derived
+
+
+def _open_convnext(path: str, cfg: Any, overrides: dict):
+  from leo_mini_jax.porting import convnext as convnext_port  # pylint: disable=import-outside-toplevel
+  reader = readers.open_checkpoint(path)
+  derived = convnext_port.config_from_checkpoint(reader, **overrides)
+  if derived.ls_init_value is not None and cfg.ls_init_value is not None:
+    # Only whether layer scale exists is in the checkpoint; its init value is not.
+    derived = dataclasses.replace(derived, ls_init_value=cfg.ls_init_value)
+  open_clip = any(k.startswith(convnext_port.OPEN_CLIP_PREFIX) for k in reader.keys())
+  return reader, convnext_port.convnext_rules(open_clip), derived
+
+
+EXPERT_SOURCES: dict[str, ExpertSource] = {
+    "clip": ExpertSource(_open_clip, ("image_size", "cls_token", "mean", "std", "dtype",
+                                      "param_dtype", "remat", "attention_impl")),
+    "convnext": ExpertSource(_open_convnext, ("image_size", "layer_norm_eps", "mean", "std",
+                                              "dtype", "param_dtype", "remat")),
+}
+
+
+def _differences(where: str, ours: Any, theirs: Any, source: str) -> list[str]:
+  return [f"{where}.{f.name}: the config says {getattr(ours, f.name)!r}, {source} has "
+          f"{getattr(theirs, f.name)!r}"
+          for f in dataclasses.fields(ours) if getattr(ours, f.name) != getattr(theirs, f.name)]
+
+
+def _normalise_llm(cfg):
+  """Same architecture, same config: spell defaulted head_dim / kv heads out."""
+  return dataclasses.replace(cfg, head_dim=cfg.dim_per_head, num_kv_heads=cfg.kv_heads)
+
+
+def build_sources(model_config, llm_path: str, expert_paths: Mapping[str, str]):
+  """(CombinedReader, rules) for the model; raises ValueError naming every disagreement."""
+  problems = []
+  names = [name for name, _ in model_config.experts]
+  for name in sorted(set(names) - set(expert_paths)):
+    problems.append(f"expert {name!r} is in the config but no --expert {name}=PATH was given")
+  for name in sorted(set(expert_paths) - set(names)):
+    problems.append(f"--expert {name}=... names an expert the config does not have "
+                    f"(config experts: {names})")
+  llm_overrides = {f: getattr(model_config.llm, f) for f in LLM_RUN_FIELDS}
+  hf_llm = llama_port.config_from_hf(llm_path, **llm_overrides)
+  problems += _differences("model.llm", _normalise_llm(model_config.llm), _normalise_llm(hf_llm),
+                           os.path.join(llm_path, "config.json"))
+  sources = {"llm": readers.open_checkpoint(llm_path)}
+  rules = mapping.prefixed(llama_port.llama_rules(model_config.llm), "llm:", "llm/")
+  for name, cfg in model_config.experts:
+    if name not in expert_paths:
+      continue
+    if name not in EXPERT_SOURCES:
+      problems.append(f"expert {name!r}: no checkpoint port (ports exist for "
+                      f"{sorted(EXPERT_SOURCES)})")
+      continue
+    source = EXPERT_SOURCES[name]
+    overrides = {f: getattr(cfg, f) for f in source.run_fields}
+    reader, expert_rules, derived = source.open(expert_paths[name], cfg, overrides)
+    problems += _differences(f"model.experts[{name}]", cfg, derived, expert_paths[name])
+    sources[name] = reader
+    rules += mapping.prefixed(expert_rules, f"{name}:", f"vision/{name}/")
+  if problems:
+    raise ValueError("the checkpoints do not match the config:\n  " + "\n  ".join(problems))
+  return readers.CombinedReader(sources), rules
+
+
+def build_model_config(config: ml_collections.ConfigDict):
+  """The `LeoMiniConfig` of a run config (its `model` section)."""
+  from leo_mini_jax.models import leo_mini  # pylint: disable=import-outside-toplevel
+  return leo_mini.LeoMiniConfig.from_config(config.model)
+
+
+def convert_checkpoints(config: ml_collections.ConfigDict, llm_path: str,
+                        expert_paths: Mapping[str, str], out_dir: str,
+                        allow_missing: str = NEW_MODULES) -> dict[str, Any]:
+  """Ports the LLM and experts into the config's LeoMini tree and saves it at `out_dir`.
+
+  Returns a summary: parameter counts written and the paths left for train.py to init.
+  """
+  from leo_mini_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  from leo_mini_jax.training import loop  # pylint: disable=import-outside-toplevel
+  start = time.perf_counter()
+  model = loop.build_model(config)
+  batch = loop.dummy_batch(config)
+  expected = nn.meta.unbox(
+      jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"])
+  reader, rules = build_sources(model.config, os.fspath(llm_path),
+                                {k: os.fspath(v) for k, v in expert_paths.items()})
+  with reader:
+    params = mapping.convert(reader, rules, expected, allow_missing=allow_missing,
+                             fill=mapping.OMIT)
+  checkpoint_lib.save_params(os.fspath(out_dir), params)
+  written = mapping.flatten_tree(params)
+  left = sorted(set(mapping.flatten_tree(expected)) - set(written))
+  return {
+      "out": os.path.abspath(os.fspath(out_dir)),
+      "num_params": sum(int(x.size) for x in written.values()),
+      "num_tensors": len(written),
+      "left_for_init": left,
+      "seconds": time.perf_counter() - start,
+  }
+
+
+def main() -> None:
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "LEO-MINI config file (path:arg), as for train.py.", lock_config=True)
+  llm = flags.DEFINE_string("llm", None, "HF LLaMA-family folder (config.json + weights).")
+  experts = flags.DEFINE_multi_string(
+      "expert", [], "NAME=PATH for each vision expert of the config (e.g. clip=/ckpt/clip).")
+  out = flags.DEFINE_string("out", None, "Output directory (orbax params checkpoint).")
+  allow = flags.DEFINE_string("allow_missing", NEW_MODULES,
+                              "Regex of parameter paths left for train.py to initialise.")
+  flags.mark_flags_as_required(["config", "llm", "out"])
+
+  def run(argv):
+    del argv
+    paths = {}
+    for item in experts.value:
+      name, sep, path = item.partition("=")
+      if not sep or not name or not path:
+        raise app.UsageError(f"--expert {item!r}: expected NAME=PATH")
+      if name in paths:
+        raise app.UsageError(f"--expert {name}: given twice")
+      paths[name] = path
+    summary = convert_checkpoints(config_flag.value, llm.value, paths, out.value, allow.value)
+    print(f"wrote {summary['num_tensors']} tensors ({summary['num_params']:,} parameters) to "
+          f"{summary['out']} in {summary['seconds']:.1f}s")
+    if summary["left_for_init"]:
+      print(f"left for train.py to initialise ({len(summary['left_for_init'])}): "
+            + ", ".join(summary["left_for_init"]))
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()
