@@ -13,7 +13,8 @@ the `visual.trunk.` prefix (the open_clip head and text tower are skipped):
     stem.1.{weight,bias}                        → stem/norm/{scale,bias}
     stages.{s}.downsample.0.{weight,bias}       → stages_{s}/downsample/norm/{scale,bias}
     stages.{s}.downsample.1.{weight,bias}       → stages_{s}/downsample/conv/{kernel,bias}
-    stages.{s}.blocks.{b}.conv_dw.{weight,bias} → .../blocks_{b}/conv_dw/{kernel ((C,1,k,k)→(k,k,1,C)), bias}
+    stages.{s}.blocks.{b}.conv_dw.{weight,bias} → .../blocks_{b}/conv_dw/{kernel, bias}
+                                                  (depthwise (C,1,k,k) → (k,k,1,C))
     stages.{s}.blocks.{b}.norm.{weight,bias}    → .../blocks_{b}/norm/{scale,bias}
     stages.{s}.blocks.{b}.mlp.fc{1,2}.{weight,bias} → .../blocks_{b}/fc{1,2}/{kernel,bias}
     stages.{s}.blocks.{b}.gamma                 → .../blocks_{b}/gamma

@@ -220,3 +220,21 @@ def test_logical_axis_names():
   assert names["layers_0"]["mlp"]["fc1"]["kernel"] == ("vision_embed", "vision_mlp")
   assert names["patch_embedding"]["kernel"] == ("conv_height", "conv_width", "conv_in",
                                                 "vision_embed")
+
+
+def test_bfloat16_close_to_float32_and_remat_same_gradients():
+  params = random_params(TINY, seed=8)
+  pixels = jnp.asarray(np.random.default_rng(9).standard_normal((1, 40, 40, 3)), jnp.float32)
+  cfg = dataclasses.replace(TINY, image_size=40)
+  reference = ClipVisionTower(cfg).apply({"params": params}, pixels)
+  low = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16")
+  params_bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  out = jax.jit(ClipVisionTower(low).apply)({"params": params_bf16}, pixels)
+  assert out.dtype == jnp.bfloat16
+  scale = float(jnp.abs(reference).max())
+  assert float(jnp.abs(out.astype(jnp.float32) - reference).max()) < 0.05 * scale
+  loss = lambda cfg: lambda p: ClipVisionTower(cfg).apply({"params": p}, pixels).sum()
+  grads = jax.jit(jax.grad(loss(dataclasses.replace(cfg, remat=True))))(params)
+  expected = jax.jit(jax.grad(loss(cfg)))(params)
+  for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)

@@ -135,3 +135,16 @@ def test_config_rejects_bad_values():
     ConvNextConfig(dims=(8, 16), depths=(1,))
   cfg = ConvNextConfig.from_config({"dims": [8, 16], "depths": [1, 1], "image_size": 32})
   assert cfg.dims == (8, 16) and cfg.output_grid == (4, 4)
+
+
+def test_bfloat16_close_to_float32():
+  params = random_params(TINY, seed=8)
+  pixels = jnp.asarray(np.random.default_rng(9).standard_normal((1, 64, 64, 3)), jnp.float32)
+  reference = ConvNextTower(TINY).apply({"params": params}, pixels)
+  low = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="bfloat16")
+  params_bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  # jit: op-by-op bfloat16 convs crawl on CPU.
+  out = jax.jit(ConvNextTower(low).apply)({"params": params_bf16}, pixels)
+  assert out.dtype == jnp.bfloat16
+  scale = float(jnp.abs(reference).max())
+  assert float(jnp.abs(out.astype(jnp.float32) - reference).max()) < 0.05 * scale
