@@ -157,9 +157,12 @@ def convert_checkpoints(config: ml_collections.ConfigDict, llm_path: str,
       jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"])
   reader, rules = build_sources(model.config, os.fspath(llm_path),
                                 {k: os.fspath(v) for k, v in expert_paths.items()})
+  # Keep the weights in host memory even where an accelerator is present: they only
+  # pass through on their way to disk.
+  host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   with reader:
     params = mapping.convert(reader, rules, expected, allow_missing=allow_missing,
-                             fill=mapping.OMIT)
+                             fill=mapping.OMIT, shardings=jax.tree.map(lambda _: host, expected))
   checkpoint_lib.save_params(os.fspath(out_dir), params)
   written = mapping.flatten_tree(params)
   left = sorted(set(mapping.flatten_tree(expected)) - set(written))

@@ -499,10 +499,10 @@ def convert(reader, rules: Sequence[Rule], expected: Mapping[str, Any], *,
     pending[a.target] = pending.get(a.target, 0) + 1
 
   def finish(target: str, value: np.ndarray) -> None:
-    if target in sharding_flat:
-      out[target] = jax.device_put(value, sharding_flat[target])
-    elif to_device:
-      out[target] = jax.device_put(value)
+    if target in sharding_flat or to_device:
+      placed = jax.device_put(value, sharding_flat.get(target))
+      # Wait for the copy so the host buffer is freed now, not when transfers pile up.
+      out[target] = placed.block_until_ready()
     else:
       out[target] = value
 

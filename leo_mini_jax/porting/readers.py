@@ -140,7 +140,6 @@ class SafetensorsReader(CheckpointReader):
         raise ValueError(
             f"index weight_map disagrees with the shard files for {len(wrong)} tensor(s), "
             f"e.g. {sorted(wrong)[:5]}")
-    self._handles: dict[str, object] = {}
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -164,10 +163,10 @@ class SafetensorsReader(CheckpointReader):
     file, entry = self._entries[key]
     if entry["dtype"] in _RAW_DTYPES:
       return self._read_raw(file, entry)
-    handle = self._handles.get(file)
-    if handle is None:
-      handle = self._handles[file] = self._safe_open(file, framework="np")
-    return handle.get_tensor(key)
+    # Opened per tensor: safe_open memory-maps the file, and pages read through a handle
+    # kept open stay resident, which would hold a second copy of the weights by the end.
+    with self._safe_open(file, framework="np") as handle:
+      return handle.get_tensor(key)
 
   def _read_raw(self, file: str, entry: dict) -> np.ndarray:
     begin, end = entry["data_offsets"]
@@ -179,8 +178,6 @@ class SafetensorsReader(CheckpointReader):
     dtype = SAFETENSORS_DTYPES[entry["dtype"]].newbyteorder("<")
     return np.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
-  def close(self) -> None:
-    self._handles.clear()
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
