@@ -3,7 +3,7 @@
     export_llm(params["llm"], config.llm, "/out/my-llama", dtype="bfloat16",
                tokenizer_dir="/ckpt/Meta-Llama-3-8B")
 
-The key layout is the LLaMA port's mapping table run backwards (`mapping.plan_export`),
+The key layout is the LLaMA port's mapping table run backwards (`plan_export`),
 so export and import cannot drift apart. Files are written tensor by tensor: each shard's
 header is computed from shapes first, then every tensor (one stacked layer slice at a
 time) is converted and appended, so the host holds one tensor beside the params. A
@@ -14,13 +14,17 @@ read. Exporting params loaded at the checkpoint's own dtype reproduces every ten
 bit for bit.
 """
 
+import collections
+import dataclasses
+import itertools
 import json
 import os
 import re
 import shutil
 import struct
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -37,6 +41,74 @@ _DTYPE_NAMES = {
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportItem:
+  """One source-layout tensor to write: its key, shape, dtype and how to produce it."""
+  key: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  target: str
+  index: tuple[int, ...]
+  _leaf: Any = dataclasses.field(repr=False, compare=False)
+  _invert: Callable[[np.ndarray], np.ndarray] = dataclasses.field(repr=False, compare=False)
+
+  def load(self, dtype=None) -> np.ndarray:
+    """The tensor in the source layout (reads one stacked slice at a time)."""
+    value = self._leaf[self.index] if self.index else self._leaf
+    value = np.asarray(jax.device_get(value))
+    if dtype is not None:
+      value = value.astype(np.dtype(dtype), copy=False)
+    return np.ascontiguousarray(self._invert(value))
+
+
+def plan_export(params: Mapping[str, Any], rules: Sequence[mapping.Rule],
+                exclude: str | None = None) -> list[ExportItem]:
+  """Inverts a mapping table: which source key each parameter (or stacked slice) becomes.
+
+  Every rule with one target and an invertible transform is used in reverse; the source
+  key is the rule's regex written out with the group values (so rules meant for export
+  need plain regexes: escaped literals, named groups, optional `(?:prefix)?` groups which
+  are written present). Parameters no rule covers raise a ValueError listing them all,
+  unless they fully match `exclude`.
+  """
+  flat = mapping.flatten_tree(params)
+  items: list[ExportItem] = []
+  covered = set()
+  for rule in rules:
+    if rule.target is None:
+      continue
+    if len(rule.targets) != 1 or rule.transform.invert is None:
+      raise ValueError(f"Rule {rule.source!r} ({rule.transform.name}) cannot be inverted")
+    template = rule.targets[0]
+    pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template)))
+    for path in flat:
+      m = pattern.fullmatch(path)
+      if not m or path in covered:
+        continue
+      covered.add(path)
+      leaf = flat[path]
+      depth = len(rule.stack)
+      for index in itertools.product(*(range(n) for n in leaf.shape[:depth])):
+        groups = dict(m.groupdict(), **{g: str(i) for g, i in zip(rule.stack, index)})
+        key = mapping.source_key(rule, groups)
+        if key.startswith("a key matching"):
+          raise ValueError(f"Rule {rule.source!r}: cannot write out a source key from this regex")
+        # a zero-stride stand-in: the shape without allocating the tensor
+        stand_in = np.broadcast_to(np.zeros((), np.bool_), leaf.shape[depth:])
+        shape = tuple(rule.transform.invert(stand_in).shape)
+        items.append(ExportItem(key, shape, np.dtype(leaf.dtype), path, index, leaf,
+                                rule.transform.invert))
+  uncovered = [p for p in flat if p not in covered
+               and not (exclude is not None and re.fullmatch(exclude, p))]
+  if uncovered:
+    raise ValueError(f"{len(uncovered)} parameter(s) have no place in the export layout: "
+                     f"{uncovered}")
+  twice = sorted(k for k, n in collections.Counter(i.key for i in items).items() if n > 1)
+  if twice:
+    raise ValueError(f"export writes some keys twice: {twice}")
+  return items
 
 
 def parse_size(size: int | str) -> int:
@@ -90,7 +162,7 @@ def hf_config(config: llama_lib.LlamaConfig, torch_dtype: str,
   return out
 
 
-def _header(items: list[mapping.ExportItem], dtype) -> tuple[bytes, list[int]]:
+def _header(items: list[ExportItem], dtype) -> tuple[bytes, list[int]]:
   """safetensors header bytes (padded to 8) and each tensor's byte size, in item order."""
   entries, sizes, offset = {}, [], 0
   for item in items:
@@ -106,7 +178,7 @@ def _header(items: list[mapping.ExportItem], dtype) -> tuple[bytes, list[int]]:
   return header, sizes
 
 
-def write_safetensors(path: str, items: list[mapping.ExportItem], dtype=None) -> int:
+def write_safetensors(path: str, items: list[ExportItem], dtype=None) -> int:
   """Writes `items` to one .safetensors file, one tensor at a time; returns data bytes."""
   header, sizes = _header(items, dtype)
   with open(path, "wb") as f:
@@ -124,7 +196,7 @@ def write_safetensors(path: str, items: list[mapping.ExportItem], dtype=None) ->
   return sum(sizes)
 
 
-def _shards(items: list[mapping.ExportItem], limit: int, itemsize) -> list[list[mapping.ExportItem]]:
+def _shards(items: list[ExportItem], limit: int, itemsize) -> list[list[ExportItem]]:
   """Greedy split in order: a new shard starts when the next tensor would pass `limit`."""
   shards, current, size = [], [], 0
   for item in items:
@@ -163,7 +235,7 @@ def export_llm(params: Mapping[str, Any], config: llama_lib.LlamaConfig,
   """
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  items = mapping.plan_export(params, llama_port.llama_rules(config), exclude=exclude)
+  items = plan_export(params, llama_port.llama_rules(config), exclude=exclude)
   target = np.dtype(jnp_dtype(dtype)) if dtype is not None else None
   dtypes = {target} if target is not None else {item.dtype for item in items}
   unsupported = [str(d) for d in dtypes if d not in _DTYPE_NAMES]

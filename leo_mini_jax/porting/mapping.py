@@ -29,7 +29,7 @@ Paths are '/'-joined Flax parameter paths relative to the tree passed as `expect
 import dataclasses
 import itertools
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -307,8 +307,12 @@ class _Assignment:
   index: tuple[int, ...]  # position along the stacked axes (empty when not stacked)
 
 
-def _display_source(rule: Rule, groups: Mapping[str, str]) -> str:
-  """A readable source key for a rule and group values, e.g. 'model.layers.1.mlp.up_proj.weight'."""
+def source_key(rule: Rule, groups: Mapping[str, str]) -> str:
+  """The source key a rule matches for these group values, e.g. 'model.layers.1.mlp.up_proj.weight'.
+
+  Written out from the regex (escaped literals, named groups, optional `(?:prefix)?`
+  groups shown present); 'a key matching ...' when the regex is not that plain.
+  """
   text = re.sub(r"\(\?P<(\w+)>(?:[^()]|\([^()]*\))*\)", r"{\1}", rule.source)
   # An optional prefix such as (?:model\.)? is shown present (the common layout).
   text = re.sub(r"\(\?:([^()|]*)\)\?", r"\1", text)
@@ -330,7 +334,7 @@ def _expected_source(rules: Sequence[Rule], target: str, index: tuple[int, ...])
       if m:
         groups = dict(m.groupdict())
         groups.update({name: str(i) for name, i in zip(rule.stack, index)})
-        return _display_source(rule, groups)
+        return source_key(rule, groups)
   return ""
 
 
@@ -549,87 +553,3 @@ def convert(reader, rules: Sequence[Rule], expected: Mapping[str, Any], *,
                        f"model expects {tuple(struct.shape)}")
     finish(target, value.astype(np.dtype(struct.dtype), copy=False))
   return unflatten_tree(out)
-
-
-def rename_keys(keys: Iterable[str], rules: Sequence[Rule]) -> dict[str, str | None]:
-  """Source key → first matching rule's (first) target path, for inspecting a table."""
-  result = {}
-  for key in keys:
-    for rule in rules:
-      m = rule.match(key)
-      if m:
-        result[key] = rule.targets[0].format(**m.groupdict()) if rule.targets else None
-        break
-  return result
-
-
-# -------------------------------------------------------------------------------- exporting
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportItem:
-  """One source-layout tensor to write: its key, shape, dtype and how to produce it."""
-  key: str
-  shape: Shape
-  dtype: np.dtype
-  target: str
-  index: tuple[int, ...]
-  _leaf: Any = dataclasses.field(repr=False, compare=False)
-  _invert: Callable[[np.ndarray], np.ndarray] = dataclasses.field(repr=False, compare=False)
-
-  def load(self, dtype=None) -> np.ndarray:
-    """The tensor in the source layout (reads one stacked slice at a time)."""
-    value = self._leaf[self.index] if self.index else self._leaf
-    value = np.asarray(jax.device_get(value))
-    if dtype is not None:
-      value = value.astype(np.dtype(dtype), copy=False)
-    return np.ascontiguousarray(self._invert(value))
-
-
-def plan_export(params: Mapping[str, Any], rules: Sequence[Rule],
-                exclude: str | None = None) -> list[ExportItem]:
-  """Inverts a mapping table: which source key each parameter (or stacked slice) becomes.
-
-  Every rule with one target and an invertible transform is used in reverse; the source
-  key is the rule's regex written out with the group values (so rules meant for export
-  need plain regexes: escaped literals, named groups, optional `(?:prefix)?` groups which
-  are written present). Parameters no rule covers raise a ValueError listing them all,
-  unless they fully match `exclude`.
-  """
-  flat = flatten_tree(params)
-  items: list[ExportItem] = []
-  covered = set()
-  for rule in rules:
-    if rule.target is None:
-      continue
-    if len(rule.targets) != 1 or rule.transform.invert is None:
-      raise ValueError(f"Rule {rule.source!r} ({rule.transform.name}) cannot be inverted")
-    template = rule.targets[0]
-    pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template)))
-    for path in flat:
-      m = pattern.fullmatch(path)
-      if not m or path in covered:
-        continue
-      covered.add(path)
-      leaf = flat[path]
-      depth = len(rule.stack)
-      for index in itertools.product(*(range(n) for n in leaf.shape[:depth])):
-        groups = dict(m.groupdict(), **{g: str(i) for g, i in zip(rule.stack, index)})
-        key = _display_source(rule, groups)
-        if key.startswith("a key matching"):
-          raise ValueError(f"Rule {rule.source!r}: cannot write out a source key from this regex")
-        # a zero-stride stand-in: the shape without allocating the tensor
-        stand_in = np.broadcast_to(np.zeros((), np.bool_), leaf.shape[depth:])
-        shape = tuple(rule.transform.invert(stand_in).shape)
-        items.append(ExportItem(key, shape, np.dtype(leaf.dtype), path, index, leaf,
-                                rule.transform.invert))
-  uncovered = [p for p in flat if p not in covered
-               and not (exclude is not None and re.fullmatch(exclude, p))]
-  if uncovered:
-    raise ValueError(f"{len(uncovered)} parameter(s) have no place in the export layout: "
-                     f"{uncovered}")
-  keys = [item.key for item in items]
-  if len(set(keys)) != len(keys):
-    raise ValueError(f"export writes some keys twice: "
-                     f"{sorted({k for k in keys if keys.count(k) > 1})}")
-  return items

@@ -207,3 +207,23 @@ def test_train_py_runs_two_steps_from_the_ported_checkpoint(checkpoints, tmp_pat
   assert sorted(ported) == sorted(trained_llm_vision)
   for key, value in ported.items():
     np.testing.assert_array_equal(trained_llm_vision[key], value, err_msg=key)
+
+
+def test_load_vision_expert_dispatches_to_the_expert_ports(checkpoints):
+  from leo_mini_jax.porting import load_vision_expert
+  root, (_, hf_clip, convnext) = checkpoints
+  x = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
+  clip_model, clip_params = load_vision_expert("clip", root / "clip")
+  with torch.no_grad():
+    ref = hf_clip(torch.from_numpy(x).permute(0, 3, 1, 2)).last_hidden_state[:, 1:].numpy()
+  np.testing.assert_allclose(np.asarray(clip_model.apply({"params": clip_params}, x)), ref,
+                             atol=1e-4, rtol=1e-4)
+  conv_model, conv_params = load_vision_expert("convnext", root / "convnext", image_size=32,
+                                               layer_norm_eps=1e-6)  # timm's default eps
+  with torch.no_grad():
+    feats = convnext.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+  ref = feats.permute(0, 2, 3, 1).reshape(1, -1, feats.shape[1]).numpy()
+  np.testing.assert_allclose(np.asarray(conv_model.apply({"params": conv_params}, x)), ref,
+                             atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="unknown vision expert 'sam'"):
+    load_vision_expert("sam", root / "clip")
