@@ -103,3 +103,36 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   config.distributed = dict(multi_host=False, coordinator_address=None, num_processes=None,
                             process_id=None)
   return config
+
+
+# Appendix A.2 / LLaVA-1.5 / EAGLE recipes: learning rate and global batch per stage.
+FULL_SIZE_LEARNING_RATES = {1: 1e-3, 2: 2e-5, 3: 2e-4}
+FULL_SIZE_BATCH_SIZES = {1: 256, 2: 128, 3: 128}
+
+
+def full_size_config(llm: dict, template: str, arg_string: str | None
+                     ) -> ml_collections.ConfigDict:
+  """A paper-scale run: LLaVA-format data, bf16 compute, FSDP over all devices.
+
+  Point `data.train_json` / `data.image_root` / `data.tokenizer` at your data and the
+  converted checkpoint's tokenizer folder, and `init_from` at the previous stage (or at
+  `porting.convert`'s output for stage 1).
+  """
+  arg = parse_arg(arg_string, stage=3, tokens=64, reducer="cotr", router="multimodal",
+                  steps=0)
+  config = base_config(arg.stage)
+  config.model = full_size_model(llm, arg.stage, arg.tokens, arg.reducer, arg.router)
+  config.data.kind = "llava"
+  config.data.template = "plain" if arg.stage == 1 else template
+  config.data.tokenizer = ""  # the HF folder of the LLM (tokenizer.json / tokenizer.model)
+  config.data.resolution = 1024  # EAGLE's master resolution
+  config.data.max_length = 2048
+  config.data.batch_size = FULL_SIZE_BATCH_SIZES[arg.stage]
+  config.data.num_workers = 8
+  config.optimizer.lr = FULL_SIZE_LEARNING_RATES[arg.stage]
+  config.optimizer.warmup_steps = 0.03
+  config.total_steps = arg.steps or 5200  # one epoch of LLaVA-665K at batch 128
+  config.mesh = dict(data=1, fsdp=-1, tensor=1)
+  config.checkpoint = dict(every_steps=1000, keep=3, keep_period=0, async_save=True)
+  config.log_every = 10
+  return config

@@ -1,4 +1,8 @@
-"""LEO-MINI-Llama3-8B shapes (paper §4.1): Llama-3-8B + CLIP-L/14-336 + ConvNeXt-XXL.
+"""LEO-MINI-Llama3-8B (paper §4.1): Llama-3-8B + CLIP-L/14-336 + ConvNeXt-XXL.
+
+  python train.py --config configs/leo_mini_llama3_8b.py:stage=3,tokens=64 --workdir ... \
+      --config.data.train_json=llava_v1_5_mix665k.json --config.data.image_root=DIR \
+      --config.data.tokenizer=LLAMA3_DIR --config.init_from=STAGE2_WORKDIR
 
 The paper's Llama-3 variant also uses Pix2Struct and EVA-02; they join
 `common.full_size_model` once their expert modules are registered
@@ -11,10 +15,4 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, stage=3, tokens=64, reducer="cotr", router="multimodal")
-  config = ml_collections.ConfigDict()
-  config.stage = arg.stage
-  config.seed = 0
-  config.model = common.full_size_model(common.llama3_8b_llm(), arg.stage, arg.tokens,
-                                        arg.reducer, arg.router)
-  return config
+  return common.full_size_config(common.llama3_8b_llm(), "llama3", arg)

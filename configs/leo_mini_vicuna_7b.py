@@ -1,4 +1,8 @@
-"""LEO-MINI-Vicuna-7B shapes (paper §4.1): Vicuna-7B v1.5 + CLIP-L/14-336 + ConvNeXt-XXL.
+"""LEO-MINI-Vicuna-7B (paper §4.1): Vicuna-7B v1.5 + CLIP-L/14-336 + ConvNeXt-XXL.
+
+  python train.py --config configs/leo_mini_vicuna_7b.py:stage=3,tokens=64 --workdir ... \
+      --config.data.train_json=llava_v1_5_mix665k.json --config.data.image_root=DIR \
+      --config.data.tokenizer=VICUNA_DIR --config.init_from=STAGE2_WORKDIR
 
 The paper's Vicuna variant also uses Pix2Struct, EVA-02 and SAM; they join
 `common.full_size_model` once their expert modules are registered
@@ -11,10 +15,4 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, stage=3, tokens=64, reducer="cotr", router="multimodal")
-  config = ml_collections.ConfigDict()
-  config.stage = arg.stage
-  config.seed = 0
-  config.model = common.full_size_model(common.vicuna_7b_llm(), arg.stage, arg.tokens,
-                                        arg.reducer, arg.router)
-  return config
+  return common.full_size_config(common.vicuna_7b_llm(), "vicuna_v1", arg)

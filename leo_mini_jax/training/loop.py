@@ -179,14 +179,22 @@ def initial_state(setup: TrainSetup, checkpointer: checkpoint_lib.Checkpointer,
   return state, "initialised from scratch"
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          progress: bool = True) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+          mesh=None, stop_at: int | None = None) -> dict[str, Any]:
   """Runs `config.total_steps` steps (resuming if the workdir has a checkpoint).
 
-  Returns a summary: final metrics, steps/s, examples/s and tokens/s.
+  Args:
+    config: the run config.
+    workdir: checkpoints, metrics.jsonl and TensorBoard events go here.
+    progress: show a progress bar.
+    mesh: overrides the mesh built from `config.mesh` (tests use a device subset).
+    stop_at: stop (and checkpoint) after this step, as if interrupted; the schedules
+      still span `config.total_steps`.
+
+  Returns a summary: the final state, logged history, final metrics and the TrainSetup.
   """
   validate_config(config)
-  setup = TrainSetup(config)
+  setup = TrainSetup(config, mesh)
   data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed)
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
@@ -200,7 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   train_step = setup.jit_train_step()
   writer = MetricsWriter(workdir)
   start_step = int(state.step)
-  total = int(config.total_steps)
+  total = int(config.total_steps) if stop_at is None else min(stop_at, config.total_steps)
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

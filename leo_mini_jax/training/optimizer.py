@@ -76,15 +76,21 @@ def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup then cosine decay to `min_lr_ratio × lr` (or constant)."""
+  """Linear warmup then cosine decay to `min_lr_ratio × lr` (or constant).
+
+  `warmup_steps` < 1 is a fraction of `total_steps`. Step s uses the schedule at s + 1, so
+  the first update already moves (lr/warmup) and the last one reaches the end value.
+  """
   warmup = int(opt.warmup_steps if opt.warmup_steps >= 1 else opt.warmup_steps * total_steps)
   if opt.decay == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, opt.lr, max(warmup, 1)), optax.constant_schedule(opt.lr)],
-        [max(warmup, 1)]) if warmup else optax.constant_schedule(opt.lr)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=opt.lr * opt.min_lr_ratio)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.lr, warmup), optax.constant_schedule(opt.lr)],
+        [warmup]) if warmup else optax.constant_schedule(opt.lr)
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=opt.lr * opt.min_lr_ratio)
+  return lambda step: schedule(step + 1)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any

@@ -1,0 +1,94 @@
+"""Train-step benchmark for a config, per stage (prints numbers; not a test).
+
+  python benchmarks/train_step.py [--config configs/tiny.py] [--steps 20] [--stages 1,2,3]
+
+For each stage: compile time, steady-state step time, examples/s and tokens/s on a
+synthetic batch already on device (data loading excluded), plus trainable / total
+parameter counts and optimizer-state bytes. Every step is blocked on, so the time is the
+step's own.
+"""
+
+import importlib.util
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from leo_mini_jax.training import loop
+from leo_mini_jax.training import optimizer as optimizer_lib
+
+_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config file (no :arg).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per stage.")
+_STAGES = flags.DEFINE_list("stages", ["1", "2", "3"], "Stages to run.")
+
+
+def load_config_module(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def synthetic_batch(config) -> dict[str, np.ndarray]:
+  """A full-length batch: every row an image example with a supervised answer."""
+  batch = loop.dummy_batch(config, config.data.batch_size)
+  rng = np.random.default_rng(0)
+  batch["input_ids"][:, 2:] = rng.integers(1, 200, batch["input_ids"][:, 2:].shape)
+  batch["loss_mask"][:, config.data.max_length // 2:] = 1
+  batch["instruction_mask"][:, 2:config.data.max_length // 2] = 1
+  batch["image"] = rng.integers(0, 256, batch["image"].shape).astype(np.uint8)
+  return batch
+
+
+def bench_stage(module, stage: int, steps: int) -> dict[str, float]:
+  config = module.get_config(f"stage={stage}")
+  setup = loop.TrainSetup(config)
+  state = setup.init_state(0)
+  batch = setup.global_batch(synthetic_batch(config))
+  train_step = setup.jit_train_step()
+  start = time.perf_counter()
+  state, metrics = train_step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  times, tokens = [], 0.0
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    tokens += float(metrics["tokens"])  # blocks
+    times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  params = setup.abstract_state.params
+  trainable = optimizer_lib.split_trainable(params, setup.trainable)[0]
+  return {
+      "stage": stage,
+      "compile_s": compile_s,
+      "step_ms": 1e3 * step_s,
+      "examples_per_s": config.data.batch_size / step_s,
+      "tokens_per_s": tokens / steps / step_s,
+      "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
+      "total_params": sum(x.size for x in jax.tree.leaves(params)),
+      "optimizer_state_bytes": optimizer_lib.count_leaves_bytes(setup.abstract_state.opt_state),
+  }
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  module = load_config_module(_CONFIG.value)
+  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {_CONFIG.value}")
+  header = (f"{'stage':>5}{'compile s':>11}{'step ms':>9}{'examples/s':>12}{'tokens/s':>10}"
+            f"{'trainable':>12}{'total':>12}{'opt bytes':>12}")
+  print(header)
+  for stage in map(int, _STAGES.value):
+    r = bench_stage(module, stage, _STEPS.value)
+    print(f"{r['stage']:>5}{r['compile_s']:>11.1f}{r['step_ms']:>9.1f}"
+          f"{r['examples_per_s']:>12.1f}{r['tokens_per_s']:>10.0f}"
+          f"{r['trainable_params']:>12,}{r['total_params']:>12,}"
+          f"{r['optimizer_state_bytes']:>12,}")
+
+
+if __name__ == "__main__":
+  app.run(main)
