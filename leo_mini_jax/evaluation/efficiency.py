@@ -5,8 +5,7 @@ copy of the model whose LLM layers are unrolled (same parameters and arithmetic)
 """
 
 import dataclasses
-from typing import Any
-
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -32,8 +31,7 @@ def xla_prefill_flops(config: leo_mini_lib.LeoMiniConfig, text_length: int,
       "has_image": np.ones((1,), bool),
   }
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          __import__("flax").linen.unbox(abstract))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(abstract))
   cache_size = model.sequence_length(text_length)
   prefill = lambda params, b: model.apply({"params": params}, b, cache_size,
                                           method=model.prefill)
@@ -60,10 +58,9 @@ def llm_prefill_flops(config: llama_lib.LlamaConfig, sequence_length: int) -> fl
     m = config.mmoe
     sizes = {"gate_proj": (d, config.intermediate_size), "up_proj": (d, config.intermediate_size),
              "down_proj": (config.intermediate_size, d)}
-    active = 1 + m.top_k  # general + selected; the batched bank computes all E
+    # The batched bank computes all E experts plus the general one (DESIGN.md §2.3 d).
     mmoe = sum((i + o) * m.rank * (1 + m.num_experts) for name, (i, o) in sizes.items()
                if name in m.targets)
     mmoe += d * m.router_hidden_dim + m.router_hidden_dim * m.num_experts
-    del active
   per_layer = 2 * t * (linear + attention + mmoe)
   return float(config.num_layers * per_layer + 2 * t * d * config.vocab_size)

@@ -124,3 +124,14 @@ def test_unknown_model_field_is_named():
   config["reducers"] = {}
   with pytest.raises(ValueError, match="reducers"):
     leo_mini_lib.LeoMiniConfig.from_config(config)
+
+
+@pytest.mark.parametrize("arg", ["stage=3,tokens=4", "stage=3,tokens=4,reducer=mqt"])
+def test_every_parameter_has_logical_axis_names(arg):
+  cfg = leo_mini_lib.LeoMiniConfig.from_config(tiny.get_config(arg).model)
+  model = leo_mini_lib.LeoMini(cfg)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), _batch())["params"]
+  leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  unnamed = [x for x in leaves if not isinstance(x, nn.LogicallyPartitioned)]
+  assert not unnamed
+  assert all(len(x.names) == x.value.ndim for x in leaves)

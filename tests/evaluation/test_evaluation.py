@@ -1,0 +1,91 @@
+"""Generation, answer metrics and FLOP counting."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from leo_mini_jax.evaluation import efficiency, generate, metrics
+from leo_mini_jax.models import leo_mini as leo_mini_lib
+from leo_mini_jax.models import llama
+from leo_mini_jax.training.loop import dummy_batch
+
+
+def test_greedy_generation_matches_step_by_step_full_forward():
+  config = tiny.get_config("stage=3,tokens=4")
+  config.data.max_length = 12
+  model = leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(config.model))
+  batch = dummy_batch(config, 2)
+  rng = np.random.default_rng(0)
+  batch["input_ids"][:, 2:] = rng.integers(1, 200, (2, 10))
+  batch["attention_mask"][1, 8:] = 0
+  batch["instruction_mask"][:, 2:6] = 1
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch))["params"]
+  tokens = np.asarray(generate.make_generate(model, 4, eos_id=-1)(params, batch))
+  for row in range(2):
+    length = int(batch["attention_mask"][row].sum())
+    ids = list(batch["input_ids"][row, :length])
+    for step in range(4):
+      single = {k: v[row:row + 1] for k, v in batch.items()}
+      single["input_ids"] = np.asarray([ids], np.int32)
+      single["attention_mask"] = np.ones((1, len(ids)), np.int32)
+      single["instruction_mask"] = np.zeros((1, len(ids)), np.int32)
+      single["instruction_mask"][0, 2:6] = 1
+      logits, aux = model.apply({"params": params}, single)
+      last = int(np.asarray(aux["attention_mask"]).sum()) - 1
+      next_token = int(np.argmax(logits[0, last]))
+      assert tokens[row, step] == next_token, (row, step)
+      ids.append(next_token)
+
+
+def test_decode_answers_cuts_at_the_stop_token():
+  class Chars:
+    def decode(self, ids):
+      return "".join(chr(i) for i in ids)
+  tokens = np.array([[32, 114, 101, 100, 0, 120], [98, 0, 0, 0, 0, 0]])
+  assert generate.decode_answers(tokens, Chars(), (0,)) == ["red", "b"]
+
+
+@pytest.mark.parametrize("prediction,reference,same", [
+    ("The Circle.", "circle", True), ("two", "2", True), (" RED ", "red", True),
+    ("square", "circle", False)])
+def test_normalised_exact_match(prediction, reference, same):
+  assert metrics.exact_match(prediction, reference) is same
+
+
+def test_accuracy_and_blind_baseline_per_type():
+  refs = ["red", "red", "blue", "circle", "square", "square"]
+  types = ["color"] * 3 + ["shape"] * 3
+  preds = ["red", "blue", "blue", "circle", "circle", "square"]
+  acc = metrics.accuracy_by_type(preds, refs, types)
+  assert acc == {"color": 2 / 3, "overall": 4 / 6, "shape": 2 / 3}
+  blind = metrics.blind_baseline(refs, types)
+  assert blind == {"color": 2 / 3, "overall": 4 / 6, "shape": 2 / 3}
+
+
+def test_analytic_llm_flops_match_xla_count():
+  cfg = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160,
+                          num_layers=2, num_heads=4, num_kv_heads=2, scan_layers=False)
+  model = llama.LlamaForCausalLM(cfg)
+  ids = jnp.zeros((1, 24), jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(abstract))
+  analysis = jax.jit(lambda p, i: model.apply({"params": p}, i)).lower(abstract, ids) \
+      .compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  # XLA also counts norms, softmax and rotary elementwise work: within a few percent.
+  np.testing.assert_allclose(efficiency.llm_prefill_flops(cfg, 24), analysis["flops"],
+                             rtol=0.1)
+
+
+def test_fewer_visual_tokens_cost_fewer_prefill_flops():
+  cfg = leo_mini_lib.LeoMiniConfig.from_config(tiny.get_config("stage=3,tokens=4").model)
+  few = efficiency.xla_prefill_flops(cfg, 40, 64)
+  many_cfg = dataclasses.replace(cfg, reducer=dataclasses.replace(cfg.reducer,
+                                                                  num_visual_tokens=64))
+  many = efficiency.xla_prefill_flops(many_cfg, 40, 64)
+  assert 0 < few < many
