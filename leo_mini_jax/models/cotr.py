@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from leo_mini_jax.models import layers
+
 Array = jax.Array
 POOLS = ("mean", "sum")
 
@@ -82,10 +84,8 @@ class CoTR(nn.Module):
     if len(features) != len(self.expert_names):
       raise ValueError(f"CoTR got {len(features)} feature maps for experts "
                        f"{self.expert_names}")
-    dense = lambda axes, name: nn.Dense(
-        cfg.cotr_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+    dense = lambda axes, name: layers.dense(cfg.cotr_dim, axes, name, self.dtype,
+                                            self.param_dtype)
     scale = cfg.cotr_dim ** -0.5
 
     visual_hat = [dense(("vision_embed", "cotr"), f"{name}_visual_proj")(feats)
@@ -98,11 +98,8 @@ class CoTR(nn.Module):
     consolidated = []
     for name, feats, v_hat, pooled_self in zip(self.expert_names, features, visual_hat,
                                                pooled_visual):
-      queries = self.param(
-          f"{name}_queries",
-          nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                       ("queries", "vision_embed")),
-          (cfg.num_visual_tokens, feats.shape[-1]), self.param_dtype)
+      queries = layers.learned_queries(self, f"{name}_queries", cfg.num_visual_tokens,
+                                       feats.shape[-1], self.param_dtype)
       q_hat = dense(("vision_embed", "cotr"), f"{name}_query_proj")(
           jnp.asarray(queries, self.dtype))  # Q̂_i [N^V, c]
       s_query = jnp.einsum("qc,bnc->bqn", q_hat, v_hat)

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from leo_mini_jax.models import layers
+
 GATES = ("straight_through", "prob")
 ROUTER_INPUTS = ("multimodal", "hidden")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -132,11 +134,8 @@ class MMoERouter(nn.Module):
       top_expert [B, T] (int32, the first choice).
     """
     cfg = self.config
-    dense = lambda features, names, name, use_bias=True: nn.Dense(
-        features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
-        name=name)
+    dense = lambda features, names, name, use_bias=True: layers.dense(
+        features, names, name, self.dtype, self.param_dtype, use_bias)
     hidden = dense(cfg.router_hidden_dim, ("embed", "router_hidden"), "hidden_proj")(x)
     if cfg.router_inputs == "multimodal":
       if router_context is None:

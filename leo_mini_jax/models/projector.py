@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from leo_mini_jax.models import layers
+
 
 class Projector(nn.Module):
   """[B, N^V, Σ d_i] → [B, N^V, d_LLM]."""
@@ -15,10 +17,8 @@ class Projector(nn.Module):
 
   @nn.compact
   def __call__(self, visual_tokens: jax.Array) -> jax.Array:
-    dense = lambda axes, name: nn.Dense(
-        self.llm_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+    dense = lambda axes, name: layers.dense(self.llm_dim, axes, name, self.dtype,
+                                            self.param_dtype)
     hidden = dense(("projector_in", "projector_hidden"), "fc1")(visual_tokens)
     # Exact (erf) GELU, as torch nn.GELU() in LLaVA/EAGLE projectors.
     hidden = nn.gelu(hidden, approximate=False)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from leo_mini_jax import config_utils
 from leo_mini_jax.models import cotr as cotr_lib
+from leo_mini_jax.models import layers
 
 Array = jax.Array
 KINDS = ("cotr", "none", "mqt")
@@ -94,10 +95,7 @@ class QueryTransformerBlock(nn.Module):
     queries = queries + attn("self_attention")(x, x)
     queries = queries + attn("cross_attention")(ln("cross_attention_norm")(queries),
                                                 ln("tokens_norm")(tokens))
-    dense = lambda features, axes, name: nn.Dense(
-        features, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), **kw)
+    dense = lambda features, axes, name: layers.dense(features, axes, name, **kw)
     hidden = dense(dim * self.mlp_ratio, ("vision_embed", "vision_mlp"), "fc1")(
         ln("mlp_norm")(queries))
     return queries + dense(dim, ("vision_mlp", "vision_embed"), "fc2")(nn.gelu(hidden))
@@ -117,11 +115,8 @@ class QueryTransformer(nn.Module):
     outputs = []
     for name, feats in zip(self.expert_names, features):
       batch, _, dim = feats.shape
-      queries = self.param(
-          f"{name}_queries",
-          nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                       ("queries", "vision_embed")),
-          (cfg.num_visual_tokens, dim), self.param_dtype)
+      queries = layers.learned_queries(self, f"{name}_queries", cfg.num_visual_tokens, dim,
+                                       self.param_dtype)
       x = jnp.broadcast_to(jnp.asarray(queries, self.dtype), (batch,) + queries.shape)
       for index in range(cfg.mqt_layers):
         x = QueryTransformerBlock(cfg.mqt_heads, cfg.mqt_mlp_ratio, self.dtype,

@@ -17,7 +17,6 @@ import re
 from typing import Any
 
 import grain
-import jax
 from flax import traverse_util
 import orbax.checkpoint as ocp
 

@@ -9,7 +9,7 @@ import pytest
 
 from leo_mini_jax.models.vision.clip import ClipConfig, ClipVisionTower
 from leo_mini_jax.models.vision.convnext import ConvNextConfig
-from leo_mini_jax.models.vision.experts import (VisionExpert, build_expert, build_experts,
+from leo_mini_jax.models.vision.experts import (build_expert, build_experts,
                                                 preprocess_images, registered_experts)
 
 
