@@ -52,3 +52,33 @@ def test_train_then_eval(tmp_path):
     predictions = [json.loads(line) for line in f]
   assert len(predictions) == 24
   assert {"id", "question_type", "prediction", "reference"} <= set(predictions[0])
+
+
+def test_llava_json_with_bad_records_trains_and_reports_them(tmp_path):
+  from leo_mini_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from tests.data.test_llava import _bad_json  # pylint: disable=import-outside-toplevel
+  json_path = synthetic.export(str(tmp_path), "train", 24, 64, seed=3)
+  with open(json_path) as f:
+    good = json.load(f)
+  bad_path = _bad_json(tmp_path, good[:6])
+  with open(bad_path) as f:
+    records = json.load(f) + good[6:]
+  with open(bad_path, "w") as f:
+    json.dump(records, f)
+  flags = ["--config.data.kind=llava", f"--config.data.train_json={bad_path}",
+           f"--config.data.eval_json={bad_path}"]
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, "train.py", "--config=configs/tiny.py:stage=2,steps=3",
+         f"--workdir={tmp_path / 'run'}", "--config.data.batch_size=4", *flags]
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  log = result.stdout + result.stderr
+  assert "3 skipped" in log
+  for record_id in ("missing-image", "unreadable-image", "malformed-conversation"):
+    assert record_id in log
+  strict = subprocess.run(cmd + ["--config.data.strict=True"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert strict.returncode != 0
+  assert "missing-image" in strict.stderr and "unreadable-image" not in strict.stderr
