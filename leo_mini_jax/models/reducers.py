@@ -90,6 +90,7 @@ class QueryTransformerBlock(nn.Module):
         out_kernel_init=nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), ("vision_heads", None, "vision_embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vision_heads", None)),
+        out_bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vision_embed",)),
         **kw)
     x = ln("self_attention_norm")(queries)
     queries = queries + attn("self_attention")(x, x)
