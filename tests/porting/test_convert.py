@@ -20,14 +20,20 @@ from leo_mini_jax.porting import convert  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The shapes of configs/tiny.py (stage 1).
-LLM = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-           num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,
-           max_position_embeddings=512, tie_word_embeddings=False)
-CLIP = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu",
-            layer_norm_eps=1e-5)
-CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+# The shapes of configs/tiny.py (stage 1), in the HF configs' field names.
+_TINY = tiny.get_config("stage=1").model
+LLM = dict(vocab_size=_TINY.llm.vocab_size, hidden_size=_TINY.llm.hidden_size,
+           intermediate_size=_TINY.llm.intermediate_size,
+           num_hidden_layers=_TINY.llm.num_layers, num_attention_heads=_TINY.llm.num_heads,
+           num_key_value_heads=_TINY.llm.num_kv_heads, rope_theta=_TINY.llm.rope_theta,
+           rms_norm_eps=1e-5, max_position_embeddings=_TINY.llm.max_position_embeddings,
+           tie_word_embeddings=_TINY.llm.tie_embeddings)
+_CLIP, _CONVNEXT = _TINY.experts
+CLIP = dict(image_size=_CLIP["image_size"], patch_size=_CLIP["patch_size"],
+            hidden_size=_CLIP["hidden_size"], intermediate_size=_CLIP["intermediate_size"],
+            num_hidden_layers=_CLIP["num_layers"], num_attention_heads=_CLIP["num_heads"],
+            hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CONVNEXT = dict(depths=tuple(_CONVNEXT["depths"]), dims=tuple(_CONVNEXT["dims"]))
 IDS = np.random.default_rng(0).integers(0, 320, size=(2, 9)).astype(np.int32)
 
 
@@ -113,7 +119,8 @@ def test_cli_writes_a_checkpoint_train_starts_stage1_from(checkpoints, tmp_path)
   assert how.startswith(f"initialised from {out}") and "fresh" in how
   params = jax.device_get(state.params)
   _check_params_are_the_sources(params, hf_llm, hf_clip, convnext, setup.model.config.llm)
-  assert params["projector"]["fc1"]["kernel"].shape == (32 + 32, 64)  # fresh, present
+  assert params["projector"]["fc1"]["kernel"].shape == (
+      CLIP["hidden_size"] + CONVNEXT["dims"][-1], LLM["hidden_size"])  # fresh, present
 
 
 def test_in_process_conversion_keeps_only_ported_params(checkpoints, tmp_path):
