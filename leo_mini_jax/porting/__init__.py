@@ -16,11 +16,25 @@ from typing import Any
 from leo_mini_jax.porting.mapping import PortError
 from leo_mini_jax.porting.readers import open_checkpoint
 
-# Vision expert name → (module, loader function); imported on first use.
-VISION_LOADERS = {
-    "clip": ("leo_mini_jax.porting.clip", "load_clip"),
-    "convnext": ("leo_mini_jax.porting.convnext", "load_convnext"),
+# Vision expert name → its port module, imported on first use. A port module provides
+#   load_expert(path, **kw) -> (tower module, params)       (`load_vision_expert`)
+#   RUN_FIELDS: config fields the checkpoint does not determine
+#   open_source(path, expert_config, run_overrides) -> (reader, rules, derived config)
+#                                                           (`porting.convert`)
+VISION_PORTS = {
+    "clip": "leo_mini_jax.porting.clip",
+    "convnext": "leo_mini_jax.porting.convnext",
+    "eva02": "leo_mini_jax.porting.eva02",
+    "pix2struct": "leo_mini_jax.porting.pix2struct",
+    "sam": "leo_mini_jax.porting.sam",
 }
+
+
+def vision_port(name: str):
+  """The port module of a vision expert (see VISION_PORTS)."""
+  if name not in VISION_PORTS:
+    raise ValueError(f"unknown vision expert {name!r}; known: {sorted(VISION_PORTS)}")
+  return importlib.import_module(VISION_PORTS[name])
 
 
 def load_llm(path: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32",
@@ -38,11 +52,7 @@ def load_vision_expert(name: str, path: str | os.PathLike, **kwargs: Any):
   expert's input size to features [batch, tokens, dim]. `kwargs` go to the expert's
   loader (e.g. `cls_token='drop'`, `image_size=...` for CLIP).
   """
-  if name not in VISION_LOADERS:
-    raise ValueError(f"unknown vision expert {name!r}; known: {sorted(VISION_LOADERS)}")
-  module_name, function = VISION_LOADERS[name]
-  loader = getattr(importlib.import_module(module_name), function)
-  return loader(path, **kwargs)
+  return vision_port(name).load_expert(path, **kwargs)
 
 
-__all__ = ["load_llm", "load_vision_expert", "open_checkpoint", "PortError", "VISION_LOADERS"]
+__all__ = ["load_llm", "load_vision_expert", "open_checkpoint", "PortError", "VISION_PORTS", "vision_port"]

@@ -21,6 +21,7 @@ defaults). mean/std come from `preprocessor_config.json` when the folder has one
 """
 
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -168,3 +169,20 @@ def load_clip(path: str | os.PathLike, cls_token: str = "keep", image_size: int 
     params = mapping.convert(reader, clip_rules(), mapping.abstract_params(module, pixels),
                              shardings=shardings)
   return module, params
+
+
+load_expert = load_clip
+
+# ClipConfig fields a checkpoint does not determine (taken from the run's config).
+RUN_FIELDS = ("image_size", "cls_token", "mean", "std", "dtype", "param_dtype", "remat",
+              "attention_impl")
+
+
+def open_source(path: str, cfg: clip_lib.ClipConfig, overrides: dict):
+  """For `porting.convert`: (reader, rules, the config the checkpoint implies)."""
+  derived = config_from_hf(path, **overrides)
+  plain = config_from_hf(path)
+  if (tuple(plain.mean), tuple(plain.std)) != (tuple(cfg.mean), tuple(cfg.std)):
+    logging.warning("clip: the config normalises with mean %s std %s, the checkpoint's "
+                    "preprocessor uses mean %s std %s", cfg.mean, cfg.std, plain.mean, plain.std)
+  return readers.open_checkpoint(path), clip_rules(), derived

@@ -29,15 +29,15 @@ about one copy of the weights.
 """
 
 import dataclasses
-import logging
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import ml_collections
 
+from leo_mini_jax import porting
 from leo_mini_jax.porting import llama as llama_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
@@ -48,47 +48,6 @@ NEW_MODULES = r"(projector|reducer)/.*|llm/.*/mmoe_.*"
 # LlamaConfig fields a HF checkpoint does not determine; taken from the model config.
 LLM_RUN_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy",
                   "mmoe", "max_position_embeddings")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertSource:
-  """How to read one kind of vision expert checkpoint.
-
-  open: (path, model's expert config, run-field overrides) → (reader, rules, the config
-    the checkpoint implies).
-  run_fields: config fields the checkpoint does not determine (taken from the model's).
-  """
-  open: Callable[[str, Any, dict], tuple[readers.CheckpointReader, list[mapping.Rule], Any]]
-  run_fields: tuple[str, ...]
-
-
-def _open_clip(path: str, cfg: Any, overrides: dict):
-  from leo_mini_jax.porting import clip as clip_port  # pylint: disable=import-outside-toplevel
-  derived = clip_port.config_from_hf(path, **overrides)
-  plain = clip_port.config_from_hf(path)
-  if (tuple(plain.mean), tuple(plain.std)) != (tuple(cfg.mean), tuple(cfg.std)):
-    logging.warning("clip: the config normalises with mean %s std %s, the checkpoint's "
-                    "preprocessor uses mean %s std %s", cfg.mean, cfg.std, plain.mean, plain.std)
-  return readers.open_checkpoint(path), clip_port.clip_rules(), derived
-
-
-def _open_convnext(path: str, cfg: Any, overrides: dict):
-  from leo_mini_jax.porting import convnext as convnext_port  # pylint: disable=import-outside-toplevel
-  reader = readers.open_checkpoint(path)
-  derived = convnext_port.config_from_checkpoint(reader, **overrides)
-  if derived.ls_init_value is not None and cfg.ls_init_value is not None:
-    # Only whether layer scale exists is in the checkpoint; its init value is not.
-    derived = dataclasses.replace(derived, ls_init_value=cfg.ls_init_value)
-  open_clip = any(k.startswith(convnext_port.OPEN_CLIP_PREFIX) for k in reader.keys())
-  return reader, convnext_port.convnext_rules(open_clip), derived
-
-
-EXPERT_SOURCES: dict[str, ExpertSource] = {
-    "clip": ExpertSource(_open_clip, ("image_size", "cls_token", "mean", "std", "dtype",
-                                      "param_dtype", "remat", "attention_impl")),
-    "convnext": ExpertSource(_open_convnext, ("image_size", "layer_norm_eps", "mean", "std",
-                                              "dtype", "param_dtype", "remat")),
-}
 
 
 def _differences(where: str, ours: Any, theirs: Any, source: str) -> list[str]:
@@ -120,13 +79,13 @@ def build_sources(model_config, llm_path: str, expert_paths: Mapping[str, str]):
   for name, cfg in model_config.experts:
     if name not in expert_paths:
       continue
-    if name not in EXPERT_SOURCES:
+    if name not in porting.VISION_PORTS:
       problems.append(f"expert {name!r}: no checkpoint port (ports exist for "
-                      f"{sorted(EXPERT_SOURCES)})")
+                      f"{sorted(porting.VISION_PORTS)})")
       continue
-    source = EXPERT_SOURCES[name]
-    overrides = {f: getattr(cfg, f) for f in source.run_fields}
-    reader, expert_rules, derived = source.open(expert_paths[name], cfg, overrides)
+    port = porting.vision_port(name)
+    overrides = {f: getattr(cfg, f) for f in port.RUN_FIELDS}
+    reader, expert_rules, derived = port.open_source(expert_paths[name], cfg, overrides)
     problems += _differences(f"model.experts[{name}]", cfg, derived, expert_paths[name])
     sources[name] = reader
     rules += mapping.prefixed(expert_rules, f"{name}:", f"vision/{name}/")

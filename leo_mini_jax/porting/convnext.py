@@ -26,6 +26,7 @@ the `visual.trunk.` prefix (the open_clip head and text tower are skipped):
 GRN / overlapping stem (ConvNeXt-V2, other stems) is reported as unexpected.
 """
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -167,3 +168,20 @@ def load_convnext(path: str | os.PathLike, image_size: int = 1024,
     params = mapping.convert(reader, convnext_rules(open_clip),
                              mapping.abstract_params(module, pixels), shardings=shardings)
   return module, params
+
+
+load_expert = load_convnext
+
+# ConvNextConfig fields a checkpoint does not determine (taken from the run's config).
+RUN_FIELDS = ("image_size", "layer_norm_eps", "mean", "std", "dtype", "param_dtype", "remat")
+
+
+def open_source(path: str, cfg: convnext_lib.ConvNextConfig, overrides: dict):
+  """For `porting.convert`: (reader, rules, the config the checkpoint implies)."""
+  reader = readers.open_checkpoint(path)
+  derived = config_from_checkpoint(reader, **overrides)
+  if derived.ls_init_value is not None and cfg.ls_init_value is not None:
+    # Only whether layer scale exists is in the checkpoint; its init value is not.
+    derived = dataclasses.replace(derived, ls_init_value=cfg.ls_init_value)
+  open_clip = any(k.startswith(OPEN_CLIP_PREFIX) for k in reader.keys())
+  return reader, convnext_rules(open_clip), derived

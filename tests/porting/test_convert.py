@@ -232,5 +232,5 @@ def test_load_vision_expert_dispatches_to_the_expert_ports(checkpoints):
   ref = feats.permute(0, 2, 3, 1).reshape(1, -1, feats.shape[1]).numpy()
   np.testing.assert_allclose(np.asarray(conv_model.apply({"params": conv_params}, x)), ref,
                              atol=1e-4, rtol=1e-4)
-  with pytest.raises(ValueError, match="unknown vision expert 'sam'"):
-    load_vision_expert("sam", root / "clip")
+  with pytest.raises(ValueError, match="unknown vision expert 'nope'"):
+    load_vision_expert("nope", root / "clip")

@@ -18,9 +18,8 @@ Both modes create the same parameters, so one checkpoint ports to either.
 
 Position embeddings exist for `pretrained_image_size`. At another image size the patch
 grid is resized like HF's `interpolate_pos_encoding`, i.e. torch
-`F.interpolate(mode='bicubic', align_corners=False, size=(h, w))`. `jax.image.resize`
-is not that (Keys a=-0.5 and antialiasing), so the torch kernel (a=-0.75, clamped
-borders, no antialias) is written out below as two small interpolation matrices.
+`F.interpolate(mode='bicubic', align_corners=False, size=(h, w))`, with the shared
+torch-exact kernel of `positions.py`.
 """
 
 import dataclasses
@@ -29,9 +28,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from leo_mini_jax import config_utils
+from leo_mini_jax.models.vision.positions import interpolate_patch_positions
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -106,61 +104,6 @@ class ClipConfig:
   @property
   def pretrained_grid(self) -> int:
     return self.pretrained_image_size // self.patch_size
-
-
-def torch_bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
-  """[out_size, in_size] matrix M with `M @ x` = torch 1-D bicubic resize of x.
-
-  torch `upsample_bicubic2d` with align_corners=False and a given `size`: scale = in/out,
-  source coordinate s = scale·(i + 0.5) − 0.5 (not clamped for cubic), taps at
-  floor(s) − 1 … floor(s) + 2 with indices clamped to the border, Keys kernel with
-  a = −0.75. Index and weight arithmetic is float32 as in torch's CPU kernel. The 2-D
-  resize is separable: rows by one matrix, columns by another.
-  """
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-  floor = np.floor(src)
-  t = (src - floor).astype(np.float32)
-  a = np.float32(a)
-
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-  taps = (far(t + 1), near(t), near(1 - t), far(2 - t))
-  matrix = np.zeros((out_size, in_size), np.float32)
-  rows = np.arange(out_size)
-  for offset, weight in enumerate(taps):
-    cols = np.clip(floor.astype(np.int64) - 1 + offset, 0, in_size - 1)
-    np.add.at(matrix, (rows, cols), weight)
-  return matrix
-
-
-def interpolate_patch_positions(patch_pos: jax.Array, new_grid: tuple[int, int]) -> jax.Array:
-  """Bicubic (torch, a=−0.75) resize of square-grid position embeddings.
-
-  Args:
-    patch_pos: [g·g, D] patch position embeddings (class position excluded), row-major.
-    new_grid: (h, w) target grid.
-
-  Returns:
-    [h·w, D] in float32; `patch_pos` itself (as float32) when (h, w) == (g, g).
-  """
-  num, dim = patch_pos.shape
-  side = int(round(num ** 0.5))
-  if side * side != num:
-    raise ValueError(f"interpolate_patch_positions: {num} positions are not a square grid")
-  patch_pos = patch_pos.astype(jnp.float32)
-  if tuple(new_grid) == (side, side):
-    return patch_pos
-  rows = jnp.asarray(torch_bicubic_matrix(side, new_grid[0]))
-  cols = jnp.asarray(torch_bicubic_matrix(side, new_grid[1]))
-  grid = patch_pos.reshape(side, side, dim)
-  # HIGHEST: TPUs would otherwise round these small matmuls through bfloat16.
-  out = jnp.einsum("ih,jw,hwd->ijd", rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(new_grid[0] * new_grid[1], dim)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

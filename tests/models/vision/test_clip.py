@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from leo_mini_jax.models.vision.clip import (ClipConfig, ClipVisionTower,
-                                             interpolate_patch_positions, torch_bicubic_matrix)
+from leo_mini_jax.models.vision.clip import ClipConfig, ClipVisionTower
+from leo_mini_jax.models.vision.positions import interpolate_patch_positions, torch_bicubic_matrix
 
 
 @pytest.fixture(autouse=True)
