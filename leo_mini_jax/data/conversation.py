@@ -13,7 +13,14 @@ tokenizers.py) and the ids are concatenated, so the masks are exact by construct
 
   loss_mask         1 on assistant segments (message tokens + end-of-turn token)
   instruction_mask  1 on user segments (message text only; never scaffolding, never the
-                    placeholder, never whitespace-only pieces next to the marker)
+                    placeholder, never whitespace-only pieces next to the marker) of the
+                    first human turn (the one with the image) by default; with
+                    instruction_turns='all', of every human turn
+
+CoTR and the MMoE router read the instruction mask over the whole row. Marking later
+questions would let the visual tokens and routing of answer 1 depend on question 2 (the
+future of the sequence), and evaluation only ever has the first question; so the default
+conditions on the first user turn only (`data.instruction_turns`).
 
 Templates:
   vicuna_v1  LLaVA-1.5: "<s>SYSTEM USER: <msg> ASSISTANT: <answer></s>USER: ..."
@@ -31,6 +38,7 @@ from leo_mini_jax.data import tokenizers as tokenizers_lib
 
 IMAGE_PLACEHOLDER_ID = -200
 IMAGE_MARKER = "<image>"
+INSTRUCTION_TURNS = ("first", "all")
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The "
@@ -48,6 +56,14 @@ class ConversationError(ValueError):
   """A record's conversation cannot be laid out (the message says why)."""
 
 
+class LengthError(ConversationError):
+  """A record that cannot be fitted to max_length; `length` is its full token count."""
+
+  def __init__(self, message: str, length: int):
+    super().__init__(message)
+    self.length = length
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
   """One piece of a laid-out conversation: text to encode, a named token, or the image."""
@@ -55,6 +71,7 @@ class Segment:
   text: str = ""
   token: str | None = None  # 'bos', 'eos' or a special string such as '<|eot_id|>'
   image: bool = False
+  turn: int = 0  # index of the human turn a user segment belongs to (0 = the first)
 
 
 @dataclasses.dataclass
@@ -87,7 +104,10 @@ def normalize_turns(turns: Any) -> list[Turn]:
     if role is None:
       raise ConversationError(f"turn {i} has unknown role {turn['from']!r}")
     if not isinstance(turn["value"], str):
-      raise ConversationError(f"turn {i} value is not a string")
+      raise ConversationError(
+          f"turn {i} value is a {type(turn['value']).__name__}, not a string")
+    if role == "gpt" and not turn["value"].strip():
+      raise ConversationError(f"turn {i} (gpt) is empty: nothing to learn")
     expected = "human" if i % 2 == 0 else "gpt"
     if role != expected:
       raise ConversationError(
@@ -107,6 +127,8 @@ def place_image_marker(turns: Sequence[Turn], has_image: bool) -> list[Turn]:
   if not has_image:
     if count:
       raise ConversationError(f"{IMAGE_MARKER!r} marker in a record without an image")
+    if not turns[0][1].strip():
+      raise ConversationError("turn 0 (human) is empty and the record has no image")
     return turns
   if count == 0:
     turns[0] = (turns[0][0], IMAGE_MARKER + "\n" + turns[0][1])
@@ -117,13 +139,17 @@ def place_image_marker(turns: Sequence[Turn], has_image: bool) -> list[Turn]:
   return turns
 
 
-def _user_segments(text: str) -> list[Segment]:
-  """A human message split at the image marker; whitespace-only pieces are scaffolding."""
+def _user_segments(text: str, turn: int) -> list[Segment]:
+  """A human message split at the image marker; whitespace-only pieces are scaffolding.
+
+  `turn` counts human turns (0 = the first).
+  """
   segments = []
   pieces = text.split(IMAGE_MARKER)
   for i, piece in enumerate(pieces):
     if piece:
-      segments.append(Segment("user" if piece.strip() else "scaffold", text=piece))
+      segments.append(Segment("user" if piece.strip() else "scaffold", text=piece,
+                              turn=turn))
     if i < len(pieces) - 1:
       segments.append(Segment("scaffold", image=True))
   return segments
@@ -163,7 +189,7 @@ class VicunaV1(Template):
         # After the system prompt the separator is ' '; after '</s>' it is nothing.
         sep = " " if i == 0 and self.system else ""
         segments.append(Segment("scaffold", text=sep + "USER:"))
-        segments += _user_segments(" " + value)
+        segments += _user_segments(" " + value, i // 2)
       else:
         segments.append(Segment("scaffold", text=" ASSISTANT:"))
         segments.append(Segment("assistant", text=" " + value))
@@ -192,10 +218,10 @@ class Llama3(Template):
       segments += self._header("system")
       segments += [Segment("scaffold", text=self.system),
                    Segment("scaffold", token="<|eot_id|>")]
-    for role, value in turns:
+    for i, (role, value) in enumerate(turns):
       if role == "human":
         segments += self._header("user")
-        segments += _user_segments(value)
+        segments += _user_segments(value, i // 2)
         segments.append(Segment("scaffold", token="<|eot_id|>"))
       else:
         segments += self._header("assistant")
@@ -253,9 +279,21 @@ def _token_id(tokenizer: tokenizers_lib.Tokenizer, token: str) -> int:
   return tokenizer.special_id(token)
 
 
-def encode_segments(segments: Sequence[Segment],
-                    tokenizer: tokenizers_lib.Tokenizer) -> Tokenized:
-  """Concatenates per-segment ids; masks follow each segment's role."""
+def check_instruction_turns(instruction_turns: str) -> str:
+  if instruction_turns not in INSTRUCTION_TURNS:
+    raise ValueError(f"data.instruction_turns must be one of {INSTRUCTION_TURNS}, got "
+                     f"{instruction_turns!r}")
+  return instruction_turns
+
+
+def encode_segments(segments: Sequence[Segment], tokenizer: tokenizers_lib.Tokenizer,
+                    instruction_turns: str = "first") -> Tokenized:
+  """Concatenates per-segment ids; masks follow each segment's role.
+
+  instruction_turns: 'first' marks the user text of the first human turn only, 'all'
+  that of every human turn.
+  """
+  every_turn = check_instruction_turns(instruction_turns) == "all"
   ids, loss, instruction = [], [], []
   for segment in segments:
     if segment.image:
@@ -268,12 +306,14 @@ def encode_segments(segments: Sequence[Segment],
       piece = tokenizer.encode(segment.text)
     ids += piece
     loss += [int(segment.role == "assistant")] * len(piece)
-    instruction += [int(segment.role == "user")] * len(piece)
+    is_instruction = segment.role == "user" and (every_turn or segment.turn == 0)
+    instruction += [int(is_instruction)] * len(piece)
   return Tokenized(ids, loss, instruction)
 
 
 def tokenize_conversation(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
-                          template: "str | Template", *, has_image: bool) -> Tokenized:
+                          template: "str | Template", *, has_image: bool,
+                          instruction_turns: str = "first") -> Tokenized:
   """Full conversation for training: ids, loss mask, instruction mask.
 
   Raises ConversationError when the turns are malformed or hold no gpt turn.
@@ -282,17 +322,20 @@ def tokenize_conversation(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
   turns = place_image_marker(normalize_turns(turns), has_image)
   if not any(role == "gpt" for role, _ in turns):
     raise ConversationError("no assistant (gpt) turn")
-  return encode_segments(template.layout(turns, False, has_image), tokenizer)
+  return encode_segments(template.layout(turns, False, has_image), tokenizer,
+                         instruction_turns)
 
 
 def tokenize_prompt(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
-                    template: "str | Template", *, has_image: bool) -> Tokenized:
+                    template: "str | Template", *, has_image: bool,
+                    instruction_turns: str = "first") -> Tokenized:
   """Generation prompt: the turns (ending with a human turn) + the assistant header."""
   template = get_template(template)
   turns = place_image_marker(normalize_turns(turns), has_image)
   if turns[-1][0] != "human":
     raise ConversationError("a generation prompt must end with a human turn")
-  return encode_segments(template.layout(turns, True, has_image), tokenizer)
+  return encode_segments(template.layout(turns, True, has_image), tokenizer,
+                         instruction_turns)
 
 
 def split_for_generation(turns: Any) -> tuple[list[dict], str | None]:
@@ -319,33 +362,44 @@ def fit_to_length(tokenized: Tokenized, max_length: int, overlong: str, *,
   if n <= max_length:
     return tokenized, False
   if prompt_only:
-    raise ConversationError(f"prompt of {n} tokens exceeds max_length {max_length}")
+    raise LengthError(f"prompt of {n} tokens exceeds max_length {max_length}", n)
   if overlong == "drop":
-    raise ConversationError(f"{n} tokens exceed max_length {max_length} (overlong='drop')")
+    raise LengthError(f"{n} tokens exceed max_length {max_length} (overlong='drop')", n)
   cut = tokenized.truncate(max_length)
   if (IMAGE_PLACEHOLDER_ID in tokenized.input_ids
       and IMAGE_PLACEHOLDER_ID not in cut.input_ids):
-    raise ConversationError(
-        f"truncation to max_length {max_length} removes the image placeholder")
+    raise LengthError(
+        f"{n} tokens: truncation to max_length {max_length} removes the image "
+        "placeholder", n)
   if not any(cut.loss_mask):
-    raise ConversationError(
-        f"truncation to max_length {max_length} removes every assistant token")
+    raise LengthError(
+        f"{n} tokens: truncation to max_length {max_length} removes every assistant "
+        "token", n)
   return cut, True
+
+
+def tokenize_full(conversations: Any, has_image: bool,
+                  tokenizer: tokenizers_lib.Tokenizer, template: "str | Template", *,
+                  prompt_only: bool = False, instruction_turns: str = "first") -> Tokenized:
+  """A record's tokens before any length limit (the generation prompt with prompt_only:
+  the turns before the first gpt turn + the assistant header)."""
+  if prompt_only:
+    turns, _ = split_for_generation(conversations)
+    return tokenize_prompt(turns, tokenizer, template, has_image=has_image,
+                           instruction_turns=instruction_turns)
+  return tokenize_conversation(conversations, tokenizer, template, has_image=has_image,
+                               instruction_turns=instruction_turns)
 
 
 def tokenize_record(conversations: Any, has_image: bool,
                     tokenizer: tokenizers_lib.Tokenizer, template: "str | Template",
-                    max_length: int, overlong: str,
-                    prompt_only: bool = False) -> tuple[Tokenized, bool]:
+                    max_length: int, overlong: str, prompt_only: bool = False,
+                    instruction_turns: str = "first") -> tuple[Tokenized, bool]:
   """A record's tokens fitted to `max_length`: (tokens, truncated).
 
   prompt_only builds the generation prompt from the turns before the first gpt turn.
   Raises ConversationError (a ValueError) naming why a record is unusable.
   """
-  if prompt_only:
-    turns, _ = split_for_generation(conversations)
-    tokenized = tokenize_prompt(turns, tokenizer, template, has_image=has_image)
-  else:
-    tokenized = tokenize_conversation(conversations, tokenizer, template,
-                                      has_image=has_image)
+  tokenized = tokenize_full(conversations, has_image, tokenizer, template,
+                            prompt_only=prompt_only, instruction_turns=instruction_turns)
   return fit_to_length(tokenized, max_length, overlong, prompt_only=prompt_only)

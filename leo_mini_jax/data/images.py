@@ -11,16 +11,69 @@ import io
 import os
 from typing import Any, Sequence
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
 CLIP_MEAN_RGB = (122, 116, 104)  # int(x * 255) of CLIP's image mean, as LLaVA computes it
+# Largest image (width × height) accepted. LLaVA's images are ~1 Mpx; anything far larger
+# is a decompression bomb or a mistake, and decoding it would take gigabytes. Below PIL's
+# own 89 Mpx warning threshold, so our check always speaks first.
+MAX_IMAGE_PIXELS = 1 << 26
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+IMAGE_CHECKS = ("exists", "verify", "decode")
 
 
-def load_image(source: Any) -> Image.Image:
+def _check_size(image: Image.Image, max_pixels: int, name: str):
+  width, height = image.size
+  if width < 1 or height < 1:
+    raise OSError(f"image {name} has no pixels ({width}x{height})")
+  if width * height > max_pixels:
+    raise OSError(f"image {name} is {width}x{height} = {width * height} pixels, over the "
+                  f"limit of {max_pixels} (data.max_image_pixels)")
+
+
+def to_rgb(image: Image.Image, background_rgb: Sequence[int] = CLIP_MEAN_RGB
+           ) -> Image.Image:
+  """Any PIL mode as 8-bit RGB, without silently wrong pixels.
+
+  16-bit grey (PNG 'I;16', or 'I' holding 0..65535) keeps its top 8 bits: a plain
+  convert('RGB') would clip every value above 255 to white. Transparent images (RGBA,
+  LA, P with transparency) are composited over `background_rgb`, the padding colour, so
+  transparent pixels normalise to ~0 like the padding. Float images ('F') are refused:
+  their value range is not defined by the format.
+  """
+  mode = image.mode
+  if mode == "RGB":
+    return image
+  if mode in _SIXTEEN_BIT_MODES:
+    values = np.asarray(image).astype(np.int64)
+    grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+  if mode == "F":
+    raise OSError("floating-point image (mode 'F') is not supported")
+  if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+      mode == "P" and "transparency" in image.info):
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, tuple(int(c) for c in background_rgb) + (255,))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def _open_path(path: Any) -> Image.Image:
+  """Opens and decodes a local or remote (gs://, via etils.epath) image file."""
+  with epath.Path(path).open("rb") as f:
+    data = f.read()
+  image = Image.open(io.BytesIO(data))
+  return image
+
+
+def load_image(source: Any, background_rgb: Sequence[int] = CLIP_MEAN_RGB,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
   """An RGB PIL image from a path, encoded bytes, a uint8 HWC array or a PIL image.
 
-  Raises OSError naming the path when a file is missing or cannot be decoded.
+  Paths go through etils.epath, so gs:// works as well as local files. Raises OSError
+  naming the path when a file is missing, cannot be decoded or is over `max_pixels`.
   """
   if isinstance(source, Image.Image):
     image = source
@@ -32,20 +85,26 @@ def load_image(source: Any) -> Image.Image:
   elif isinstance(source, (bytes, bytearray)):
     try:
       image = Image.open(io.BytesIO(source))
+      _check_size(image, max_pixels, "bytes")
       image.load()
+      image = to_rgb(image, background_rgb)
     except Exception as e:  # PIL raises several types for corrupt data
       raise OSError(f"cannot decode image bytes: {e}") from None
+    return image
   elif isinstance(source, (str, os.PathLike)):
     try:
-      image = Image.open(source)
+      image = _open_path(source)
+      _check_size(image, max_pixels, os.fspath(source))
       image.load()
+      image = to_rgb(image, background_rgb)
     except FileNotFoundError:
       raise OSError(f"image file not found: {source}") from None
     except Exception as e:
       raise OSError(f"cannot decode image {source}: {e}") from None
+    return image
   else:
     raise TypeError(f"unsupported image source type {type(source).__name__}")
-  return image if image.mode == "RGB" else image.convert("RGB")
+  return to_rgb(image, background_rgb)
 
 
 def expand_to_square(image: Image.Image, background_rgb: Sequence[int]) -> Image.Image:
@@ -62,29 +121,76 @@ def expand_to_square(image: Image.Image, background_rgb: Sequence[int]) -> Image
 def to_master_resolution(source: Any, resolution: int,
                          background_rgb: Sequence[int] = CLIP_MEAN_RGB) -> np.ndarray:
   """Load → pad to square with `background_rgb` → bicubic resize → uint8 [S, S, 3]."""
-  image = expand_to_square(load_image(source), background_rgb)
+  image = expand_to_square(load_image(source, background_rgb), background_rgb)
   if image.size != (resolution, resolution):
     image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
   return np.asarray(image, dtype=np.uint8)
 
 
-def check_image_file(path: str, mode: str = "verify") -> str | None:
-  """None if the file at `path` looks usable, else the reason it is not.
+def image_problem(source: Any, mode: str = "verify",
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
+  """None if the image file (path) or encoded bytes look usable, else (kind, reason).
 
-  mode 'exists' only checks the file; 'verify' also runs PIL's `verify()`, which reads
-  the header and walks the file's structure (PNG chunk CRCs) without decoding pixels —
-  cheap enough for a start-up scan. A file that passes 'verify' can still fail to decode
-  later; the pipeline's per-record transform handles that without stopping.
+  kind is 'image_missing', 'image_empty', 'image_too_large' or 'image_unreadable'.
+  Modes:
+    exists  only checks that the file is there and not empty;
+    verify  also reads the header (format, mode, size against `max_pixels`, which stops
+            decompression bombs before any pixel is decoded) and the structure: PNG
+            through PIL's verify() (every chunk CRC up to IEND, so a cut file fails);
+            JPEG by decoding at 1/8 scale (PIL's draft mode decodes the DCT at reduced
+            size, several times faster than a full decode, and still reads the whole
+            entropy-coded stream, so a truncated file fails); other formats by a full
+            decode;
+    decode  fully decodes every image (slowest, exact).
   """
-  if not os.path.isfile(path):
-    return f"image file not found: {path}"
+  if mode not in IMAGE_CHECKS:
+    raise ValueError(f"data.image_check must be one of {IMAGE_CHECKS}, got {mode!r}")
+  if isinstance(source, (bytes, bytearray)):
+    name, data = "bytes", bytes(source)
+    if not data:
+      return "image_empty", "empty image bytes"
+  else:
+    name = os.fspath(source)
+    path = epath.Path(source)
+    try:
+      if not path.is_file():
+        return "image_missing", f"image file not found: {name}"
+      if mode == "exists":
+        return None if path.stat().length else ("image_empty", f"empty image file: {name}")
+      data = path.read_bytes()
+    except OSError as e:
+      return "image_unreadable", f"cannot read image {name}: {e}"
+    if not data:
+      return "image_empty", f"empty image file: {name}"
   if mode == "exists":
     return None
-  if mode != "verify":
-    raise ValueError(f"image check mode must be 'exists' or 'verify', got {mode!r}")
   try:
-    with Image.open(path) as image:
-      image.verify()
+    with Image.open(io.BytesIO(data)) as image:
+      _check_size(image, max_pixels, name)
+      if image.mode == "F":
+        return "image_unreadable", f"unsupported image {name}: floating-point mode 'F'"
+      if mode == "decode":
+        image.load()
+      elif image.format == "PNG":
+        image.verify()
+      elif image.format == "JPEG":
+        image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+        image.load()
+      else:
+        image.load()
+  except Image.DecompressionBombError as e:
+    return "image_too_large", f"image {name}: {e}"
+  except OSError as e:
+    if "data.max_image_pixels" in str(e):
+      return "image_too_large", str(e)
+    return "image_unreadable", f"unreadable image {name}: {type(e).__name__}: {e}"
   except Exception as e:  # PIL raises several types for corrupt data
-    return f"unreadable image {path}: {type(e).__name__}: {e}"
+    return "image_unreadable", f"unreadable image {name}: {type(e).__name__}: {e}"
   return None
+
+
+def check_image_file(path: str, mode: str = "verify",
+                     max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+  """None if the file at `path` looks usable, else the reason it is not (image_problem)."""
+  problem = image_problem(path, mode, max_pixels)
+  return None if problem is None else problem[1]

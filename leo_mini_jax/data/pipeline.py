@@ -47,6 +47,7 @@ from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import llava
 from leo_mini_jax.data import synthetic
 from leo_mini_jax.data import tokenizers as tokenizers_lib
+from leo_mini_jax.data import validation
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tfds_eval_split = "eval"
   c.strict = False               # stop at start on the first bad record instead of skipping
   c.validate = True              # scan records at start (llava: images too; tfds: lengths)
-  c.image_check = "verify"       # 'verify' (PIL header/structure check) | 'exists'
+  c.image_check = "verify"       # 'verify' (header/structure) | 'exists' | 'decode'
+  c.max_image_pixels = 1 << 26   # larger images (decompression bombs) are skipped
   c.max_length = 256             # text tokens per row; the placeholder counts as one
   c.overlong = "truncate"        # 'truncate' | 'drop'
+  c.allow_truncation = False     # else stop at start when > max_truncated_fraction is cut
+  c.max_truncated_fraction = 0.01
+  c.instruction_turns = "first"  # CoTR/router text: 'first' human turn | 'all' turns
   c.resolution = 64              # master image resolution sent to the device
   c.image_mean_rgb = (122, 116, 104)  # square-padding colour: CLIP mean as uint8 RGB
   c.template = "vicuna_v1"       # 'vicuna_v1' | 'llama3' | 'plain' | 'auto' (from vocab)
@@ -113,6 +118,7 @@ class ExampleEncoder:
   resolution: int
   image_mean_rgb: tuple[int, ...]
   prompt_only: bool
+  instruction_turns: str = "first"
 
   def empty(self) -> dict[str, np.ndarray]:
     """A row with one real token and nothing to learn (padding and failed records)."""
@@ -143,7 +149,8 @@ class ExampleEncoder:
     has_image = record.get("image") is not None
     tokens, _ = conversation_lib.tokenize_record(
         record["conversations"], has_image, self.tokenizer, self.template,
-        self.max_length, self.overlong, prompt_only=self.prompt_only)
+        self.max_length, self.overlong, prompt_only=self.prompt_only,
+        instruction_turns=self.instruction_turns)
     image = None
     if has_image:
       image = images_lib.to_master_resolution(record["image"], self.resolution,
@@ -236,14 +243,17 @@ def _check_synthetic_lengths(source: synthetic.SyntheticVQA, encoder: ExampleEnc
           "set data.system_prompt=''")
 
 
-def build_source(data_cfg, split: str, encoder: ExampleEncoder
+def build_source(data_cfg, split: str, encoder: ExampleEncoder,
+                 shard: tuple[int, int] = (0, 1)
                  ) -> tuple[Any, llava.ValidationReport | None]:
   """The validated random-access source of `split` for data.kind."""
   kind = data_cfg.kind
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-  length_check = llava.LengthCheck(encoder.tokenizer, encoder.template, encoder.max_length,
-                                   encoder.overlong, encoder.prompt_only)
+  length_check = llava.LengthCheck(
+      encoder.tokenizer, encoder.template, encoder.max_length, encoder.overlong,
+      encoder.prompt_only, bool(data_cfg.get("allow_truncation", False)),
+      float(data_cfg.get("max_truncated_fraction", 0.01)))
   if kind == "synthetic":
     style = data_cfg.synthetic_style
     if style == "auto":
@@ -257,39 +267,23 @@ def build_source(data_cfg, split: str, encoder: ExampleEncoder
     json_path = data_cfg.train_json if split == "train" else data_cfg.eval_json
     return llava.load_llava(json_path, data_cfg.image_root, length_check=length_check,
                             strict=data_cfg.strict, image_check=data_cfg.image_check,
-                            validate=data_cfg.validate)
+                            validate=data_cfg.validate,
+                            max_image_pixels=int(data_cfg.get("max_image_pixels", 1 << 26)),
+                            instruction_turns=encoder.instruction_turns, shard=shard)
   if kind == "tfds":
     from leo_mini_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
     tfds_split = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_eval_split
     source = tfds_builder.TfdsSource(data_cfg.tfds_dir, tfds_split)
     if not data_cfg.validate:
       return source, None
-    kept, report = _validate_decoded(source, f"{source.dataset_dir}:{tfds_split}",
-                                     length_check, data_cfg.strict)
+    # Images were checked when the dataset was built (tfds_builder); here the records'
+    # fields, conversations and lengths.
+    kept, report = validation.validate(
+        source, f"{source.dataset_dir}:{tfds_split}", lambda record: record["image"],
+        length_check=length_check, strict=data_cfg.strict, image_check="",
+        instruction_turns=encoder.instruction_turns, shard=shard)
     return Subset(source, kept), report
   raise ValueError(f"data.kind must be one of {KINDS}, got {kind!r}")
-
-
-def _validate_decoded(source, name: str, length_check: llava.LengthCheck, strict: bool
-                      ) -> tuple[list[int], llava.ValidationReport]:
-  """Conversation and length checks over a source whose images were checked at build."""
-  report = llava.ValidationReport(source=name, num_records=len(source))
-  kept = []
-  for index in range(len(source)):
-    record = source[index]
-    reason, truncated = llava.check_conversation(record, record["image"] is not None,
-                                                 length_check)
-    if reason is not None:
-      if strict:
-        raise llava.InvalidRecordError(
-            f"{name}: record {record['id']!r} (#{index}): {reason} (strict=True)")
-      report.skipped.append((record["id"], reason))
-      continue
-    if truncated:
-      report.truncated.append(record["id"])
-    kept.append(index)
-  report.log()
-  return kept, report
 
 
 @dataclasses.dataclass
@@ -348,8 +342,9 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
   template = resolve_template(data_cfg, tokenizer, template)
   encoder = ExampleEncoder(tokenizer, template, int(data_cfg.max_length), data_cfg.overlong,
                            int(data_cfg.resolution), tuple(data_cfg.image_mean_rgb),
-                           prompt_only=(mode == "generate"))
-  source, report = build_source(data_cfg, split, encoder)
+                           prompt_only=(mode == "generate"),
+                           instruction_turns=data_cfg.get("instruction_turns", "first"))
+  source, report = build_source(data_cfg, split, encoder, (process_index, process_count))
   num_examples = len(source)
   if num_examples == 0:
     raise ValueError(f"{data_cfg.kind} {split} split has no usable records"

@@ -105,7 +105,13 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tokenizer_name, template, 
     assert run[-1] == tpl.end_of_turn_id(tok)  # the end-of-turn token is learned
     assert tok.decode(run[:-1]).strip() == answer
   instruction_runs = runs(out.input_ids, out.instruction_mask)
-  assert [tok.decode(r).strip() for r in instruction_runs] == user_texts
+  # Default: only the first human turn (the one with the image) conditions CoTR/router.
+  assert [tok.decode(r).strip() for r in instruction_runs] == user_texts[:1]
+  every = conv.tokenize_conversation(turns, tok, tpl, has_image=True,
+                                     instruction_turns="all")
+  assert every.input_ids == out.input_ids and every.loss_mask == out.loss_mask
+  every_runs = runs(every.input_ids, every.instruction_mask)
+  assert [tok.decode(r).strip() for r in every_runs] == user_texts
   # Disjoint masks; the placeholder is in neither; exactly one placeholder.
   assert not any(l and i for l, i in zip(out.loss_mask, out.instruction_mask))
   at = out.input_ids.index(PH)

@@ -55,7 +55,7 @@ def test_text_only_records(exported):
   assert loaded[2]["image"] is None and loaded[3]["image"] is None
   assert loaded[2]["answer"] == "hi"
   cfg = pipeline.default_data_config()
-  cfg.update(kind="llava", eval_json=path, batch_size=4, max_length=48, resolution=R,
+  cfg.update(kind="llava", eval_json=path, batch_size=4, max_length=64, resolution=R,
              system_prompt="")
   batch, meta = next(iter(pipeline.make_dataset(cfg, split="eval", process_index=0,
                                                 process_count=1, mode="eval")))
@@ -118,10 +118,10 @@ def test_overlong_records_truncate_or_drop(exported):
   path = _write(root / "long.json", records)
   tok = tokenizers_lib.ByteTokenizer()
   template = conv.get_template("vicuna_v1", "")
-  check = llava.LengthCheck(tok, template, 64, "truncate")
+  check = llava.LengthCheck(tok, template, 64, "truncate", allow_truncation=True)
   _, report = llava.load_llava(path, length_check=check)
   assert report.truncated == [records[1]["id"]] and not report.skipped
-  check = llava.LengthCheck(tok, template, 64, "drop")
+  check = llava.LengthCheck(tok, template, 64, "drop", allow_truncation=True)
   loaded, report = llava.load_llava(path, length_check=check)
   assert report.skipped_ids == [records[1]["id"]] and len(loaded) == 1
   assert "max_length 64" in report.skipped[0][1]
@@ -135,7 +135,7 @@ def test_decode_failure_after_validation_becomes_an_empty_row(exported, caplog):
   records[1]["image"] = "corrupt.png"
   path = _write(root / "late.json", records)
   cfg = pipeline.default_data_config()
-  cfg.update(kind="llava", eval_json=path, batch_size=4, max_length=48, resolution=R,
+  cfg.update(kind="llava", eval_json=path, batch_size=4, max_length=64, resolution=R,
              system_prompt="", image_check="exists")
   with caplog.at_level(logging.WARNING, logger=pipeline.logger.name):
     batch, meta = next(iter(pipeline.make_dataset(cfg, split="eval", process_index=0,
