@@ -12,12 +12,14 @@ defaults). mean/std come from `preprocessor_config.json` when the folder has one
     [vision_model.]embeddings.position_embedding.weight  → position_embedding
     [vision_model.]pre_layrnorm.{weight,bias}            → pre_layernorm/{scale,bias}
     [vision_model.]encoder.layers.{i}.self_attn.{q,k,v,out}_proj.{weight,bias}
-                                                  → layers_{i}/self_attn/*/{kernel,bias}
+                                                  → layers/self_attn/*/{kernel,bias}   [i]
     [vision_model.]encoder.layers.{i}.layer_norm{1,2}.{weight,bias}
-                                                  → layers_{i}/layer_norm{1,2}/{scale,bias}
+                                                  → layers/layer_norm{1,2}/{scale,bias} [i]
     [vision_model.]encoder.layers.{i}.mlp.fc{1,2}.{weight,bias}
-                                                  → layers_{i}/mlp/fc{1,2}/{kernel,bias}
+                                                  → layers/mlp/fc{1,2}/{kernel,bias}   [i]
     post_layernorm, position_ids, text tower, projections, logit_scale: not used (skipped)
+
+[i]: the encoder layers run under `nn.scan`, so layer i fills index i of one stacked array.
 """
 
 import json
@@ -131,7 +133,9 @@ def clip_rules(target_prefix: str = "") -> list[mapping.Rule]:
                    p + "position_embedding"),
       mapping.Rule(_PREFIX + r"pre_layrnorm\.weight", p + "pre_layernorm/scale"),
       mapping.Rule(_PREFIX + r"pre_layrnorm\.bias", p + "pre_layernorm/bias"),
-      *[mapping.Rule(_LAYER + src.replace(".", r"\."), p + "layers_{layer}/" + dst, transform)
+      # Layer i goes to index i of the scanned layers' stacked arrays.
+      *[mapping.Rule(_LAYER + src.replace(".", r"\."), p + "layers/" + dst, transform,
+                     stack="layer")
         for src, dst, transform in per_layer],
       # Used only on the pooled class token, which the tower does not return.
       mapping.ignore(_PREFIX + r"post_layernorm\.(?:weight|bias)"),

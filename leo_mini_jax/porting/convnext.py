@@ -13,12 +13,14 @@ the `visual.trunk.` prefix (the open_clip head and text tower are skipped):
     stem.1.{weight,bias}                        → stem/norm/{scale,bias}
     stages.{s}.downsample.0.{weight,bias}       → stages_{s}/downsample/norm/{scale,bias}
     stages.{s}.downsample.1.{weight,bias}       → stages_{s}/downsample/conv/{kernel,bias}
-    stages.{s}.blocks.{b}.conv_dw.{weight,bias} → .../blocks_{b}/conv_dw/{kernel, bias}
+    stages.{s}.blocks.{b}.conv_dw.{weight,bias} → stages_{s}/blocks/conv_dw/{kernel, bias} [b]
                                                   (depthwise (C,1,k,k) → (k,k,1,C))
-    stages.{s}.blocks.{b}.norm.{weight,bias}    → .../blocks_{b}/norm/{scale,bias}
-    stages.{s}.blocks.{b}.mlp.fc{1,2}.{weight,bias} → .../blocks_{b}/fc{1,2}/{kernel,bias}
-    stages.{s}.blocks.{b}.gamma                 → .../blocks_{b}/gamma
+    stages.{s}.blocks.{b}.norm.{weight,bias}    → stages_{s}/blocks/norm/{scale,bias}     [b]
+    stages.{s}.blocks.{b}.mlp.fc{1,2}.{weight,bias} → stages_{s}/blocks/fc{1,2}/...       [b]
+    stages.{s}.blocks.{b}.gamma                 → stages_{s}/blocks/gamma                 [b]
     head.*                                      → skipped (classifier; not in forward_features)
+
+[b]: a stage's blocks run under `nn.scan`, so block b fills index b of one stacked array.
 
 `mlp.fc*` weights are torch Linear (out, in) or, for `conv_mlp=True` variants such as
 `convnext_atto`, 1×1 convs (out, in, 1, 1); both become a Dense kernel (in, out). A
@@ -68,7 +70,10 @@ def convnext_rules(open_clip: bool = False, target_prefix: str = "") -> list[map
   `open_clip=True` also skips the open_clip head and text tower.
   """
   p = target_prefix
-  block, down = p + "stages_{stage}/blocks_{block}/", p + "stages_{stage}/downsample/"
+  # Block b of a stage goes to index b of the stage's scanned (stacked) block parameters.
+  block, down = p + "stages_{stage}/blocks/", p + "stages_{stage}/downsample/"
+  blk = lambda src, dst, transform=mapping.IDENTITY: mapping.Rule(
+      _BLOCK + src, block + dst, transform, stack="block")
   rules = [
       mapping.Rule(_PREFIX + r"stem\.0\.weight", p + "stem/conv/kernel", mapping.CONV),
       mapping.Rule(_PREFIX + r"stem\.0\.bias", p + "stem/conv/bias"),
@@ -78,15 +83,15 @@ def convnext_rules(open_clip: bool = False, target_prefix: str = "") -> list[map
       mapping.Rule(_DOWNSAMPLE + r"0\.bias", down + "norm/bias"),
       mapping.Rule(_DOWNSAMPLE + r"1\.weight", down + "conv/kernel", mapping.CONV),
       mapping.Rule(_DOWNSAMPLE + r"1\.bias", down + "conv/bias"),
-      mapping.Rule(_BLOCK + r"conv_dw\.weight", block + "conv_dw/kernel", mapping.DEPTHWISE_CONV),
-      mapping.Rule(_BLOCK + r"conv_dw\.bias", block + "conv_dw/bias"),
-      mapping.Rule(_BLOCK + r"norm\.weight", block + "norm/scale"),
-      mapping.Rule(_BLOCK + r"norm\.bias", block + "norm/bias"),
-      mapping.Rule(_BLOCK + r"mlp\.fc1\.weight", block + "fc1/kernel", LINEAR_OR_1X1),
-      mapping.Rule(_BLOCK + r"mlp\.fc1\.bias", block + "fc1/bias"),
-      mapping.Rule(_BLOCK + r"mlp\.fc2\.weight", block + "fc2/kernel", LINEAR_OR_1X1),
-      mapping.Rule(_BLOCK + r"mlp\.fc2\.bias", block + "fc2/bias"),
-      mapping.Rule(_BLOCK + r"gamma", block + "gamma"),
+      blk(r"conv_dw\.weight", "conv_dw/kernel", mapping.DEPTHWISE_CONV),
+      blk(r"conv_dw\.bias", "conv_dw/bias"),
+      blk(r"norm\.weight", "norm/scale"),
+      blk(r"norm\.bias", "norm/bias"),
+      blk(r"mlp\.fc1\.weight", "fc1/kernel", LINEAR_OR_1X1),
+      blk(r"mlp\.fc1\.bias", "fc1/bias"),
+      blk(r"mlp\.fc2\.weight", "fc2/kernel", LINEAR_OR_1X1),
+      blk(r"mlp\.fc2\.bias", "fc2/bias"),
+      blk(r"gamma", "gamma"),
       # The classifier head (timm: head.norm/head.fc; open_clip trunk: head.*).
       mapping.ignore(_PREFIX + r"head\..*"),
   ]

@@ -157,7 +157,7 @@ def test_mismatched_checkpoint_is_reported_by_name(tmp_path):
   with pytest.raises(PortError) as info:
     clip_port.load_clip(tmp_path)
   message = str(info.value)
-  assert "layers_1/mlp/fc2/bias" in message
+  assert "layers/mlp/fc2/bias[layer=1]" in message
   assert "encoder.layers.0.self_attn.qkv.weight" in message
   assert "position_embedding" in message and "(17, 32)" in message
 
@@ -193,5 +193,6 @@ def test_full_size_vit_large_336_plan():
                                     cls_token="drop", image_size=448)
   expected = mapping.abstract_params(ClipVisionTower(config), jnp.zeros((1, 448, 448, 3)))
   assignments, allowed = mapping.plan(ShapeOnlyReader(), clip_port.clip_rules(), expected)
-  assert not allowed and len(assignments) == len(mapping.flatten_tree(expected))
+  assert not allowed and {a.target for a in assignments} == set(mapping.flatten_tree(expected))
+  assert len(assignments) == 5 + 24 * 16  # embeddings + pre-LN, then 16 tensors per layer
   assert config.output_grid == (32, 32) and config.pretrained_grid == 24

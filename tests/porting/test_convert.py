@@ -90,7 +90,7 @@ def _check_params_are_the_sources(params, hf_llm, hf_clip, convnext, llm_config)
       params["vision"]["clip"]["patch_embedding"]["kernel"],
       vm.embeddings.patch_embedding.weight.detach().numpy().transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(
-      params["vision"]["clip"]["layers_1"]["mlp"]["fc2"]["kernel"],
+      params["vision"]["clip"]["layers"]["mlp"]["fc2"]["kernel"][1],
       vm.encoder.layers[1].mlp.fc2.weight.detach().numpy().T)
   np.testing.assert_array_equal(params["vision"]["convnext"]["stem"]["conv"]["kernel"],
                                 convnext.stem[0].weight.detach().numpy().transpose(2, 3, 1, 0))
@@ -176,7 +176,7 @@ def test_missing_and_renamed_tensors_across_checkpoints_in_one_report(tmp_path):
                                 tmp_path / "out")
   msg = str(info.value)
   for needle in ("llm:model.layers.1.mlp.up_prj.weight", "llm/layers/mlp/up_proj/kernel[layer=1]",
-                 "vision/clip/layers_0/layer_norm1/bias"):
+                 "vision/clip/layers/layer_norm1/bias[layer=0]"):
     assert needle in msg, (needle, msg)
   assert "projector" not in msg
 

@@ -5,6 +5,9 @@
       [class token first, `cls_token='keep'` only]
     ─► pre-LayerNorm ─► L × (x + MHA(LN(x)); x + MLP(LN(x))) ─► patch tokens [B, N, D]
 
+The L layers run under `nn.scan`: their parameters are stacked on a leading axis
+(`layers/self_attn/q_proj/kernel` is [L, D, D]).
+
 The output is the last layer's hidden states without the post-LayerNorm (HF applies that
 to the pooled class token only) and without the class token.
 
@@ -29,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from leo_mini_jax import config_utils
+from leo_mini_jax.models import layers
 from leo_mini_jax.models.vision.positions import interpolate_patch_positions
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -161,15 +165,18 @@ class ClipMlp(nn.Module):
 
 
 class ClipEncoderLayer(nn.Module):
-  """Pre-norm transformer block: x + MHA(LN₁(x)), then x + MLP(LN₂(x))."""
+  """Pre-norm transformer block: x + MHA(LN₁(x)), then x + MLP(LN₂(x)).
+
+  Returns (x, None): the (carry, output) pair `nn.scan` expects.
+  """
   config: ClipConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
     cfg = self.config
     x = x + ClipAttention(cfg, name="self_attn")(_layer_norm("layer_norm1", cfg)(x))
     x = x + ClipMlp(cfg, name="mlp")(_layer_norm("layer_norm2", cfg)(x))
-    return nn.with_logical_constraint(x, TOKEN_AXES)
+    return nn.with_logical_constraint(x, TOKEN_AXES), None
 
 
 class ClipVisionTower(nn.Module):
@@ -218,9 +225,7 @@ class ClipVisionTower(nn.Module):
     x = nn.with_logical_constraint(x, TOKEN_AXES)
 
     x = _layer_norm("pre_layernorm", cfg)(x)
-    layer_cls = nn.remat(ClipEncoderLayer) if cfg.remat else ClipEncoderLayer
-    for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x)
+    x, _ = layers.scanned(ClipEncoderLayer, cfg.num_layers, cfg.remat, cfg, name="layers")(x)
 
     if cfg.cls_token == "keep":
       x = x[:, 1:]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from leo_mini_jax import config_utils
+from leo_mini_jax.models import layers
 from leo_mini_jax.models.vision.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision_embed")
@@ -114,13 +115,16 @@ def _dense(features: int, axes: tuple[str, str], name: str, cfg: ConvNextConfig)
 
 
 class ConvNextBlock(nn.Module):
-  """x + γ ⊙ fc2(GELU(fc1(LN(dwconv(x))))) on [B, H, W, C]."""
+  """x + γ ⊙ fc2(GELU(fc1(LN(dwconv(x))))) on [B, H, W, C].
+
+  Returns (x, None): the (carry, output) pair `nn.scan` expects.
+  """
   config: ConvNextConfig
   dim: int
   mlp_dim: int
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
     cfg = self.config
     pad = cfg.kernel_size // 2
     h = _conv(self.dim, cfg.kernel_size, 1, ((pad, pad), (pad, pad)), self.dim, "conv_dw", cfg)(x)
@@ -135,7 +139,7 @@ class ConvNextBlock(nn.Module):
                                        ("vision_embed",)),
           (self.dim,), jnp.dtype(cfg.param_dtype))
       h = h * gamma.astype(h.dtype)
-    return nn.with_logical_constraint(x + h, MAP_AXES)
+    return nn.with_logical_constraint(x + h, MAP_AXES), None
 
 
 class ConvNextDownsample(nn.Module):
@@ -161,7 +165,11 @@ class ConvNextStem(nn.Module):
 
 
 class ConvNextStage(nn.Module):
-  """Optional downsample (every stage but the first) then `depth` blocks."""
+  """Optional downsample (every stage but the first) then `depth` blocks under `nn.scan`.
+
+  The blocks' parameters are stacked on a leading axis (`blocks/fc1/kernel` is
+  [depth, C, 4C]), so ConvNeXt-XXL's 30-block stage traces and compiles one block.
+  """
   config: ConvNextConfig
   index: int
 
@@ -171,9 +179,8 @@ class ConvNextStage(nn.Module):
     dim, mlp_dim = cfg.dims[self.index], cfg.mlp_dims[self.index]
     if self.index > 0:
       x = ConvNextDownsample(cfg, dim, name="downsample")(x)
-    block_cls = nn.remat(ConvNextBlock) if cfg.remat else ConvNextBlock
-    for b in range(cfg.depths[self.index]):
-      x = block_cls(cfg, dim, mlp_dim, name=f"blocks_{b}")(x)
+    x, _ = layers.scanned(ConvNextBlock, cfg.depths[self.index], cfg.remat, cfg, dim, mlp_dim,
+                          name="blocks")(x)
     return x
 
 

@@ -96,7 +96,7 @@ def reference_clip(params, pixels, cfg):
   x = np_layer_norm(x, params["pre_layernorm"], cfg.layer_norm_eps)
   heads, head_dim = cfg.num_heads, dim // cfg.num_heads
   for i in range(cfg.num_layers):
-    layer = params[f"layers_{i}"]
+    layer = jax.tree.map(lambda a, i=i: a[i], params["layers"])  # scanned: stacked on axis 0
     h = np_layer_norm(x, layer["layer_norm1"], cfg.layer_norm_eps)
     att = layer["self_attn"]
     split = lambda t: t.reshape(batch, -1, heads, head_dim).transpose(0, 2, 1, 3)
@@ -217,9 +217,21 @@ def test_logical_axis_names():
   leaves = jax.tree.leaves(variables["params"], is_leaf=lambda p: isinstance(p, nn.Partitioned))
   assert all(isinstance(p, nn.Partitioned) for p in leaves)
   assert names["position_embedding"] == ("vision_pos", "vision_embed")
-  assert names["layers_0"]["mlp"]["fc1"]["kernel"] == ("vision_embed", "vision_mlp")
+  assert names["layers"]["mlp"]["fc1"]["kernel"] == ("layers", "vision_embed", "vision_mlp")
   assert names["patch_embedding"]["kernel"] == ("conv_height", "conv_width", "conv_in",
                                                 "vision_embed")
+
+
+def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
+  def program(num_layers):
+    cfg = dataclasses.replace(TINY, num_layers=num_layers)
+    params = jax.eval_shape(ClipVisionTower(cfg).init, jax.random.key(0),
+                            jnp.zeros((1, 32, 32, 3)))["params"]
+    assert nn.meta.unbox(params)["layers"]["mlp"]["fc2"]["bias"].shape == (num_layers, 32)
+    fn = lambda p, x: ClipVisionTower(cfg).apply({"params": p}, x)
+    return str(jax.make_jaxpr(fn)(nn.meta.unbox(params), jnp.zeros((1, 32, 32, 3))))
+  two, six = program(2), program(6)
+  assert len(six) < len(two) * 1.05  # unrolled, six layers would be ~3× the text
 
 
 def test_bfloat16_close_to_float32_and_remat_same_gradients():

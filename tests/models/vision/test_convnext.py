@@ -72,7 +72,7 @@ def reference_convnext(params, pixels, cfg):
       x = np_patch_conv(np_layer_norm(x, stage["downsample"]["norm"], eps),
                         stage["downsample"]["conv"], 2)
     for b in range(depth):
-      block = stage[f"blocks_{b}"]
+      block = jax.tree.map(lambda a, b=b: a[b], stage["blocks"])  # scanned: stacked on axis 0
       h = np_layer_norm(np_depthwise_conv(x, block["conv_dw"]), block["norm"], eps)
       h = h @ block["fc1"]["kernel"] + block["fc1"]["bias"]
       h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
@@ -97,13 +97,18 @@ def test_parameter_layout():
   assert params["stem"]["conv"]["kernel"].shape == (4, 4, 3, 8)
   assert params["stages_1"]["downsample"]["conv"]["kernel"].shape == (2, 2, 8, 16)
   assert params["stages_1"]["downsample"]["norm"]["scale"].shape == (8,)
-  block = params["stages_2"]["blocks_1"]
-  assert block["conv_dw"]["kernel"].shape == (7, 7, 1, 32)
-  assert block["fc1"]["kernel"].shape == (32, 128)
-  assert block["gamma"].shape == (32,)
+  # Blocks are scanned: each stage stacks its blocks' parameters on a leading axis.
+  depth = TINY.depths[2]
+  block = params["stages_2"]["blocks"]
+  assert block["conv_dw"]["kernel"].shape == (depth, 7, 7, 1, 32)
+  assert block["fc1"]["kernel"].shape == (depth, 32, 128)
+  assert block["gamma"].shape == (depth, 32)
   no_ls = dataclasses.replace(TINY, ls_init_value=None)
   shapes = jax.eval_shape(ConvNextTower(no_ls).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  assert "gamma" not in shapes["params"]["stages_0"]["blocks_0"]
+  assert "gamma" not in shapes["params"]["stages_0"]["blocks"]
+  names = jax.tree.map(lambda p: p.names, shapes["params"],
+                       is_leaf=lambda p: isinstance(p, nn.Partitioned))
+  assert names["stages_1"]["blocks"]["fc1"]["kernel"] == ("layers", "vision_embed", "vision_mlp")
 
 
 @pytest.mark.parametrize("image_size", [64, 70])

@@ -1,0 +1,319 @@
+"""Pix2Struct vision encoder (the HF transformers `Pix2StructVisionModel` architecture).
+
+Pix2Struct reads an image as a sequence of flattened patches, each row
+`[row_id, col_id, p·p·3 pixel values]` with 1-based ids (id 0 marks a padding row):
+
+    flattened patches [B, N, 2 + p²·3]
+    ─► Linear(p²·3 → D, bias) + row_embedder[row_id] + column_embedder[col_id]
+    ─► L × (x + MHA(RMSNorm(x)); x + GatedGELU(RMSNorm(x)))  (no biases, no q·k scaling)
+    ─► final RMSNorm ─► [B, N, D]   (HF's `last_hidden_state`)
+
+The norms are T5's: RMS without mean subtraction or bias. The MLP is T5's gated form
+`wo(gelu_tanh(wi_0 x) · wi_1 x)`. Attention has `num_heads × head_dim` channels (HF `d_kv`,
+which need not divide D) and masks the keys of padding rows; padding rows still produce
+outputs (as in HF), nothing reads them.
+
+Two modules share one parameter tree:
+  * `Pix2StructEncoder`: `apply({'params': p}, flattened_patches, attention_mask)`, the HF
+    interface, for parity and for callers that build patches themselves.
+  * `Pix2StructTower`: the LEO-MINI expert. It takes the square image already resized to
+    `input_size` with [0, 1] values (the config's mean 0 / std 1 make the registry's
+    normalisation the identity) and builds the patches on device the way
+    `Pix2StructImageProcessor` does (`image_patches`).
+
+EAGLE's arrangement (NVlabs/EAGLE `pix2struct_encoder.py`): the 1024² master image goes
+through the processor with `max_patches=2048`, which for a square image gives a 45×45
+grid (720 px at patch 16) padded with 23 empty rows to 2048; the encoder's
+`last_hidden_state[:, :2025]` is read as the 45×45 grid. The padding rows are masked
+out as keys, so they change nothing in the first 2025 outputs: the tower runs on the
+2025 real patches only. One difference in order: the processor standardises the image
+before resizing it, the tower after (the registry resizes first); both are per-image
+affine maps and bilinear resizing preserves the mean, so only the std estimate differs
+slightly.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from leo_mini_jax import config_utils
+from leo_mini_jax.models.llama import RMSNorm
+
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
+TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision_embed")
+# The processor standardises pixel values in [0, 255] (EAGLE multiplies its [0, 1] images
+# by 255 before calling it); the scale matters only through the std floor 1/√(H·W·3).
+PIXEL_SCALE = 255.0
+
+
+def processor_grid(height: int, width: int, max_patches: int, patch_size: int) -> tuple[int, int]:
+  """(rows, cols) of patches `Pix2StructImageProcessor` resizes an image of this size to.
+
+  The processor's own formula: scale = √(max_patches · p/H · p/W), rows = ⌊scale·H/p⌋,
+  cols = ⌊scale·W/p⌋, each clamped to [1, max_patches].
+  """
+  scale = (max_patches * (patch_size / height) * (patch_size / width)) ** 0.5
+  rows = max(min(int(scale * height / patch_size), max_patches), 1)
+  cols = max(min(int(scale * width / patch_size), max_patches), 1)
+  return rows, cols
+
+
+@dataclasses.dataclass(frozen=True)
+class Pix2StructConfig:
+  """Pix2Struct vision encoder settings; defaults are `google/pix2struct-large`'s encoder.
+
+  HF names: `hidden_size`, `num_hidden_layers` → num_layers, `num_attention_heads` →
+  num_heads, `d_kv` → head_dim, `d_ff` → mlp_dim, `seq_len` (rows of the row/column
+  tables), `patch_embed_hidden_size` = 3·patch_size², `dense_act_fn`, `layer_norm_eps`.
+  `max_patches` sets the tower's square grid: ⌊√max_patches⌋ patches a side.
+  """
+  hidden_size: int = 1536
+  num_layers: int = 18
+  num_heads: int = 24
+  head_dim: int = 64
+  mlp_dim: int = 3968
+  patch_size: int = 16
+  seq_len: int = 4096
+  layer_norm_eps: float = 1e-6
+  dense_act_fn: str = "gelu_new"
+  max_patches: int = 2048
+  mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+  std: tuple[float, ...] = (1.0, 1.0, 1.0)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False                  # rematerialise each encoder layer in the backward pass
+  attention_impl: str | None = None    # jax.nn.dot_product_attention `implementation`
+
+  def __post_init__(self):
+    if self.dense_act_fn not in ACTIVATIONS:
+      raise ValueError(f"Pix2StructConfig.dense_act_fn={self.dense_act_fn!r}: expected one of "
+                       f"{ACTIVATIONS}")
+    for field in ("hidden_size", "num_layers", "num_heads", "head_dim", "mlp_dim", "patch_size",
+                  "max_patches"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"Pix2StructConfig.{field}={getattr(self, field)} must be positive")
+    if self.grid_side >= self.seq_len:
+      raise ValueError(f"Pix2StructConfig: a {self.grid_side}×{self.grid_side} grid needs ids up "
+                       f"to {self.grid_side}, but seq_len={self.seq_len} rows of the position "
+                       "tables only reach ids < seq_len")
+    if len(self.mean) != 3 or len(self.std) != 3:
+      raise ValueError(f"Pix2StructConfig.mean/std need 3 values, got {self.mean} / {self.std}")
+
+  @classmethod
+  def from_config(cls, cfg: Any, **overrides: Any) -> "Pix2StructConfig":
+    return config_utils.from_config(cls, cfg, **overrides)
+
+  @property
+  def patch_dim(self) -> int:
+    """Pixel values per patch (HF `patch_embed_hidden_size`)."""
+    return self.patch_size * self.patch_size * 3
+
+  @property
+  def grid_side(self) -> int:
+    # ⌊√max_patches⌋ is what the processor's formula gives any square image (45 for 2048);
+    # computed exactly here, where the formula's float square root could land just below
+    # an integer when max_patches is itself a perfect square.
+    return math.isqrt(self.max_patches)
+
+  # What the expert registry reads (see experts.py).
+  @property
+  def input_size(self) -> int:
+    return self.grid_side * self.patch_size
+
+  @property
+  def output_grid(self) -> tuple[int, int]:
+    return self.grid_side, self.grid_side
+
+  @property
+  def feature_dim(self) -> int:
+    return self.hidden_size
+
+
+def image_patches(pixels: jax.Array, patch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The processor's standardisation and patch extraction on device.
+
+  Args:
+    pixels: [B, H, W, 3] values in [0, 1] (H, W multiples of `patch_size`).
+
+  Returns:
+    (patches [B, (H/p)(W/p), p·p·3] float32, row_ids, col_ids [(H/p)(W/p)] int32, 1-based).
+    Patches are row-major over the grid, each flattened in (pixel row, pixel column,
+    channel) order as the processor's `torch_extract_patches` does. Standardisation is
+    per image over all pixels and channels of the [0, 255]-scaled image:
+    (x − mean) / max(std, 1/√(H·W·3)), std without Bessel's correction (the numpy
+    processor's `np.std`; the torchvision one uses N−1, a relative 1/(2·H·W·3) apart).
+  """
+  batch, height, width, channels = pixels.shape
+  if height % patch_size or width % patch_size:
+    raise ValueError(f"image_patches: image {height}×{width} is not a multiple of "
+                     f"patch_size={patch_size}")
+  x = pixels.astype(jnp.float32) * PIXEL_SCALE
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=(1, 2, 3), keepdims=True))
+  x = (x - mean) / jnp.maximum(std, 1.0 / math.sqrt(height * width * channels))
+  rows, cols = height // patch_size, width // patch_size
+  x = x.reshape(batch, rows, patch_size, cols, patch_size, channels).transpose(0, 1, 3, 2, 4, 5)
+  patches = x.reshape(batch, rows * cols, patch_size * patch_size * channels)
+  row_ids = jnp.repeat(jnp.arange(1, rows + 1, dtype=jnp.int32), cols)
+  col_ids = jnp.tile(jnp.arange(1, cols + 1, dtype=jnp.int32), rows)
+  return patches, row_ids, col_ids
+
+
+def flattened_patches(pixels: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, 3] in [0, 1] → the processor's rows [B, N, 2 + p²·3] (no padding rows)."""
+  patches, row_ids, col_ids = image_patches(pixels, patch_size)
+  ids = jnp.stack([row_ids, col_ids], axis=-1).astype(jnp.float32)
+  ids = jnp.broadcast_to(ids, (patches.shape[0],) + ids.shape)
+  return jnp.concatenate([ids, patches], axis=-1)
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, cfg: Pix2StructConfig,
+           use_bias: bool = False) -> nn.Dense:
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+
+
+def _norm(name: str, cfg: Pix2StructConfig) -> RMSNorm:
+  # T5's norm: f32 statistics, cast back to the compute dtype, then the scale; the same
+  # arithmetic as the LLM's RMSNorm.
+  return RMSNorm(cfg.layer_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
+
+
+class Pix2StructAttention(nn.Module):
+  """Bias-free multi-head self-attention, logits unscaled (T5), padding keys masked."""
+  config: Pix2StructConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """x [B, N, D], mask [B, 1, 1, N] bool (True = attend) or None → [B, N, D]."""
+    cfg = self.config
+    batch, length, dim = x.shape
+    inner = cfg.num_heads * cfg.head_dim
+    split = lambda t: t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    q = split(_dense(inner, ("vision_embed", "vision_heads"), "query", cfg)(x))
+    k = split(_dense(inner, ("vision_embed", "vision_heads"), "key", cfg)(x))
+    v = split(_dense(inner, ("vision_embed", "vision_heads"), "value", cfg)(x))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
+                                       implementation=cfg.attention_impl)
+    return _dense(dim, ("vision_heads", "vision_embed"), "output", cfg)(
+        out.reshape(batch, length, inner))
+
+
+class Pix2StructMlp(nn.Module):
+  """T5 gated MLP: wo(act(wi_0 x) · wi_1 x), no biases."""
+  config: Pix2StructConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    gate = _dense(cfg.mlp_dim, ("vision_embed", "vision_mlp"), "wi_0", cfg)(x)
+    linear = _dense(cfg.mlp_dim, ("vision_embed", "vision_mlp"), "wi_1", cfg)(x)
+    # 'gelu_new' / 'gelu_pytorch_tanh' are the tanh approximation, 'gelu' the exact erf form.
+    gate = nn.gelu(gate, approximate=cfg.dense_act_fn != "gelu")
+    return _dense(cfg.hidden_size, ("vision_mlp", "vision_embed"), "wo", cfg)(gate * linear)
+
+
+class Pix2StructLayer(nn.Module):
+  """x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)). Returns (x, None) for nn.scan."""
+  config: Pix2StructConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
+    cfg = self.config
+    x = x + Pix2StructAttention(cfg, name="attention")(_norm("pre_attention_layer_norm", cfg)(x),
+                                                       mask)
+    x = x + Pix2StructMlp(cfg, name="mlp")(_norm("pre_mlp_layer_norm", cfg)(x))
+    return nn.with_logical_constraint(x, TOKEN_AXES), None
+
+
+class Pix2StructEncoder(nn.Module):
+  """Flattened patches → HF `Pix2StructVisionModel.last_hidden_state`.
+
+  Parameters: patch_projection/{kernel,bias}, row_embedder/embedding,
+  column_embedder/embedding, layers/... (stacked on a leading layer axis by nn.scan),
+  layernorm/scale.
+  """
+  config: Pix2StructConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.patch_projection = _dense(cfg.hidden_size, ("conv_in", "vision_embed"),
+                                   "patch_projection", cfg, use_bias=True)
+    table = lambda name: nn.Embed(
+        cfg.seq_len, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, name=name,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.hidden_size ** -0.5),
+                                                    ("vision_pos", "vision_embed")))
+    self.row_embedder = table("row_embedder")
+    self.column_embedder = table("column_embedder")
+    layer_cls = Pix2StructLayer
+    if cfg.remat:
+      # Inside a scan the loop already keeps XLA from CSE-ing the recomputation away.
+      layer_cls = nn.remat(layer_cls, prevent_cse=False)
+    # One traced body whatever the depth; the mask is the same for every layer.
+    self.layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast,), length=cfg.num_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    self.layernorm = _norm("layernorm", cfg)
+
+  def __call__(self, flattened_patches: jax.Array,
+               attention_mask: jax.Array | None = None) -> jax.Array:
+    """Args:
+      flattened_patches: [B, N, 2 + p²·3], rows [row_id, col_id, pixels...] (ids as floats).
+      attention_mask: [B, N], nonzero for real patches; None → rows whose values do not
+        all sum to zero (HF's default).
+
+    Returns: [B, N, hidden_size].
+    """
+    cfg = self.config
+    if flattened_patches.ndim != 3 or flattened_patches.shape[-1] != 2 + cfg.patch_dim:
+      raise ValueError(f"Pix2StructEncoder: expected flattened patches [B, N, {2 + cfg.patch_dim}]"
+                       f" (2 ids + {cfg.patch_dim} pixel values), got {flattened_patches.shape}")
+    if attention_mask is None:
+      attention_mask = jnp.sum(flattened_patches, axis=-1) != 0
+    # Ids are stored as floats; torch's .long() truncates, so does astype.
+    row_ids = flattened_patches[..., 0].astype(jnp.int32)
+    col_ids = flattened_patches[..., 1].astype(jnp.int32)
+    return self.encode(flattened_patches[..., 2:], row_ids, col_ids, attention_mask)
+
+  def encode(self, patches: jax.Array, row_ids: jax.Array, col_ids: jax.Array,
+             attention_mask: jax.Array | None = None) -> jax.Array:
+    """patches [B, N, p²·3]; row_ids, col_ids [B, N] or [N] int; mask [B, N] or None (all real)."""
+    x = self.patch_projection(patches.astype(jnp.dtype(self.config.dtype)))
+    x = x + self.row_embedder(row_ids) + self.column_embedder(col_ids)
+    x = nn.with_logical_constraint(x, TOKEN_AXES)
+    mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+    x, _ = self.layers(x, mask)
+    return self.layernorm(x)
+
+
+class Pix2StructTower(nn.Module):
+  """LEO-MINI expert: square [0, 1] image → last hidden states of its patch grid.
+
+  Parameters are those of `Pix2StructEncoder` (shared scope, same tree).
+  """
+  config: Pix2StructConfig
+
+  def setup(self):
+    self.encoder = Pix2StructEncoder(self.config)
+    nn.share_scope(self, self.encoder)
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    """Args: pixels [B, S, S, 3] in [0, 1] (S = input_size, i.e. grid_side · patch_size).
+
+    Returns: [B, grid_side², hidden_size], row-major over the patch grid.
+    """
+    cfg = self.config
+    if pixels.ndim != 4 or pixels.shape[1:] != (cfg.input_size, cfg.input_size, 3):
+      raise ValueError(f"Pix2StructTower: expected pixels [B, {cfg.input_size}, {cfg.input_size}, 3]"
+                       f" (the {cfg.grid_side}×{cfg.grid_side} grid max_patches="
+                       f"{cfg.max_patches} gives a square image), got {pixels.shape}")
+    patches, row_ids, col_ids = image_patches(pixels, cfg.patch_size)
+    return self.encoder.encode(patches, row_ids, col_ids)
