@@ -33,6 +33,14 @@ class LeoMiniConfig:
   reducer: reducers_lib.ReducerConfig = reducers_lib.ReducerConfig()
   dtype: str = "float32"  # reducer and projector compute dtype
   param_dtype: str = "float32"
+  # How each expert's input is resized from the master image (experts.preprocess_images):
+  # 'antialias', or 'eagle' for EAGLE's align_corners bilinear (ported EAGLE releases).
+  image_resize: str = "antialias"
+
+  def __post_init__(self):
+    if self.image_resize not in experts_lib.IMAGE_RESIZES:
+      raise ValueError(f"model.image_resize={self.image_resize!r}: expected one of "
+                       f"{experts_lib.IMAGE_RESIZES}")
 
   @classmethod
   def from_config(cls, cfg: Any) -> "LeoMiniConfig":
@@ -52,6 +60,7 @@ class LeoMiniConfig:
                                          values.get("reducer", {})),
         dtype=values.get("dtype", "float32"),
         param_dtype=values.get("param_dtype", "float32"),
+        image_resize=values.get("image_resize", "antialias"),
     )
 
   @property
@@ -120,10 +129,12 @@ def assemble_sequence(text_embeds: Array, visual_tokens: Array, batch: dict[str,
 class VisionExperts(nn.Module):
   """All experts on the one uint8 master-resolution batch; params under vision/<name>."""
   experts: tuple[tuple[str, Any], ...]
+  image_resize: str = "antialias"
 
   @nn.compact
   def __call__(self, images: Array) -> list[Array]:
-    return [experts_lib.VisionExpert(expert=name, config=cfg, name=name)(images)
+    return [experts_lib.VisionExpert(expert=name, config=cfg, image_resize=self.image_resize,
+                                     name=name)(images)
             for name, cfg in self.experts]
 
 
@@ -133,7 +144,7 @@ class LeoMini(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.vision = VisionExperts(cfg.experts)
+    self.vision = VisionExperts(cfg.experts, cfg.image_resize)
     self.reducer = reducers_lib.build_reducer(cfg.reducer, cfg.expert_names, dtype,
                                               param_dtype, name=None)
     self.projector = projector_lib.Projector(cfg.llm.hidden_size, dtype, param_dtype)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from leo_mini_jax import config_utils
 from leo_mini_jax.models import cotr as cotr_lib
 from leo_mini_jax.models import layers
+from leo_mini_jax.models.vision import positions
 
 Array = jax.Array
 KINDS = ("cotr", "none", "mqt")
@@ -46,16 +47,15 @@ class ReducerConfig:
 
 
 def resize_tokens(tokens: Array, grid: tuple[int, int], size: int) -> Array:
-  """[B, h·w, d] on grid (h, w) → [B, size², d], bilinear, half-pixel centres.
+  """[B, h·w, d] on grid (h, w) → [B, size², d], EAGLE's feature-map resize.
 
-  Matches torch `F.interpolate(mode='bilinear', align_corners=False)` (no antialiasing),
-  which EAGLE uses.
+  torch `F.interpolate(mode='bilinear', align_corners=True)`, as EAGLE's
+  MultiBackboneChannelConcatenationVisionTower resizes every expert's map to the grid.
   """
   batch, _, dim = tokens.shape
   height, width = grid
   fmap = tokens.reshape(batch, height, width, dim)
-  if (height, width) != (size, size):
-    fmap = jax.image.resize(fmap, (batch, size, size, dim), "bilinear", antialias=False)
+  fmap = positions.resize_bilinear_align_corners(fmap, (size, size))
   return fmap.reshape(batch, size * size, dim)
 
 

@@ -44,6 +44,8 @@ from leo_mini_jax.porting import readers
 
 # Parameters of modules that LEO-MINI adds on top of the ported LLM and experts.
 NEW_MODULES = r"(projector|reducer)/.*|llm/.*/mmoe_.*"
+# What an EAGLE release (= a stage-2 model) lacks for stage 3: CoTR and MMoE-LLM.
+EAGLE_NEW_MODULES = r"reducer/.*|llm/.*/mmoe_.*"
 
 # LlamaConfig fields a HF checkpoint does not determine; taken from the model config.
 LLM_RUN_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy",
@@ -61,6 +63,14 @@ def _normalise_llm(cfg):
   return dataclasses.replace(cfg, head_dim=cfg.dim_per_head, num_kv_heads=cfg.kv_heads)
 
 
+def llm_differences(model_config, hf_llm, where: str) -> list[str]:
+  """The LLM-architecture disagreements between the run config and an HF config."""
+  llm_overrides = {f: getattr(model_config.llm, f) for f in LLM_RUN_FIELDS}
+  hf_config = llama_port.config_from_hf(hf_llm, **llm_overrides)
+  return _differences("model.llm", _normalise_llm(model_config.llm), _normalise_llm(hf_config),
+                      where)
+
+
 def build_sources(model_config, llm_path: str, expert_paths: Mapping[str, str]):
   """(CombinedReader, rules) for the model; raises ValueError naming every disagreement."""
   problems = []
@@ -70,10 +80,7 @@ def build_sources(model_config, llm_path: str, expert_paths: Mapping[str, str]):
   for name in sorted(set(expert_paths) - set(names)):
     problems.append(f"--expert {name}=... names an expert the config does not have "
                     f"(config experts: {names})")
-  llm_overrides = {f: getattr(model_config.llm, f) for f in LLM_RUN_FIELDS}
-  hf_llm = llama_port.config_from_hf(llm_path, **llm_overrides)
-  problems += _differences("model.llm", _normalise_llm(model_config.llm), _normalise_llm(hf_llm),
-                           os.path.join(llm_path, "config.json"))
+  problems += llm_differences(model_config, llm_path, os.path.join(llm_path, "config.json"))
   sources = {"llm": readers.open_checkpoint(llm_path)}
   rules = mapping.prefixed(llama_port.llama_rules(model_config.llm), "llm:", "llm/")
   for name, cfg in model_config.experts:
@@ -94,19 +101,23 @@ def build_sources(model_config, llm_path: str, expert_paths: Mapping[str, str]):
   return readers.CombinedReader(sources), rules
 
 
+def build_eagle_sources(model_config, eagle_dir: str):
+  """(reader, rules) for an EAGLE release folder (see `porting/eagle.py`)."""
+  from leo_mini_jax.porting import eagle  # pylint: disable=import-outside-toplevel
+  return eagle.build_sources(model_config, eagle_dir,
+                             lambda hf, where: llm_differences(model_config, hf, where))
+
+
 def build_model_config(config: ml_collections.ConfigDict):
   """The `LeoMiniConfig` of a run config (its `model` section)."""
   from leo_mini_jax.models import leo_mini  # pylint: disable=import-outside-toplevel
   return leo_mini.LeoMiniConfig.from_config(config.model)
 
 
-def convert_checkpoints(config: ml_collections.ConfigDict, llm_path: str,
-                        expert_paths: Mapping[str, str], out_dir: str,
-                        allow_missing: str = NEW_MODULES) -> dict[str, Any]:
-  """Ports the LLM and experts into the config's LeoMini tree and saves it at `out_dir`.
-
-  Returns a summary: parameter counts written and the paths left for train.py to init.
-  """
+def _convert(config: ml_collections.ConfigDict, build_sources_fn, out_dir: str,
+             allow_missing: str) -> dict[str, Any]:
+  """Builds the config's abstract LeoMini tree, fills it from `build_sources_fn(model
+  config) -> (reader, rules)` and saves it at `out_dir`; returns a summary."""
   from leo_mini_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from leo_mini_jax.training import loop  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
@@ -114,8 +125,7 @@ def convert_checkpoints(config: ml_collections.ConfigDict, llm_path: str,
   batch = loop.dummy_batch(config)
   expected = nn.meta.unbox(
       jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"])
-  reader, rules = build_sources(model.config, os.fspath(llm_path),
-                                {k: os.fspath(v) for k, v in expert_paths.items()})
+  reader, rules = build_sources_fn(model.config)
   # Keep the weights in host memory even where an accelerator is present: they only
   # pass through on their way to disk.
   host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
@@ -134,6 +144,28 @@ def convert_checkpoints(config: ml_collections.ConfigDict, llm_path: str,
   }
 
 
+def convert_checkpoints(config: ml_collections.ConfigDict, llm_path: str,
+                        expert_paths: Mapping[str, str], out_dir: str,
+                        allow_missing: str = NEW_MODULES) -> dict[str, Any]:
+  """Ports the LLM and experts into the config's LeoMini tree and saves it at `out_dir`.
+
+  Returns a summary: parameter counts written and the paths left for train.py to init.
+  """
+  paths = {k: os.fspath(v) for k, v in expert_paths.items()}
+  return _convert(config, lambda mc: build_sources(mc, os.fspath(llm_path), paths), out_dir,
+                  allow_missing)
+
+
+def convert_eagle(config: ml_collections.ConfigDict, eagle_dir: str, out_dir: str,
+                  allow_missing: str = EAGLE_NEW_MODULES) -> dict[str, Any]:
+  """Ports an EAGLE release (LLM, experts, projector) for a stage-3 (or stage-2) run.
+
+  Everything but CoTR and MMoE-LLM (`allow_missing`) must be in the release.
+  """
+  return _convert(config, lambda mc: build_eagle_sources(mc, os.fspath(eagle_dir)), out_dir,
+                  allow_missing)
+
+
 def main() -> None:
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -142,15 +174,27 @@ def main() -> None:
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "LEO-MINI config file (path:arg), as for train.py.", lock_config=True)
   llm = flags.DEFINE_string("llm", None, "HF LLaMA-family folder (config.json + weights).")
+  eagle = flags.DEFINE_string(
+      "eagle", None, "EAGLE release folder (LLM + experts + projector); replaces --llm/--expert.")
   experts = flags.DEFINE_multi_string(
       "expert", [], "NAME=PATH for each vision expert of the config (e.g. clip=/ckpt/clip).")
   out = flags.DEFINE_string("out", None, "Output directory (orbax params checkpoint).")
-  allow = flags.DEFINE_string("allow_missing", NEW_MODULES,
-                              "Regex of parameter paths left for train.py to initialise.")
-  flags.mark_flags_as_required(["config", "llm", "out"])
+  allow = flags.DEFINE_string("allow_missing", None,
+                              "Regex of parameter paths left for train.py to initialise "
+                              f"(default {NEW_MODULES!r}; with --eagle {EAGLE_NEW_MODULES!r}).")
+  flags.mark_flags_as_required(["config", "out"])
 
   def run(argv):
     del argv
+    if eagle.value:
+      if llm.value or experts.value:
+        raise app.UsageError("--eagle replaces --llm and --expert; give one or the other")
+      summary = convert_eagle(config_flag.value, eagle.value, out.value,
+                              allow.value or EAGLE_NEW_MODULES)
+      _print_summary(summary)
+      return
+    if not llm.value:
+      raise app.UsageError("give --llm (with --expert NAME=PATH per expert) or --eagle")
     paths = {}
     for item in experts.value:
       name, sep, path = item.partition("=")
@@ -159,14 +203,19 @@ def main() -> None:
       if name in paths:
         raise app.UsageError(f"--expert {name}: given twice")
       paths[name] = path
-    summary = convert_checkpoints(config_flag.value, llm.value, paths, out.value, allow.value)
-    print(f"wrote {summary['num_tensors']} tensors ({summary['num_params']:,} parameters) to "
-          f"{summary['out']} in {summary['seconds']:.1f}s")
-    if summary["left_for_init"]:
-      print(f"left for train.py to initialise ({len(summary['left_for_init'])}): "
-            + ", ".join(summary["left_for_init"]))
+    summary = convert_checkpoints(config_flag.value, llm.value, paths, out.value,
+                                  allow.value or NEW_MODULES)
+    _print_summary(summary)
 
   app.run(run)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+  print(f"wrote {summary['num_tensors']} tensors ({summary['num_params']:,} parameters) to "
+        f"{summary['out']} in {summary['seconds']:.1f}s")
+  if summary["left_for_init"]:
+    print(f"left for train.py to initialise ({len(summary['left_for_init'])}): "
+          + ", ".join(summary["left_for_init"]))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from leo_mini_jax import config_utils
+from leo_mini_jax.models.vision import positions
 from leo_mini_jax.models.vision.clip import ClipConfig, ClipVisionTower
 from leo_mini_jax.models.vision.convnext import ConvNextConfig, ConvNextTower
+from leo_mini_jax.models.vision.pix2struct import Pix2StructConfig, Pix2StructTower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,7 @@ def expert_spec(name: str) -> ExpertSpec:
 
 register_expert("clip", ClipConfig, ClipVisionTower)
 register_expert("convnext", ConvNextConfig, ConvNextTower)
+register_expert("pix2struct", Pix2StructConfig, Pix2StructTower)
 
 
 def expert_info(name: str, config: Any) -> ExpertInfo:
@@ -91,15 +94,24 @@ def expert_info(name: str, config: Any) -> ExpertInfo:
       feature_dim=int(config.feature_dim))
 
 
+IMAGE_RESIZES = ("antialias", "eagle")
+
+
 def preprocess_images(images: jax.Array, size: int, mean: Sequence[float],
-                      std: Sequence[float]) -> jax.Array:
+                      std: Sequence[float], resize: str = "antialias") -> jax.Array:
   """uint8 [B, S, S, 3] → float32 [B, size, size, 3], (x/255 − mean) / std.
 
-  Resize: bilinear, antialiased when size < S; none when size == S.
+  Resize (none when size == S): 'antialias' is bilinear, antialiased when size < S;
+  'eagle' is EAGLE's torch `F.interpolate(mode='bilinear', align_corners=True)` (no
+  antialias), for models trained or released with EAGLE's preprocessing.
   """
+  if resize not in IMAGE_RESIZES:
+    raise ValueError(f"image resize {resize!r}: expected one of {IMAGE_RESIZES}")
   x = images.astype(jnp.float32) / 255.0
   batch, height, width, channels = x.shape
-  if (height, width) != (size, size):
+  if (height, width) != (size, size) and resize == "eagle":
+    x = positions.resize_bilinear_align_corners(x, (size, size))
+  elif (height, width) != (size, size):
     x = jax.image.resize(x, (batch, size, size, channels), method="bilinear", antialias=True)
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
@@ -114,6 +126,7 @@ class VisionExpert(nn.Module):
   """
   expert: str
   config: Any
+  image_resize: str = "antialias"  # see preprocess_images
 
   def setup(self):
     spec = expert_spec(self.expert)
@@ -132,7 +145,7 @@ class VisionExpert(nn.Module):
       raise ValueError(f"VisionExpert({self.expert!r}): expected images [B, S, S, 3], "
                        f"got shape {images.shape}")
     cfg = self.config
-    pixels = preprocess_images(images, cfg.input_size, cfg.mean, cfg.std)
+    pixels = preprocess_images(images, cfg.input_size, cfg.mean, cfg.std, self.image_resize)
     return self.tower(pixels)
 
 

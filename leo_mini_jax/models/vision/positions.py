@@ -66,3 +66,41 @@ def interpolate_patch_positions(patch_pos: jax.Array, new_grid: tuple[int, int])
   # HIGHEST: TPUs would otherwise round these small matmuls through bfloat16.
   out = jnp.einsum("ih,jw,hwd->ijd", rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
   return out.reshape(new_grid[0] * new_grid[1], dim)
+
+
+def torch_bilinear_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+  """[out_size, in_size] matrix M with `M @ x` = torch 1-D bilinear resize of x (no antialias).
+
+  align_corners=True (EAGLE's image and feature-map resizes): s = i·(in−1)/(out−1);
+  False: s = (i + 0.5)·in/out − 0.5 clamped at 0. Taps floor(s) and floor(s)+1 (clamped).
+  """
+  out_index = np.arange(out_size, dtype=np.float64)
+  if align_corners:
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    src = out_index * scale
+  else:
+    src = np.maximum((out_index + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = (src - low).astype(np.float32)
+  matrix = np.zeros((out_size, in_size), np.float32)
+  rows = np.arange(out_size)
+  np.add.at(matrix, (rows, low), 1 - frac)
+  np.add.at(matrix, (rows, high), frac)
+  return matrix
+
+
+def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """[B, H, W, C] → [B, h, w, C] as torch `F.interpolate(mode='bilinear', align_corners=True)`.
+
+  Separable, as two small matmuls (HIGHEST precision: TPUs would otherwise round them
+  through bfloat16). Computed in float32.
+  """
+  _, height, width, _ = x.shape
+  if (height, width) == tuple(size):
+    return x
+  rows = jnp.asarray(torch_bilinear_matrix(height, size[0], True))
+  cols = jnp.asarray(torch_bilinear_matrix(width, size[1], True))
+  out = jnp.einsum("ih,jw,bhwc->bijc", rows, cols, x.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.astype(x.dtype)
