@@ -1,0 +1,44 @@
+"""ScienceQA-IMG (test questions that have an image): option-letter accuracy.
+
+llava:   ScienceQA/problems.json ({pid: {question, choices, answer, hint, image, split}})
+         + ScienceQA/pid_splits.json + ScienceQA/images/test/<pid>/<image>.
+parquet: lmms-lab/ScienceQA 'ScienceQA-IMG' test shards (question, choices, answer,
+         hint, image, subject, ...).
+"""
+
+import os
+
+from leo_mini_jax.evaluation.benchmarks import base
+
+
+@base.register
+class ScienceQA(base.Benchmark):
+  name, title = "sqa", "SQA"
+  folders = ("ScienceQA", "scienceqa", "SQA")
+
+  def _sample(self, pid, r, image):
+    hint = f"Context: {r['hint']}" if r.get("hint") else ""
+    return base.choice_sample(pid, r["question"], list(r["choices"]), int(r["answer"]),
+                              image, hint, str(r.get("subject", "")))
+
+  def llava_records(self):
+    path = self.require("problems.json")
+    problems = base.load_json(path)
+    splits = base.load_json(self.require("pid_splits.json"))
+    for pid in splits[self.split or "test"]:
+      def build(pid=pid):
+        r = problems[pid]
+        if not r.get("image"):
+          return None  # text-only questions are not part of ScienceQA-IMG
+        split_dir = r.get("split", self.split or "test")
+        return self._sample(pid, r, self.where("images", split_dir, pid, r["image"]))
+      yield path, pid, build
+
+  def parquet_sample(self, row):
+    if row.get("image") is None:
+      return None
+    self._count = getattr(self, "_count", -1) + 1
+    return self._sample(str(row.get("id", self._count)), row, base.image_value(row["image"]))
+
+  def score(self, records):
+    return base.accuracy_by(records, base.choice_correct, lambda r: r["target"]["category"])
