@@ -158,11 +158,15 @@ class Rule:
     transform: applied to the source array (its result must have the parameter's shape).
     stack: named group(s) holding integer indices into leading stacked axes of the target
       (`nn.scan` layouts); a string or a tuple for nested stacks, outermost first.
+    groups: optional function of the matched groups returning further (or replaced)
+      groups, for targets and stacked indices computed from the source's: blocks scanned
+      in repeating groups of p put layer i at `blocks_{i % p}`, stacked index i // p.
   """
   source: str
   target: str | tuple[str, ...] | None
   transform: Transform = IDENTITY
   stack: str | tuple[str, ...] = ()
+  groups: Callable[[Mapping[str, str]], Mapping[str, Any]] | None = None
   _regex: re.Pattern = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
@@ -170,7 +174,7 @@ class Rule:
     if isinstance(self.stack, str):
       object.__setattr__(self, "stack", (self.stack,))
     missing = [g for g in self.stack if g not in self._regex.groupindex]
-    if missing:
+    if missing and self.groups is None:
       raise ValueError(f"Rule {self.source!r}: stack group(s) {missing} are not named groups")
 
   @property
@@ -220,7 +224,7 @@ def prefixed(rules: Sequence[Rule], source_prefix: str = "",
     if target is not None:
       target = (target_prefix + target if isinstance(target, str)
                 else tuple(target_prefix + t for t in target))
-    out.append(Rule(re.escape(source_prefix) + source, target, rule.transform, rule.stack))
+    out.append(dataclasses.replace(rule, source=re.escape(source_prefix) + source, target=target))
   return out
 
 
@@ -372,6 +376,8 @@ def plan(reader, rules: Sequence[Rule], expected: Mapping[str, Any],
     if rule.target is None:
       continue
     groups = m.groupdict()
+    if rule.groups is not None:
+      groups.update({k: str(v) for k, v in rule.groups(groups).items()})
     index = tuple(int(groups[name]) for name in rule.stack)
     try:
       out_shapes = rule.transform.out_shape(reader.shape(key))
