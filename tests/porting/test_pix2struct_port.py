@@ -256,3 +256,17 @@ def test_full_size_parameter_count_and_plan_match_hf():
     assert not allowed
     assert {a.target for a in assignments} == set(mapping.flatten_tree(expected))
     assert len(assignments) == 5 + 18 * 9  # 4 embedding tensors + final norm, 9 per layer
+
+
+def test_open_source_derives_the_run_config(tmp_path):
+  """`porting.convert` compares the run config with what the checkpoint implies."""
+  folder = save(full_model(), tmp_path / "full")
+  run = p2s.Pix2StructConfig(hidden_size=32, num_layers=2, num_heads=4, head_dim=6, mlp_dim=40,
+                             patch_size=4, seq_len=12, max_patches=MAX_PATCHES, remat=True,
+                             dtype="bfloat16")
+  overrides = {f: getattr(run, f) for f in p2s_port.RUN_FIELDS}
+  reader, rules, derived = p2s_port.open_source(str(folder), run, overrides)
+  with reader:
+    assert derived == run
+    assert mapping.plan(reader, rules, mapping.abstract_params(
+        p2s.Pix2StructTower(run), jnp.zeros((1, 20, 20, 3))))[0]
