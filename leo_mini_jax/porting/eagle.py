@@ -108,6 +108,8 @@ def _expert_rules(name: str, cfg: Any) -> list[mapping.Rule]:
   port = porting.vision_port(name)
   if name == "convnext":
     return port.convnext_rules(open_clip=False)
+  if name == "sam":  # its scan groups follow the config's global-block pattern
+    return port.sam_rules(neck="eagle", config=cfg)
   return getattr(port, f"{name}_rules")()
 
 
