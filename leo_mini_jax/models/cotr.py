@@ -3,7 +3,7 @@
 For each vision expert i, with learnable queries Q_i [N^V, d_i] and expert tokens
 I_i [N_i, d_i], scores live in a common space of width c = `cotr_dim`:
 
-    Q̂_i = Q_i W^Q_i,  Î_j = I_j W^I_j (every expert j),  T̂ = T W^T      (projections)
+    Q̂_i = N(Q_i W^Q_i), Î_j = N(I_j W^I_j) (every expert j), T̂ = N(T W^T) (projections)
     s_query = Q̂_i Î_iᵀ                                  [N^V, N_i]     (Eq. 2)
     s_self  = pool(Î_i) Î_iᵀ                             [1,   N_i]     (Eq. 3)
     s_cross = Σ_{j≠i} pool(Î_j) Î_iᵀ                     [1,   N_i]     (Eq. 4)
@@ -16,7 +16,21 @@ and the Ī_i are concatenated on channels → [N^V, Σ d_i].
 Choices (DESIGN.md §2.2): the √c scale sits inside the softmax so rows sum to one;
 `pool` is a masked mean by default ('sum' gives the paper's literal vector of ones);
 values are the expert's own features, so Ī_i keeps width d_i and the projector trained in
-stages 1–2 still fits; T is the instruction (user-turn) tokens only.
+stages 1–2 still fits; T is the instruction tokens only (the first user turn by default,
+see data/conversation.py).
+
+Initialisation. Only s_query differs between the N^V rows of α; the other terms are
+shared by every query. With queries at std 0.02 on unnormalised expert features the
+shared terms are orders of magnitude larger and every reduced token starts as the same
+average (rows of α differed by ~1e-4 or less). So the queries start at unit scale and
+every projected input goes through N, an RMS norm with a learnable per-channel scale
+(init 1): each score term is then a dot product of unit-RMS vectors, the query term is
+as large as the shared ones from step 0 whatever the experts' feature scales, and the
+rows of α differ at init.
+
+Precision: the score products accumulate in float32 (`preferred_element_type`) and the
+softmax runs in float32 under bf16 compute; masked means sum and count in float32 and
+divide by the exact count.
 """
 
 import dataclasses
@@ -48,16 +62,35 @@ class CoTRConfig:
 def masked_pool(tokens: Array, mask: Array | None, pool: str) -> Array:
   """Pools [B, N, C] over N → [B, C]; mask [B, N] selects tokens (None = all).
 
-  An empty mask pools to zeros (e.g. a caption example with no instruction).
+  Sums and counts are float32 (a bf16 count is not exact past 256 tokens) and the mean
+  divides by the exact count; an empty mask pools to zeros (e.g. a caption example with
+  no instruction): its total is 0, and the count is clamped to 1 only then. Returns
+  float32.
   """
+  tokens = tokens.astype(jnp.float32)
   if mask is None:
     total = jnp.sum(tokens, axis=1)
-    count = jnp.asarray(tokens.shape[1], tokens.dtype)
+    count = jnp.asarray(tokens.shape[1], jnp.float32)
   else:
-    weights = mask.astype(tokens.dtype)[..., None]
+    weights = mask.astype(jnp.float32)[..., None]
     total = jnp.sum(tokens * weights, axis=1)
     count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
   return total / count if pool == "mean" else total
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) · scale over the last axis, in float32; scale [C] starts at one."""
+  axis_name: str = "cotr"
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return x * scale
 
 
 class CoTR(nn.Module):
@@ -69,16 +102,17 @@ class CoTR(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[Array], text_embeds: Array,
-               text_mask: Array) -> Array:
+               text_mask: Array, return_alpha: bool = False):
     """Consolidates visual tokens.
 
     Args:
       features: per expert, I_i [B, N_i, d_i].
       text_embeds: T [B, L, d_text], the LLM's input embeddings of the prompt.
-      text_mask: [B, L] 1 on instruction (user-turn) tokens.
+      text_mask: [B, L] 1 on instruction tokens.
+      return_alpha: also return the per-expert α_i [B, N^V, N_i] (float32).
 
     Returns:
-      [B, N^V, Σ d_i].
+      [B, N^V, Σ d_i] (and the list of α_i with return_alpha).
     """
     cfg = self.config
     if len(features) != len(self.expert_names):
@@ -88,28 +122,37 @@ class CoTR(nn.Module):
                                             self.param_dtype)
     scale = cfg.cotr_dim ** -0.5
 
-    visual_hat = [dense(("vision_embed", "cotr"), f"{name}_visual_proj")(feats)
-                  for name, feats in zip(self.expert_names, features)]  # Î_j [B, N_j, c]
-    pooled_visual = [masked_pool(v, None, cfg.pool) for v in visual_hat]  # [B, c]
+    norm = lambda name, x: RMSNorm(name=name)(x).astype(self.dtype)
+    # Î_j [B, N_j, c] for every expert j.
+    visual_hat = [norm(f"{name}_visual_norm",
+                       dense(("vision_embed", "cotr"), f"{name}_visual_proj")(feats))
+                  for name, feats in zip(self.expert_names, features)]
+    pooled_visual = [masked_pool(v, None, cfg.pool) for v in visual_hat]  # [B, c] f32
     pooled_all = sum(pooled_visual)
-    text_hat = dense(("embed", "cotr"), "text_proj")(text_embeds)  # T̂ [B, L, c]
-    pooled_text = masked_pool(text_hat, text_mask, cfg.pool)  # [B, c]
+    text_hat = norm("text_norm", dense(("embed", "cotr"), "text_proj")(text_embeds))
+    pooled_text = masked_pool(text_hat, text_mask, cfg.pool)  # [B, c] f32
+    f32_einsum = lambda spec, a, b: jnp.einsum(spec, a, b,
+                                               preferred_element_type=jnp.float32)
 
-    consolidated = []
-    for name, feats, v_hat, pooled_self in zip(self.expert_names, features, visual_hat,
-                                               pooled_visual):
-      queries = layers.learned_queries(self, f"{name}_queries", cfg.num_visual_tokens,
-                                       feats.shape[-1], self.param_dtype)
-      q_hat = dense(("vision_embed", "cotr"), f"{name}_query_proj")(
-          jnp.asarray(queries, self.dtype))  # Q̂_i [N^V, c]
-      s_query = jnp.einsum("qc,bnc->bqn", q_hat, v_hat)
-      s_self = jnp.einsum("bc,bnc->bn", pooled_self, v_hat)
-      s_cross = jnp.einsum("bc,bnc->bn", pooled_all - pooled_self, v_hat)
-      s_text = jnp.einsum("bc,bnc->bn", pooled_text, v_hat)
-      scores = s_query + (s_self + s_cross + s_text)[:, None, :]
-      alpha = jax.nn.softmax(scores.astype(jnp.float32) * scale, axis=-1)
+    consolidated, alphas = [], []
+    for name, feats, v_hat in zip(self.expert_names, features, visual_hat):
+      queries = self.param(  # Q_i, unit scale (see the module docstring)
+          f"{name}_queries", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                          ("queries", "vision_embed")),
+          (cfg.num_visual_tokens, feats.shape[-1]), self.param_dtype)
+      q_hat = norm(f"{name}_query_norm", dense(("vision_embed", "cotr"),
+                                               f"{name}_query_proj")(
+          jnp.asarray(queries, self.dtype)))  # Q̂_i [N^V, c]
+      s_query = f32_einsum("qc,bnc->bqn", q_hat, v_hat)
+      # s_self + s_cross + s_text = (pool(Î_i) + Σ_{j≠i} pool(Î_j) + pool(T̂)) Î_iᵀ.
+      # The shared terms are [B, N_i] vectors: cheap enough to form entirely in float32.
+      shared = f32_einsum("bc,bnc->bn", pooled_all + pooled_text, v_hat.astype(jnp.float32))
+      scores = s_query + shared[:, None, :]
+      alpha = jax.nn.softmax(scores * scale, axis=-1)
+      alphas.append(alpha)
       consolidated.append(jnp.einsum("bqn,bnd->bqd", alpha.astype(self.dtype),
                                      feats.astype(self.dtype)))
     out = jnp.concatenate(consolidated, axis=-1)
-    return nn.with_logical_constraint(
+    out = nn.with_logical_constraint(
         out, ("activation_batch", "activation_vision_tokens", "activation_vision_embed"))
+    return (out, alphas) if return_alpha else out

@@ -11,13 +11,19 @@ shared by every target projection of that block (DESIGN.md §2.3 a).
 Forward values are exactly Eq. 8 (weight 1/k on the selected experts). A hard top-k with
 constant weights gives the router no gradient, so the weights carry a straight-through
 term, 1/k + p − stop_gradient(p), whose value is 1/k and whose gradient is that of p
-(§2.3 b). `gate='prob'` uses renormalised top-k probabilities instead.
+(§2.3 b). `gate='prob'` uses renormalised top-k probabilities instead; at k=1 the
+renormalised weight p/p is the constant 1 (no router gradient at all), so k=1 uses the
+selected probability p itself as the weight (Switch Transformer's choice).
+
+The router's logits accumulate in float32 (`preferred_element_type`) and its softmax
+runs in float32 under bf16 compute.
 
 The expert bank is one batched low-rank product with a per-token weight mask: with r=16
 it costs under 1% of the MLP and needs no gather/scatter (§2.3 d).
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -67,7 +73,8 @@ def routing_weights(probs: jax.Array, top_k: int, gate: str) -> tuple[jax.Array,
   Args:
     probs: [..., E] router probabilities (float32).
     top_k: experts selected per token.
-    gate: 'straight_through' (Eq. 8 values, 1/k, with the gradient of p) or 'prob'.
+    gate: 'straight_through' (Eq. 8 values, 1/k, with the gradient of p) or 'prob'
+      (renormalised top-k probabilities; p itself at k=1, where p/p would be constant).
 
   Returns:
     weights [..., E] (zero outside the top-k) and the selection mask [..., E].
@@ -76,6 +83,8 @@ def routing_weights(probs: jax.Array, top_k: int, gate: str) -> tuple[jax.Array,
   selected = jax.nn.one_hot(top_index, probs.shape[-1], dtype=probs.dtype).sum(-2)
   if gate == "straight_through":
     weights = selected * (1.0 / top_k + probs - jax.lax.stop_gradient(probs))
+  elif top_k == 1:
+    weights = selected * probs
   else:
     chosen = selected * probs
     weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True)
@@ -145,7 +154,13 @@ class MMoERouter(nn.Module):
                       "context_proj", use_bias=False)(router_context)
       hidden = hidden + context[:, None, :]
     hidden = nn.gelu(hidden, approximate=False)
-    logits = dense(cfg.num_experts, ("router_hidden", "router_experts"), "out_proj")(hidden)
+    axes = ("router_hidden", "router_experts")
+    logits = nn.Dense(  # float32 accumulation and output under bf16 compute
+        cfg.num_experts, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj",
+        dot_general=functools.partial(jax.lax.dot_general,
+                                      preferred_element_type=jnp.float32),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))(hidden)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, selected = routing_weights(probs, cfg.top_k, cfg.gate)
     loss, fraction = balance_loss(probs, selected, token_mask)

@@ -26,18 +26,23 @@ def _numpy_cotr(params, names, features, text, mask, pool):
   """Eq. 2–7, one example at a time, cross term as an explicit sum over j ≠ i."""
   linear = lambda x, p: x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
 
+  def rms_norm(x, p):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * np.asarray(p["scale"])
+
   def pooled(tokens, weights):
     total = (tokens * weights[:, None]).sum(0)
     return total / max(weights.sum(), 1.0) if pool == "mean" else total
 
   outputs = []
   for b in range(text.shape[0]):
-    visual_hat = [linear(f[b], params[f"{n}_visual_proj"]) for n, f in zip(names, features)]
-    text_hat = linear(text[b], params["text_proj"])
+    visual_hat = [rms_norm(linear(f[b], params[f"{n}_visual_proj"]), params[f"{n}_visual_norm"])
+                  for n, f in zip(names, features)]
+    text_hat = rms_norm(linear(text[b], params["text_proj"]), params["text_norm"])
     per_expert = []
     for i, name in enumerate(names):
       ones = np.ones(visual_hat[i].shape[0], np.float32)
-      q_hat = linear(np.asarray(params[f"{name}_queries"]), params[f"{name}_query_proj"])
+      q_hat = rms_norm(linear(np.asarray(params[f"{name}_queries"]),
+                              params[f"{name}_query_proj"]), params[f"{name}_query_norm"])
       s_query = q_hat @ visual_hat[i].T
       s_self = pooled(visual_hat[i], ones) @ visual_hat[i].T
       s_cross = sum(pooled(visual_hat[j], np.ones(visual_hat[j].shape[0], np.float32))
@@ -142,3 +147,72 @@ def test_bad_reducer_config_names_the_field():
     reducers.build_reducer(dict(kind="pool"), ("a",))
   with pytest.raises(ValueError, match="unknown field"):
     reducers.build_reducer(dict(kind="cotr", tokens=4), ("a",))
+
+
+def _row_spread(alpha):
+  """Mean total-variation distance between the N^V rows of α [B, N^V, N]."""
+  alpha = np.asarray(alpha, np.float64)
+  tv = 0.5 * np.abs(alpha[:, :, None] - alpha[:, None, :]).sum(-1)
+  count = alpha.shape[1] * (alpha.shape[1] - 1) * alpha.shape[0]
+  return tv.sum() / count
+
+
+def test_rows_of_alpha_differ_at_init_on_unnormalised_features():
+  """Real expert features share a large common component and a large scale; at init the
+  query term must still make the N^V reduced tokens differ (they were near-copies with
+  std-0.02 queries: mean TV distance ~1e-7)."""
+  rng = np.random.default_rng(0)
+  dims, lengths = (32, 48), (16, 64)
+  features = [(3.0 * (4.0 * rng.normal(size=(1, 1, d)) + rng.normal(size=(2, n, d))))
+              .astype(np.float32) for n, d in zip(lengths, dims)]
+  text = (5.0 * rng.normal(size=(2, 10, TEXT_DIM))).astype(np.float32)
+  mask = np.ones((2, 10), np.int32)
+  module = cotr_lib.CoTR(cotr_lib.CoTRConfig(8, 32), ("clip", "convnext"))
+  params = module.init(jax.random.PRNGKey(0), features, text, mask)
+  _, alphas = module.apply(params, features, text, mask, return_alpha=True)
+  for alpha in alphas:
+    np.testing.assert_allclose(np.asarray(alpha).sum(-1), 1.0, rtol=1e-5)
+    assert _row_spread(alpha) > 0.1, _row_spread(alpha)
+
+
+def test_masked_mean_divides_by_the_exact_count_under_bf16():
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.uniform(1, 2, size=(2, 301, 3)), jnp.bfloat16)
+  mask = np.ones((2, 301), np.int32)
+  mask[1, 257:] = 0
+  want = np.stack([np.asarray(tokens[0], np.float64).mean(0),
+                   np.asarray(tokens[1, :257], np.float64).mean(0)])
+  got = cotr_lib.masked_pool(tokens, jnp.asarray(mask), "mean")
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)  # bf16 arithmetic: ~1e-2
+  np.testing.assert_array_equal(np.asarray(cotr_lib.masked_pool(tokens, 0 * mask, "mean")),
+                                0.0)
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, including those of nested jaxprs (pjit, custom_jvp)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from _equations(inner)
+
+
+def test_scores_accumulate_in_float32_under_bf16():
+  names, dims, lengths = ("a", "b"), (6, 10), (9, 4)
+  rng = np.random.default_rng(3)
+  features, text, mask = _inputs(rng, dims, lengths)
+  config = cotr_lib.CoTRConfig(4, COTR_DIM)
+  f32 = cotr_lib.CoTR(config, names)
+  bf16 = cotr_lib.CoTR(config, names, dtype=jnp.bfloat16)
+  params = f32.init(jax.random.PRNGKey(0), features, text, mask)
+  jaxpr = jax.make_jaxpr(lambda p: bf16.apply(p, features, text, mask))(params)
+  score_dots = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"
+                and eqn.params.get("preferred_element_type") == jnp.float32]
+  assert len(score_dots) == 2 * len(names)  # s_query and the shared terms per expert
+  _, alpha_f32 = f32.apply(params, features, text, mask, return_alpha=True)
+  _, alpha_bf16 = bf16.apply(params, features, text, mask, return_alpha=True)
+  for a, b in zip(alpha_f32, alpha_bf16):
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-2)

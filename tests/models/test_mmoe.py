@@ -43,6 +43,8 @@ def _numpy_eq9(cfg, params, x, top_expert_onehot, probs, top_k, gate):
     for e in range(EXPERTS):
       if gate == "straight_through":
         weight = top_expert_onehot[..., e] / top_k
+      elif top_k == 1:  # p itself: p/p would be a constant 1
+        weight = top_expert_onehot[..., e] * probs[..., e]
       else:
         chosen = top_expert_onehot * probs
         weight = chosen[..., e] / chosen.sum(-1)
@@ -67,7 +69,7 @@ def _router_probs(params, x, context, cfg):
 
 
 @pytest.mark.parametrize("top_k,gate", [(1, "straight_through"), (2, "straight_through"),
-                                        (2, "prob")])
+                                        (1, "prob"), (2, "prob")])
 def test_output_equals_eq9_by_hand(top_k, gate):
   cfg, apply, params, x, context, _ = _mlp(top_k, gate)
   probs = _router_probs(params, x, context, cfg)
@@ -93,8 +95,10 @@ def test_top1_only_the_selected_expert_contributes():
     np.testing.assert_array_equal(changed, top == expert)
 
 
-def test_router_and_balance_loss_gradients_are_nonzero():
-  _, apply, params, *_ = _mlp(top_k=1)
+@pytest.mark.parametrize("gate", ["straight_through", "prob"])
+def test_router_and_balance_loss_gradients_are_nonzero(gate):
+  """At k=1 as well: renormalised top-1 'prob' weights (p/p = 1) gave zero task gradient."""
+  _, apply, params, *_ = _mlp(top_k=1, gate=gate)
 
   def task_loss(router_params):
     out, _ = apply({**params, "mmoe_router": router_params})
@@ -106,7 +110,36 @@ def test_router_and_balance_loss_gradients_are_nonzero():
   for loss in (task_loss, aux_loss):
     grads = jax.grad(loss)(params["mmoe_router"])
     norms = {k: float(jnp.linalg.norm(v["kernel"])) for k, v in grads.items()}
-    assert all(n > 0 for n in norms.values()), (loss.__name__, norms)
+    assert all(n > 1e-4 for n in norms.values()), (loss.__name__, norms)
+
+
+def test_prob_gate_at_k1_weights_the_selected_expert_by_p():
+  probs = jnp.array([[0.5, 0.3, 0.2], [0.1, 0.7, 0.2]])
+  weights, _ = mmoe.routing_weights(probs, 1, "prob")
+  np.testing.assert_allclose(np.asarray(weights), [[0.5, 0, 0], [0, 0.7, 0]], atol=1e-7)
+  grad = jax.grad(lambda p: mmoe.routing_weights(p, 1, "prob")[0].sum())(probs)
+  np.testing.assert_allclose(np.asarray(grad), [[1, 0, 0], [0, 1, 0]], atol=1e-7)
+
+
+def test_router_logits_accumulate_in_float32_under_bf16():
+  cfg = mmoe.MMoEConfig(enabled=True, num_experts=EXPERTS, router_hidden_dim=8)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, HIDDEN)), jnp.bfloat16)
+  context = jnp.asarray(rng.normal(size=(2, 2 * HIDDEN)), jnp.bfloat16)
+  mask = jnp.ones((2, 5))
+  router = mmoe.MMoERouter(cfg, dtype=jnp.bfloat16)
+  params = router.init(jax.random.PRNGKey(0), x, context, mask)
+  jaxpr = jax.make_jaxpr(lambda p: router.apply(p, x, context, mask))(params)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  out_dot = [e for e in dots if e.outvars[0].aval.shape[-1] == EXPERTS]
+  assert len(out_dot) == 1
+  assert out_dot[0].params["preferred_element_type"] == jnp.float32
+  assert out_dot[0].outvars[0].aval.dtype == jnp.float32
+  weights, aux = router.apply(params, x, context, mask)
+  f32_weights, _ = mmoe.MMoERouter(cfg).apply(params, x.astype(jnp.float32),
+                                             context.astype(jnp.float32), mask)
+  np.testing.assert_allclose(np.asarray(weights, np.float32), np.asarray(f32_weights),
+                             atol=0.1)
 
 
 def test_hidden_only_router_has_no_context_weights():
