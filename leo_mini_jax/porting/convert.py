@@ -42,8 +42,9 @@ from leo_mini_jax.porting import llama as llama_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
-# Parameters of modules that LEO-MINI adds on top of the ported LLM and experts.
-NEW_MODULES = r"(projector|reducer)/.*|llm/.*/mmoe_.*"
+# Parameters of modules that LEO-MINI adds on top of the ported LLM and experts (SAM's
+# EAGLE neck is new on top of a SAM checkpoint).
+NEW_MODULES = r"(projector|reducer)/.*|llm/.*/mmoe_.*|vision/sam/eagle_neck/.*"
 # What an EAGLE release (= a stage-2 model) lacks for stage 3: CoTR and MMoE-LLM.
 EAGLE_NEW_MODULES = r"reducer/.*|llm/.*/mmoe_.*"
 

@@ -26,7 +26,9 @@ STAGE_SCHEDULES: dict[int, tuple[tuple[str, str | None], ...]] = {
         (".*", None)),
 }
 # What a stage may initialise fresh when it starts from the previous stage's checkpoint.
-STAGE_NEW_PARAMS = {1: r"(projector|reducer)/.*", 2: r"$^", 3: r"(reducer/.*|llm/.*/mmoe_.*)"}
+# (SAM's EAGLE neck is new on top of a SAM checkpoint, as EAGLE initialises it.)
+STAGE_NEW_PARAMS = {1: r"(projector|reducer|vision/sam/eagle_neck)/.*", 2: r"$^",
+                    3: r"(reducer/.*|llm/.*/mmoe_.*)"}
 
 # No weight decay on norms, biases, learned queries and position/class embeddings.
 DEFAULT_NO_DECAY = (r".*/bias$", r".*/scale$", r".*_queries$", r".*position_embedding.*",

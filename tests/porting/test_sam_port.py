@@ -8,6 +8,7 @@ a skipped or transposed tensor), saved with `save_pretrained` and loaded through
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -261,6 +262,12 @@ def test_open_source_and_run_fields(tmp_path):
     params = mapping.convert(reader, rules, expected, allow_missing=sam_port.EAGLE_NECK,
                              fill=mapping.OMIT, to_device=False)
   assert "eagle_neck" not in params and params["layers"]["blocks_0"]["attn"]["q_proj"]
+  # The converter leaves the fresh neck to train.py, which initialises it in stage 1.
+  from leo_mini_jax.porting import convert  # pylint: disable=import-outside-toplevel
+  from leo_mini_jax.training import optimizer  # pylint: disable=import-outside-toplevel
+  for regex in (convert.NEW_MODULES, optimizer.STAGE_NEW_PARAMS[1]):
+    assert re.fullmatch(regex, "vision/sam/eagle_neck/conv1/kernel")
+    assert not re.fullmatch(regex, "vision/sam/layers/blocks_0/attn/proj/kernel")
 
 
 # ---------------------------------------------------------------- full size
