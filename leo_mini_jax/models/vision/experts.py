@@ -35,6 +35,7 @@ from leo_mini_jax import config_utils
 from leo_mini_jax.models.vision import positions
 from leo_mini_jax.models.vision.clip import ClipConfig, ClipVisionTower
 from leo_mini_jax.models.vision.convnext import ConvNextConfig, ConvNextTower
+from leo_mini_jax.models.vision.eva02 import Eva02Config, Eva02Tower
 from leo_mini_jax.models.vision.pix2struct import Pix2StructConfig, Pix2StructTower
 from leo_mini_jax.models.vision.sam import SamConfig, SamVisionTower
 
@@ -85,6 +86,7 @@ def expert_spec(name: str) -> ExpertSpec:
 
 register_expert("clip", ClipConfig, ClipVisionTower)
 register_expert("convnext", ConvNextConfig, ConvNextTower)
+register_expert("eva02", Eva02Config, Eva02Tower)
 register_expert("pix2struct", Pix2StructConfig, Pix2StructTower)
 register_expert("sam", SamConfig, SamVisionTower)
 
