@@ -1,7 +1,8 @@
 """EVA-02 detection backbone (detectron2 ViTDet checkpoint) → `models.vision.eva02.Eva02Tower`.
 
 Reads EVA-02's `eva02_L_coco_det_sys_o365.pth`: a detectron2 checkpoint `{"model":
-state_dict, ...}` loaded with `torch.load(weights_only=True)`, whose backbone sits under
+state_dict, ...}` loaded with `torch.load(weights_only=True)` (where the file also holds
+EMA weights under 'ema_state', those are read, as EAGLE's loader does), whose backbone sits under
 `backbone.net.` (the simple feature pyramid `backbone.simfp_*`, the RPN and ROI heads and
 everything else outside `backbone.net.` are skipped). A bare state dict of the backbone
 (keys without the prefix, as EAGLE's `EVAViT` holds them) is read too.
@@ -38,6 +39,8 @@ from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
 DETECTRON2_PREFIX = "backbone.net."
+# EAGLE's loader takes a checkpoint's 'ema_state' (else 'module') when it has one.
+STATE_KEYS = ("ema_state", "module", "model", "state_dict")
 _BLOCK = r"blocks\.(?P<layer>\d+)\."
 
 
@@ -152,6 +155,14 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], *, prefix: str = "
     raise ValueError(f"{where}: {e}") from None
 
 
+def open_checkpoint(path: str | os.PathLike) -> readers.CheckpointReader:
+  """A reader of the checkpoint; a torch file's EMA weights ('ema_state') win, as in EAGLE."""
+  path = os.fspath(path)
+  if os.path.isfile(path) and path.endswith(readers.TORCH_SUFFIXES):
+    return readers.TorchReader([path], state_keys=STATE_KEYS)
+  return readers.open_checkpoint(path)
+
+
 def _layout(reader) -> tuple[str, dict[str, tuple[int, ...]]]:
   """(key prefix of the backbone: 'backbone.net.' or '', {key: shape})."""
   keys = reader.keys()
@@ -183,7 +194,7 @@ def load_eva02(path: str | os.PathLike, image_size: int = 1024, num_heads: int =
     (module, params): `module.apply({'params': params}, pixels)` maps normalised NHWC
     pixels [B, S, S, 3] (S = image_size) to [B, (S/16)², hidden_size].
   """
-  with readers.open_checkpoint(path) as reader:
+  with open_checkpoint(path) as reader:
     prefix, shapes = _layout(reader)
     config = config_from_shapes(
         shapes, prefix=prefix, where=repr(reader), image_size=image_size, num_heads=num_heads,
@@ -208,7 +219,7 @@ RUN_FIELDS = ("image_size", "num_heads", "window_size", "window_block_indexes",
 def open_source(path: str, cfg: eva02_lib.Eva02Config, overrides: dict):
   """For `porting.convert`: (reader, rules, the config the checkpoint implies)."""
   del cfg  # everything the run decides arrives in `overrides`
-  reader = readers.open_checkpoint(path)
+  reader = open_checkpoint(path)
   prefix, shapes = _layout(reader)
   derived = config_from_shapes(shapes, prefix=prefix, where=repr(reader), **overrides)
   return reader, _rules_for(prefix, derived), derived

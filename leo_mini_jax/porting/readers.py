@@ -192,14 +192,18 @@ def _torch_to_numpy(tensor) -> np.ndarray:
   return tensor.numpy()
 
 
-def _torch_state_dict(obj, file: str) -> dict:
-  """The tensor dict inside what torch.load returned (plain, or under 'state_dict'/'model')."""
+# Where a training checkpoint keeps its weights, first found wins (TorchReader's default).
+STATE_KEYS = ("state_dict", "model", "module")
+
+
+def _torch_state_dict(obj, file: str, state_keys: Sequence[str] = STATE_KEYS) -> dict:
+  """The tensor dict inside what torch.load returned (plain, or under one of `state_keys`)."""
   import torch  # pylint: disable=import-outside-toplevel
   for _ in range(3):
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
       return dict(obj)
     if isinstance(obj, Mapping):
-      inner = [obj[k] for k in ("state_dict", "model", "module") if isinstance(obj.get(k), Mapping)]
+      inner = [obj[k] for k in state_keys if isinstance(obj.get(k), Mapping)]
       if inner:
         obj = inner[0]
         continue
@@ -216,10 +220,13 @@ class TorchReader(CheckpointReader):
 
   Files are loaded one at a time (memory-mapped where the format allows) and only the
   file holding the requested key is kept, so reading keys in `keys()` order holds one
-  shard at a time.
+  shard at a time. `state_keys`: where in a training checkpoint the weights are looked
+  for, first found wins (e.g. ('ema_state', 'model') to prefer EMA weights).
   """
 
-  def __init__(self, files: Sequence[str], weight_map: Mapping[str, str] | None = None):
+  def __init__(self, files: Sequence[str], weight_map: Mapping[str, str] | None = None,
+               state_keys: Sequence[str] = STATE_KEYS):
+    self._state_keys = tuple(state_keys)
     try:
       import torch  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
@@ -258,7 +265,7 @@ class TorchReader(CheckpointReader):
           obj = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # pylint: disable=broad-except
           raise ValueError(f"{file}: torch.load(weights_only=True) failed: {e}") from None
-      self._loaded, self._loaded_file = _torch_state_dict(obj, file), file
+      self._loaded, self._loaded_file = _torch_state_dict(obj, file, self._state_keys), file
     return self._loaded
 
   def keys(self) -> list[str]:

@@ -274,6 +274,26 @@ def test_parity_under_eagle_prefix(tmp_path):
                              reference_tokens(model, x), atol=1e-4, rtol=1e-4)
 
 
+def test_ema_weights_win_and_open_source_matches_the_run_config(tmp_path):
+  # EAGLE loads 'ema_state' when a checkpoint has it; 'model' here holds other weights.
+  model, other = reference(seed=7), reference(seed=8)
+  prefixed = lambda m: {f"backbone.net.{k}": v for k, v in m.state_dict().items()}
+  torch.save({"model": prefixed(other), "ema_state": prefixed(model), "iteration": 1},
+             str(tmp_path / "eva02_det.pth"))
+  run = Eva02Config(**{**TOY_KW, "hidden_size": 64, "num_layers": 6, "intermediate_size": 170,
+                       "pretrain_grid": 5, "remat": True})
+  reader, rules, derived = eva02_port.open_source(
+      str(tmp_path / "eva02_det.pth"), run, {f: getattr(run, f) for f in eva02_port.RUN_FIELDS})
+  assert derived == run
+  module = Eva02Tower(derived)
+  with reader:
+    params = mapping.convert(reader, rules,
+                             mapping.abstract_params(module, jnp.zeros((1, 96, 96, 3))))
+  x = pixels(96, seed=9)
+  np.testing.assert_allclose(np.asarray(module.apply({"params": params}, jnp.asarray(x))),
+                             reference_tokens(model, x), atol=1e-4, rtol=1e-4)
+
+
 def test_bad_keys_are_reported_by_name(tmp_path):
   model = reference()
   state = dict(model.state_dict())
