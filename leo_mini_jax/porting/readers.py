@@ -15,10 +15,20 @@ bfloat16 and float8 tensors come back as `ml_dtypes` arrays: safetensors' numpy 
 has no such dtypes, so their bytes are read straight from the file at the offsets in its
 header. `.bin`/`.pt` files are read only through `torch.load(weights_only=True)` (never a
 plain pickle), and only when torch is installed.
+
+Checkpoints are untrusted input. A pickle that needs code execution to load (anything
+beyond tensors and plain containers) is refused, with a message saying to convert it to
+safetensors; it is never retried with weights_only=False. A safetensors header is
+checked against the file before any tensor is read: every tensor's dtype is known, its
+shape is a list of non-negative integers, its byte range lies inside the data section,
+matches shape × dtype size exactly, and overlaps no other tensor; an error names the
+tensor and the file.
 """
 
 import json
+import math
 import os
+import pickle
 import struct
 from typing import Iterator, Mapping, Sequence
 
@@ -94,18 +104,58 @@ class CheckpointReader:
 
 
 def _safetensors_header(path: str) -> tuple[dict, int]:
-  """(header dict, byte offset where tensor data starts) of a .safetensors file."""
+  """(header dict, byte offset where tensor data starts) of a .safetensors file, after
+  checking every entry against the file (see the module docstring)."""
+  file_size = os.path.getsize(path)
   with open(path, "rb") as f:
     prefix = f.read(8)
     if len(prefix) != 8:
       raise ValueError(f"{path}: not a safetensors file (shorter than its header length)")
     (length,) = struct.unpack("<Q", prefix)
+    if 8 + length > file_size:
+      raise ValueError(f"{path}: header length {length} runs past the end of the file "
+                       f"({file_size} bytes): truncated or not a safetensors file")
     try:
       header = json.loads(f.read(length))
     except (ValueError, UnicodeDecodeError) as e:
       raise ValueError(f"{path}: not a safetensors file ({e})") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
   header.pop("__metadata__", None)
+  _check_header(path, header, file_size - 8 - length)
   return header, 8 + length
+
+
+def _check_header(path: str, header: dict, data_size: int) -> None:
+  """Every entry's dtype, shape and byte range is consistent with the file."""
+  ranges = []
+  for key, entry in header.items():
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(entry, dict):
+      raise ValueError(f"{where}: header entry is not an object")
+    if entry.get("dtype") not in SAFETENSORS_DTYPES:
+      raise ValueError(f"{where} has unsupported dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+      raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in offsets)):
+      raise ValueError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+      raise ValueError(f"{where}: data_offsets [{begin}, {end}] lie outside the data "
+                       f"section of {data_size} bytes (truncated file or a lying header)")
+    want = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize
+    if end - begin != want:
+      raise ValueError(f"{where}: {end - begin} bytes at data_offsets [{begin}, {end}] but "
+                       f"shape {shape} of {entry['dtype']} needs {want}")
+    ranges.append((begin, end, key))
+  ranges.sort()
+  for (_, end_a, key_a), (begin_b, end_b, key_b) in zip(ranges, ranges[1:]):
+    if begin_b < end_a and begin_b < end_b:
+      raise ValueError(f"{path}: tensor {key_b!r} overlaps tensor {key_a!r} "
+                       f"(bytes from {begin_b} before {end_a})")
 
 
 class SafetensorsReader(CheckpointReader):
@@ -129,8 +179,6 @@ class SafetensorsReader(CheckpointReader):
         if key in self._entries:
           raise ValueError(
               f"tensor {key!r} appears in two files: {self._entries[key][0]} and {file}")
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-          raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {entry['dtype']}")
         self._entries[key] = (file, entry)
     if weight_map is not None:
       by_name = {os.path.basename(f): f for f in self.files}
@@ -215,6 +263,17 @@ def _torch_state_dict(obj, file: str, state_keys: Sequence[str] = STATE_KEYS) ->
   raise ValueError(f"{file}: no tensor dictionary found (top-level type {type(obj).__name__})")
 
 
+def _refused(file: str, error: Exception) -> ValueError:
+  """The error for a pickle that weights_only loading refuses (it needs code execution)."""
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return ValueError(
+      f"{file}: refused: this pickle needs code execution to load (torch.load with "
+      f"weights_only=True rejected it: {first_line}). It will not be loaded with "
+      "weights_only=False: convert it to .safetensors where you trust it (e.g. "
+      "`safetensors.torch.save_file(torch.load(path, weights_only=False), "
+      "'model.safetensors')`) and point the converter at that file.")
+
+
 class TorchReader(CheckpointReader):
   """PyTorch `.bin`/`.pt` files, loaded with `torch.load(weights_only=True)`.
 
@@ -260,9 +319,13 @@ class TorchReader(CheckpointReader):
       self._loaded = None  # drop the previous shard before loading the next
       try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+      except pickle.UnpicklingError as e:
+        raise _refused(file, e) from None
       except Exception:  # pylint: disable=broad-except
         try:  # the legacy (non-zip) format cannot be memory-mapped
           obj = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+          raise _refused(file, e) from None
         except Exception as e:  # pylint: disable=broad-except
           raise ValueError(f"{file}: torch.load(weights_only=True) failed: {e}") from None
       self._loaded, self._loaded_file = _torch_state_dict(obj, file, self._state_keys), file

@@ -156,5 +156,68 @@ class _Arbitrary:
 def test_weights_only_refuses_arbitrary_pickles(tmp_path):
   torch = pytest.importorskip("torch")
   torch.save({"w": torch.ones(1), "obj": _Arbitrary()}, tmp_path / "evil.pt")
-  with pytest.raises(ValueError, match="evil.pt"):
+  with pytest.raises(ValueError, match=r"evil\.pt: refused.*code execution.*safetensors"):
     readers.open_checkpoint(tmp_path / "evil.pt")
+
+
+class _RunsCode:
+  """Unpickling this calls a function: what a malicious checkpoint does."""
+
+  def __reduce__(self):
+    return (print, ("this must never run",))
+
+
+def test_code_executing_pickle_is_refused_and_never_run(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  torch.save({"w": torch.ones(1), "payload": _RunsCode()}, tmp_path / "pytorch_model.bin")
+  capsys.readouterr()
+  with pytest.raises(ValueError, match=r"pytorch_model\.bin: refused.*convert it to "
+                                       r"\.safetensors"):
+    readers.open_checkpoint(tmp_path)
+  assert "this must never run" not in capsys.readouterr().out
+  # The legacy (non-zip) serialisation goes through the same refusal.
+  torch.save({"payload": _RunsCode()}, tmp_path / "legacy.pt",
+             _use_new_zipfile_serialization=False)
+  with pytest.raises(ValueError, match=r"legacy\.pt: refused"):
+    readers.open_checkpoint(tmp_path / "legacy.pt")
+  assert "this must never run" not in capsys.readouterr().out
+
+
+def _write_safetensors(path, header: dict, data: bytes):
+  raw = json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+  return path
+
+
+@pytest.mark.parametrize("entries,data_size,match", [
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, 8,
+     r"'w'.*outside the data section"),
+    ({"w": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 16]}}, 16,
+     r"'w'.*16 bytes.*needs 24"),
+    ({"w": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 16]}}, 16,
+     r"'w'.*needs 8"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, 16,
+     r"'b' overlaps tensor 'a'"),
+    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, 4,
+     r"'w'.*not a list of non-negative integers"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, 4, r"'w'.*outside"),
+    ({"w": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, 4,
+     r"'w'.*unsupported dtype"),
+    ({"w": {"dtype": "F32", "shape": [1]}}, 4, r"'w'.*data_offsets"),
+])
+def test_lying_safetensors_headers_name_the_tensor(tmp_path, entries, data_size, match):
+  path = _write_safetensors(tmp_path / "model.safetensors", entries, bytes(data_size))
+  with pytest.raises(ValueError, match=match):
+    readers.open_checkpoint(path)
+
+
+def test_truncated_safetensors_file_is_an_error(tmp_path):
+  save_file({"a": np.ones((64,), np.float32)}, str(tmp_path / "full.safetensors"))
+  raw = (tmp_path / "full.safetensors").read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(raw[:-10])
+  with pytest.raises(ValueError, match=r"cut\.safetensors: tensor 'a'.*outside"):
+    readers.open_checkpoint(tmp_path / "cut.safetensors")
+  (tmp_path / "stub.safetensors").write_bytes(raw[:20])
+  with pytest.raises(ValueError, match=r"stub\.safetensors: header length"):
+    readers.open_checkpoint(tmp_path / "stub.safetensors")
