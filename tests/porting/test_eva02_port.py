@@ -334,7 +334,8 @@ def test_full_size_parameter_count():
   state = model.state_dict()
   torch_params = {k: tuple(p.shape) for k, p in model.named_parameters()}
   expected = mapping.abstract_params(Eva02Tower(Eva02Config()), jnp.zeros((1, 1024, 1024, 3)))
-  assert count(expected) == sum(math.prod(s) for s in torch_params.values()) == 303_388_608  # 24 × 12_599_976 + patch 787_456 + pos 197 × 1024
+  # 24 blocks × 12_599_976 + patch embed 787_456 + 197 positions × 1024
+  assert count(expected) == sum(math.prod(s) for s in torch_params.values()) == 303_388_608
   # The real key set and shapes fit the default config and plan completely.
   shapes = {f"backbone.net.{k}": tuple(v.shape) for k, v in state.items()}
   config = eva02_port.config_from_shapes(shapes, prefix="backbone.net.")
