@@ -161,3 +161,18 @@ def test_bad_configs_and_inputs():
     Eva02Config(image_size=1000)
   with pytest.raises(ValueError, match="square"):
     Eva02Tower(TINY).init(jax.random.key(0), jnp.zeros((1, 96, 64, 3)))
+
+
+def test_registered_as_a_vision_expert():
+  from leo_mini_jax.models.vision import experts
+  fields = {f: getattr(TINY, f) for f in ("image_size", "hidden_size", "intermediate_size",
+                                          "num_layers", "num_heads", "window_size",
+                                          "window_block_indexes", "pretrain_grid",
+                                          "rope_pretrain_grid")}
+  module, info = experts.build_expert("eva02", dict(name="eva02", **fields))
+  assert (info.input_size, info.output_grid, info.feature_dim) == (96, (6, 6), 32)
+  images = jax.ShapeDtypeStruct((2, 128, 128, 3), jnp.uint8)   # master resolution
+  out = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], images)
+  assert out.shape == (2, 36, 32)
+  _, paper = experts.build_expert("eva02", dict(name="eva02"))
+  assert (paper.num_tokens, paper.feature_dim) == (4096, 1024)
