@@ -284,7 +284,7 @@ class SamBlock(nn.Module):
 
 
 class SamBlockGroup(nn.Module):
-  """One repeat of the block pattern: blocks `first … first+period−1` as `blocks_{j}`.
+  """One repeat of the block pattern: its `block_period` blocks as `blocks_{j}`.
 
   Signature fits `nn.scan`: (carry, _) → (carry, None).
   """
