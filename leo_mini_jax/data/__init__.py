@@ -4,6 +4,7 @@
   conversation.py  templates vicuna_v1, llama3, plain; ids + loss/instruction masks
   images.py        load, pad to square with the mean colour, resize to the master size
   synthetic.py     procedural synthetic VQA (the embedded default) and its export CLI
+  validation.py    start-up record checks, skip counts by reason, truncation policy
   llava.py         validated LLaVA JSON + image folder source
   tfds_builder.py  LLaVA JSON → TFDS ArrayRecord build, and its source
   pipeline.py      make_dataset(data_cfg, ...) and default_data_config()

@@ -20,7 +20,6 @@ reads the dataset. Record order is kept (shuffling is the pipeline's job).
 """
 
 import argparse
-import glob
 import json
 import os
 from typing import Any, Sequence
@@ -78,8 +77,7 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
       record = source[index]
       image = b""
       if record["image"] is not None:
-        with open(record["image"], "rb") as f:
-          image = f.read()
+        image = epath.Path(record["image"]).read_bytes()
       yield index, {
           "id": record["id"],
           "image": image,
@@ -104,10 +102,13 @@ def build(split_jsons: dict[str, str], out_dir: str, image_root: str = "", *,
 
 def find_dataset_dir(tfds_dir: str) -> str:
   """The folder holding dataset_info.json: `tfds_dir` itself or one below it."""
-  if os.path.isfile(os.path.join(tfds_dir, "dataset_info.json")):
+  root = epath.Path(tfds_dir)  # local or gs://
+  if (root / "dataset_info.json").is_file():
     return tfds_dir
-  found = sorted(os.path.dirname(p) for p in glob.glob(
-      os.path.join(tfds_dir, "**", "dataset_info.json"), recursive=True))
+  # TFDS lays a build out as data_dir/name/version (gs:// globs have no '**').
+  found = sorted(os.fspath(p.parent) for pattern in ("*/dataset_info.json",
+                                                      "*/*/dataset_info.json")
+                 for p in root.glob(pattern))
   if not found:
     raise FileNotFoundError(f"no TFDS dataset (dataset_info.json) under {tfds_dir} "
                             "(data.tfds_dir)")
