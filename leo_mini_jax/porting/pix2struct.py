@@ -100,7 +100,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], *, num_heads: int 
       with `encoder.` are accepted too).
     num_heads: attention heads (the weights fix only num_heads · head_dim); 24 for large.
     **keywords: other config fields: layer_norm_eps, dense_act_fn, max_patches (defaults:
-      pix2struct-large's), mean, std, dtype, param_dtype, remat, attention_impl.
+      pix2struct-large's), image_size, mean, std, dtype, param_dtype, remat, attention_impl.
 
   The weights determine hidden_size, patch_size (patch_projection's 3·p² inputs),
   seq_len (rows of the position tables), num_layers, mlp_dim and head_dim.
@@ -201,12 +201,12 @@ def config_from_checkpoint(reader, path: str | None = None, **overrides: Any
   return config
 
 
-def _load(path: str | os.PathLike, module_cls, max_patches: int, dtype: str, param_dtype: str,
-          shardings, overrides):
+def _load(path: str | os.PathLike, module_cls, image_size: int, max_patches: int, dtype: str,
+          param_dtype: str, shardings, overrides):
   path = os.fspath(path)
   with readers.open_checkpoint(path) as reader:
-    config = config_from_checkpoint(reader, path, max_patches=max_patches, dtype=dtype,
-                                    param_dtype=param_dtype, **overrides)
+    config = config_from_checkpoint(reader, path, image_size=image_size, max_patches=max_patches,
+                                    dtype=dtype, param_dtype=param_dtype, **overrides)
     tower = p2s_lib.Pix2StructTower(config)
     pixels = jnp.zeros((1, config.input_size, config.input_size, 3), jnp.float32)
     params = mapping.convert(reader, pix2struct_rules(), mapping.abstract_params(tower, pixels),
@@ -214,43 +214,46 @@ def _load(path: str | os.PathLike, module_cls, max_patches: int, dtype: str, par
   return module_cls(config), params
 
 
-def load_pix2struct(path: str | os.PathLike, max_patches: int = 2048, dtype: str = "float32",
-                    param_dtype: str = "float32", shardings=None, **overrides: Any):
+def load_pix2struct(path: str | os.PathLike, image_size: int = 1024, max_patches: int = 2048,
+                    dtype: str = "float32", param_dtype: str = "float32", shardings=None,
+                    **overrides: Any):
   """Loads an HF Pix2Struct folder (full model or vision only) as the LEO-MINI tower.
 
   Args:
     path: folder with config.json and model.safetensors / pytorch_model.bin (or a file;
       without config.json heads/eps/activation take pix2struct-large's values or
       `overrides`).
-    max_patches: the processor's patch budget; the tower's grid is ⌊√max_patches⌋ a side
-      (45 → 720 px for 2048).
+    image_size: the square image the tower receives (EAGLE's 1024² master image).
+    max_patches: the processor's patch budget; with image_size it sets the grid by the
+      processor's formula (45×45, i.e. a 720-px resize, for 2048).
     dtype / param_dtype: compute dtype and the dtype weights are cast to.
     shardings: optional tree of shardings to place each parameter with.
     **overrides: other Pix2StructConfig fields (num_heads, remat, attention_impl, ...).
 
   Returns:
     (tower, params): `tower.apply({'params': params}, pixels)` maps [B, S, S, 3] images
-    in [0, 1] (S = tower.config.input_size) to [B, grid_side², hidden_size].
+    in [0, 1] (S = image_size) to [B, grid_side², hidden_size].
   """
-  return _load(path, p2s_lib.Pix2StructTower, max_patches, dtype, param_dtype, shardings,
-               overrides)
+  return _load(path, p2s_lib.Pix2StructTower, image_size, max_patches, dtype, param_dtype,
+               shardings, overrides)
 
 
-def load_encoder(path: str | os.PathLike, max_patches: int = 2048, dtype: str = "float32",
-                 param_dtype: str = "float32", shardings=None, **overrides: Any):
+def load_encoder(path: str | os.PathLike, image_size: int = 1024, max_patches: int = 2048,
+                 dtype: str = "float32", param_dtype: str = "float32", shardings=None,
+                 **overrides: Any):
   """As `load_pix2struct`, but returns the HF-interface `Pix2StructEncoder`.
 
   `encoder.apply({'params': params}, flattened_patches, attention_mask)` returns HF's
   `last_hidden_state`. The params are the same tree the tower uses.
   """
-  return _load(path, p2s_lib.Pix2StructEncoder, max_patches, dtype, param_dtype, shardings,
-               overrides)
+  return _load(path, p2s_lib.Pix2StructEncoder, image_size, max_patches, dtype, param_dtype,
+               shardings, overrides)
 
 
 load_expert = load_pix2struct
 
 # Pix2StructConfig fields a checkpoint does not determine (taken from the run's config).
-RUN_FIELDS = ("max_patches", "mean", "std", "dtype", "param_dtype", "remat", "attention_impl")
+RUN_FIELDS = ("image_size", "max_patches", "mean", "std", "dtype", "param_dtype", "remat", "attention_impl")
 
 
 def open_source(path: str, cfg: p2s_lib.Pix2StructConfig, overrides: dict):

@@ -90,7 +90,7 @@ def hf_last_hidden(model, fp, mask):
 def test_encoder_matches_hf_with_padding_rows(tmp_path, kind):
   model = vision_model() if kind == "vision" else full_model()
   folder = save(model, tmp_path / kind)
-  encoder, params = p2s_port.load_encoder(folder, max_patches=MAX_PATCHES)
+  encoder, params = p2s_port.load_encoder(folder, max_patches=MAX_PATCHES, image_size=20)
   assert encoder.config.num_heads == 4 and encoder.config.head_dim == 6
   assert encoder.config.patch_size == 4 and encoder.config.seq_len == 12
   fp, mask = padded_patches()
@@ -105,9 +105,10 @@ def test_tower_through_load_vision_expert_matches_processor_then_hf(tmp_path):
   """EAGLE's pipeline at toy size: processor(image) → HF encoder → first grid² rows."""
   model = full_model(seed=3)
   folder = save(model, tmp_path / "full")
-  tower, params = porting.load_vision_expert("pix2struct", folder, max_patches=MAX_PATCHES)
+  tower, params = porting.load_vision_expert("pix2struct", folder, max_patches=MAX_PATCHES,
+                                             image_size=32)
   assert isinstance(tower, p2s.Pix2StructTower) and tower.config.output_grid == (5, 5)
-  images = uint8_images(20, seed=4)
+  images = uint8_images(32, seed=4)  # the processor resizes to 20 px, and so does the tower
   processor = NUMPY_PROCESSOR(max_patches=MAX_PATCHES, patch_size={"height": 4, "width": 4})
   inputs = processor(images=list(images), return_tensors="pt")
   assert inputs["attention_mask"].sum(-1).tolist() == [25.0, 25.0]
@@ -134,18 +135,21 @@ NUMPY_PROCESSOR = next(c for c in reversed(_processors()) if _std_ddof(c) == 0)
 
 
 @pytest.mark.parametrize("processor_cls", _processors(), ids=lambda c: c.__name__)
-@pytest.mark.parametrize("size,patch,max_patches", [(20, 4, MAX_PATCHES), (720, 16, 2048)])
-def test_on_device_patches_match_processor(processor_cls, size, patch, max_patches):
-  """Images already at the grid's size: flattened patches equal the processor's."""
+@pytest.mark.parametrize("size,patch,max_patches,side", [
+    (20, 4, MAX_PATCHES, 5), (32, 4, MAX_PATCHES, 5),  # at the grid's size; resized 32 → 20
+    (720, 16, 2048, 45), (1024, 16, 2048, 45)])        # EAGLE's: 1024 master → 720
+def test_on_device_patches_match_processor(processor_cls, size, patch, max_patches, side):
+  """Standardise, resize to the processor's grid, extract: the processor's rows to ~1e-5."""
   images = uint8_images(size, seed=5)
   processor = processor_cls(max_patches=max_patches, patch_size={"height": patch, "width": patch})
   inputs = processor(images=list(images), return_tensors="np")
   expected, mask = np.asarray(inputs["flattened_patches"]), np.asarray(inputs["attention_mask"])
-  side = size // patch
+  assert p2s.processor_grid(size, size, max_patches, patch) == (side, side)
   assert expected.shape == (2, max_patches, 2 + 3 * patch * patch)
   assert mask.sum(-1).tolist() == [side * side] * 2
   np.testing.assert_array_equal(expected[:, side * side:], 0.0)
-  ours = np.array(p2s.flattened_patches(jnp.asarray(images, jnp.float32) / 255.0, patch))
+  ours = np.array(p2s.flattened_patches(jnp.asarray(images, jnp.float32) / 255.0, patch,
+                                        (side, side)))
   # An N−1 std scales every standardised value by √((N−1)/N): 4e-4 relative at 20 px,
   # 3e-7 at 720 px (EAGLE's size).
   n = size * size * 3
@@ -162,7 +166,7 @@ def test_processor_grid_for_eagle_master_image():
   assert fp.shape == (2048, 770) and int(np.asarray(inputs["attention_mask"]).sum()) == 2025
   np.testing.assert_array_equal(fp[:2025, 0], np.repeat(np.arange(1, 46), 45))
   np.testing.assert_array_equal(fp[:2025, 1], np.tile(np.arange(1, 46), 45))
-  assert p2s.Pix2StructConfig().input_size == 720
+  assert (p2s.Pix2StructConfig().input_size, p2s.Pix2StructConfig().resized_size) == (1024, 720)
 
 
 # ---------------------------------------------------------------- configs
@@ -191,7 +195,7 @@ def test_config_json_disagreeing_with_weights_is_named(tmp_path):
     json.dump(cfg, f)
   with pytest.raises(ValueError, match=r"config.json disagrees with the weights.*d_ff=64 "
                                        r"\(weights: 40\)"):
-    p2s_port.load_pix2struct(folder, max_patches=MAX_PATCHES)
+    p2s_port.load_pix2struct(folder, max_patches=MAX_PATCHES, image_size=20)
 
 
 def test_bad_keys_are_reported_by_name(tmp_path):
@@ -203,7 +207,7 @@ def test_bad_keys_are_reported_by_name(tmp_path):
   state["layernorm.weight"] = torch.ones(31)
   safetensors_torch.save_file(state, str(folder / "model.safetensors"))
   with pytest.raises(PortError) as err:
-    porting.load_vision_expert("pix2struct", folder, max_patches=MAX_PATCHES)
+    porting.load_vision_expert("pix2struct", folder, max_patches=MAX_PATCHES, image_size=20)
   message = str(err.value)
   # (the expected key is shown in the full model's form, `encoder.` prefix present)
   assert "layers/mlp/wo/kernel[layer=1] (expected from encoder.encoder.layer.1.mlp.wo.weight)" \
@@ -230,7 +234,7 @@ def test_full_size_parameter_count_and_plan_match_hf():
   shapes = _meta_state_shapes(hf)
   config = p2s_port.config_from_shapes(shapes)
   assert config == p2s.Pix2StructConfig()  # the defaults are pix2struct-large's
-  abstract = mapping.abstract_params(p2s.Pix2StructTower(config), jnp.zeros((1, 720, 720, 3)))
+  abstract = mapping.abstract_params(p2s.Pix2StructTower(config), jnp.zeros((1, 1024, 1024, 3)))
   ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))
   assert ours == hf_count == 512_812_032
 
@@ -262,8 +266,8 @@ def test_open_source_derives_the_run_config(tmp_path):
   """`porting.convert` compares the run config with what the checkpoint implies."""
   folder = save(full_model(), tmp_path / "full")
   run = p2s.Pix2StructConfig(hidden_size=32, num_layers=2, num_heads=4, head_dim=6, mlp_dim=40,
-                             patch_size=4, seq_len=12, max_patches=MAX_PATCHES, remat=True,
-                             dtype="bfloat16")
+                             patch_size=4, seq_len=12, max_patches=MAX_PATCHES, image_size=20,
+                             remat=True, dtype="bfloat16")
   overrides = {f: getattr(run, f) for f in p2s_port.RUN_FIELDS}
   reader, rules, derived = p2s_port.open_source(str(folder), run, overrides)
   with reader:

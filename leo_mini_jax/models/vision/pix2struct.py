@@ -16,20 +16,20 @@ outputs (as in HF), nothing reads them.
 Two modules share one parameter tree:
   * `Pix2StructEncoder`: `apply({'params': p}, flattened_patches, attention_mask)`, the HF
     interface, for parity and for callers that build patches themselves.
-  * `Pix2StructTower`: the LEO-MINI expert. It takes the square image already resized to
-    `input_size` with [0, 1] values (the config's mean 0 / std 1 make the registry's
-    normalisation the identity) and builds the patches on device the way
-    `Pix2StructImageProcessor` does (`image_patches`).
+  * `Pix2StructTower`: the LEO-MINI expert. It takes the square `image_size` image with
+    [0, 1] values (the config's mean 0 / std 1 make the registry's normalisation the
+    identity; at the default 1024 the registry passes the master image through
+    unresized) and builds the patches on device in the order and with the kernels of
+    `Pix2StructImageProcessor` (`image_patches`): per-image standardisation at
+    `image_size`, then an antialiased bilinear resize to the patch grid the processor's
+    `max_patches` formula gives, then patch extraction.
 
 EAGLE's arrangement (NVlabs/EAGLE `pix2struct_encoder.py`): the 1024² master image goes
 through the processor with `max_patches=2048`, which for a square image gives a 45×45
 grid (720 px at patch 16) padded with 23 empty rows to 2048; the encoder's
 `last_hidden_state[:, :2025]` is read as the 45×45 grid. The padding rows are masked
 out as keys, so they change nothing in the first 2025 outputs: the tower runs on the
-2025 real patches only. One difference in order: the processor standardises the image
-before resizing it, the tower after (the registry resizes first); both are per-image
-affine maps and bilinear resizing preserves the mean, so only the std estimate differs
-slightly.
+2025 real patches only.
 """
 
 import dataclasses
@@ -69,7 +69,8 @@ class Pix2StructConfig:
   HF names: `hidden_size`, `num_hidden_layers` → num_layers, `num_attention_heads` →
   num_heads, `d_kv` → head_dim, `d_ff` → mlp_dim, `seq_len` (rows of the row/column
   tables), `patch_embed_hidden_size` = 3·patch_size², `dense_act_fn`, `layer_norm_eps`.
-  `max_patches` sets the tower's square grid: ⌊√max_patches⌋ patches a side.
+  `image_size` is the square image the tower receives; with `max_patches` it sets the
+  patch grid by the processor's formula (`processor_grid`; 45×45 for 2048 at any size).
   """
   hidden_size: int = 1536
   num_layers: int = 18
@@ -81,6 +82,7 @@ class Pix2StructConfig:
   layer_norm_eps: float = 1e-6
   dense_act_fn: str = "gelu_new"
   max_patches: int = 2048
+  image_size: int = 1024               # EAGLE's master image: standardised before resizing
   mean: tuple[float, ...] = (0.0, 0.0, 0.0)
   std: tuple[float, ...] = (1.0, 1.0, 1.0)
   dtype: str = "float32"
@@ -93,7 +95,7 @@ class Pix2StructConfig:
       raise ValueError(f"Pix2StructConfig.dense_act_fn={self.dense_act_fn!r}: expected one of "
                        f"{ACTIVATIONS}")
     for field in ("hidden_size", "num_layers", "num_heads", "head_dim", "mlp_dim", "patch_size",
-                  "max_patches"):
+                  "max_patches", "image_size"):
       if getattr(self, field) < 1:
         raise ValueError(f"Pix2StructConfig.{field}={getattr(self, field)} must be positive")
     if self.grid_side >= self.seq_len:
@@ -114,15 +116,19 @@ class Pix2StructConfig:
 
   @property
   def grid_side(self) -> int:
-    # ⌊√max_patches⌋ is what the processor's formula gives any square image (45 for 2048);
-    # computed exactly here, where the formula's float square root could land just below
-    # an integer when max_patches is itself a perfect square.
-    return math.isqrt(self.max_patches)
+    """Patches a side for the square `image_size` image (the processor's formula)."""
+    return processor_grid(self.image_size, self.image_size, self.max_patches,
+                          self.patch_size)[0]
+
+  @property
+  def resized_size(self) -> int:
+    """The side the processor resizes the image to (grid_side · patch_size; 720 for large)."""
+    return self.grid_side * self.patch_size
 
   # What the expert registry reads (see experts.py).
   @property
   def input_size(self) -> int:
-    return self.grid_side * self.patch_size
+    return self.image_size
 
   @property
   def output_grid(self) -> tuple[int, int]:
@@ -133,29 +139,41 @@ class Pix2StructConfig:
     return self.hidden_size
 
 
-def image_patches(pixels: jax.Array, patch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The processor's standardisation and patch extraction on device.
+def image_patches(pixels: jax.Array, patch_size: int, grid: tuple[int, int] | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The processor's standardisation, resize and patch extraction on device.
 
   Args:
-    pixels: [B, H, W, 3] values in [0, 1] (H, W multiples of `patch_size`).
+    pixels: [B, H, W, 3] values in [0, 1].
+    patch_size: p.
+    grid: (rows, cols) of patches to resize to; None: (H/p, W/p), no resize (H, W
+      multiples of p).
 
   Returns:
-    (patches [B, (H/p)(W/p), p·p·3] float32, row_ids, col_ids [(H/p)(W/p)] int32, 1-based).
+    (patches [B, rows·cols, p·p·3] float32, row_ids, col_ids [rows·cols] int32, 1-based).
     Patches are row-major over the grid, each flattened in (pixel row, pixel column,
     channel) order as the processor's `torch_extract_patches` does. Standardisation is
     per image over all pixels and channels of the [0, 255]-scaled image:
     (x − mean) / max(std, 1/√(H·W·3)), std without Bessel's correction (the numpy
     processor's `np.std`; the torchvision one uses N−1, a relative 1/(2·H·W·3) apart).
+    It happens before the resize, as in the processor. The resize is bilinear with
+    antialiasing (torch `interpolate(mode='bilinear', antialias=True)`, which the
+    processor calls, and `jax.image.resize(antialias=True)` agree to ~1e-6).
   """
   batch, height, width, channels = pixels.shape
-  if height % patch_size or width % patch_size:
-    raise ValueError(f"image_patches: image {height}×{width} is not a multiple of "
-                     f"patch_size={patch_size}")
+  if grid is None:
+    if height % patch_size or width % patch_size:
+      raise ValueError(f"image_patches: image {height}×{width} is not a multiple of "
+                       f"patch_size={patch_size}")
+    grid = (height // patch_size, width // patch_size)
   x = pixels.astype(jnp.float32) * PIXEL_SCALE
   mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
   std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=(1, 2, 3), keepdims=True))
   x = (x - mean) / jnp.maximum(std, 1.0 / math.sqrt(height * width * channels))
-  rows, cols = height // patch_size, width // patch_size
+  rows, cols = grid
+  if (rows * patch_size, cols * patch_size) != (height, width):
+    x = jax.image.resize(x, (batch, rows * patch_size, cols * patch_size, channels),
+                         method="bilinear", antialias=True)
   x = x.reshape(batch, rows, patch_size, cols, patch_size, channels).transpose(0, 1, 3, 2, 4, 5)
   patches = x.reshape(batch, rows * cols, patch_size * patch_size * channels)
   row_ids = jnp.repeat(jnp.arange(1, rows + 1, dtype=jnp.int32), cols)
@@ -163,9 +181,10 @@ def image_patches(pixels: jax.Array, patch_size: int) -> tuple[jax.Array, jax.Ar
   return patches, row_ids, col_ids
 
 
-def flattened_patches(pixels: jax.Array, patch_size: int) -> jax.Array:
+def flattened_patches(pixels: jax.Array, patch_size: int, grid: tuple[int, int] | None = None
+                      ) -> jax.Array:
   """[B, H, W, 3] in [0, 1] → the processor's rows [B, N, 2 + p²·3] (no padding rows)."""
-  patches, row_ids, col_ids = image_patches(pixels, patch_size)
+  patches, row_ids, col_ids = image_patches(pixels, patch_size, grid)
   ids = jnp.stack([row_ids, col_ids], axis=-1).astype(jnp.float32)
   ids = jnp.broadcast_to(ids, (patches.shape[0],) + ids.shape)
   return jnp.concatenate([ids, patches], axis=-1)
@@ -306,14 +325,13 @@ class Pix2StructTower(nn.Module):
     nn.share_scope(self, self.encoder)
 
   def __call__(self, pixels: jax.Array) -> jax.Array:
-    """Args: pixels [B, S, S, 3] in [0, 1] (S = input_size, i.e. grid_side · patch_size).
+    """Args: pixels [B, S, S, 3] in [0, 1] (S = image_size).
 
     Returns: [B, grid_side², hidden_size], row-major over the patch grid.
     """
     cfg = self.config
-    if pixels.ndim != 4 or pixels.shape[1:] != (cfg.input_size, cfg.input_size, 3):
-      raise ValueError(f"Pix2StructTower: expected pixels [B, {cfg.input_size}, {cfg.input_size}, 3]"
-                       f" (the {cfg.grid_side}×{cfg.grid_side} grid max_patches="
-                       f"{cfg.max_patches} gives a square image), got {pixels.shape}")
-    patches, row_ids, col_ids = image_patches(pixels, cfg.patch_size)
+    if pixels.ndim != 4 or pixels.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+      raise ValueError(f"Pix2StructTower: expected pixels [B, {cfg.image_size}, {cfg.image_size}, "
+                       f"3] (image_size), got {pixels.shape}")
+    patches, row_ids, col_ids = image_patches(pixels, cfg.patch_size, cfg.output_grid)
     return self.encoder.encode(patches, row_ids, col_ids)
