@@ -5,7 +5,13 @@
       --config.init_from=/tmp/leo/stage2
 
 Any config field can be overridden: --config.optimizer.lr=2e-5. Re-running with the same
-workdir resumes from its latest checkpoint.
+workdir resumes from its latest checkpoint (on any mesh and process count).
+
+Multi-host: --config.distributed.multi_host=true makes every process call
+jax.distributed.initialize (coordinator and process ids from the platform on TPU pods,
+SLURM and Open MPI, or from --config.distributed.coordinator_address=HOST:PORT
+--config.distributed.num_processes=N --config.distributed.process_id=I). The workdir may
+be a gs:// path. SIGTERM saves a checkpoint at the step reached and exits with status 0.
 """
 
 from absl import app
@@ -26,9 +32,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  mesh_lib.initialize_distributed(config.distributed)
+  mesh_lib.setup_runtime(config)
   summary = loop.train(config, _WORKDIR.value)
   final = summary["final"]
+  if summary["stopped"] == "preempted":
+    print(f"stage {config.stage}: preempted; saved step {int(summary['state'].step)}")
+    return
   logging.info("done: %s", {k: round(v, 4) for k, v in final.items()
                             if not k.startswith("routing/")})
   print(f"stage {config.stage}: step {config.total_steps} loss {final.get('loss', float('nan')):.4f} "

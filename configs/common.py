@@ -96,12 +96,18 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   config.log_every = 50
   # A previous stage's workdir or a ported params checkpoint (porting.convert).
   config.init_from = ""
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Axis sizes within a slice (ICI; -1 = the rest); `dcn`: slices per axis across the
+  # data-centre network (multi-slice TPU, GPU hosts with process_is_granule=True).
+  config.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1),
+                     process_is_granule=False)
   config.sharding_rules = [list(rule) for rule in mesh.DEFAULT_RULES]
-  config.checkpoint = dict(every_steps=1000, keep=3, keep_period=0, async_save=True)
+  # Saves every `every_steps` steps and/or `every_seconds` seconds (0 = off), at the end,
+  # and at the step a preemption notice (SIGTERM) reaches.
+  config.checkpoint = dict(every_steps=1000, every_seconds=0, keep=3, keep_period=0,
+                           async_save=True)
   config.eval = dict(max_new_tokens=16, batch_size=32, num_examples=0)
-  config.distributed = dict(multi_host=False, coordinator_address=None, num_processes=None,
-                            process_id=None)
+  config.distributed = mesh.default_distributed_config()
+  config.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); '' = off
   return config
 
 
@@ -132,7 +138,7 @@ def full_size_config(llm: dict, template: str, arg_string: str | None
   config.optimizer.lr = FULL_SIZE_LEARNING_RATES[arg.stage]
   config.optimizer.warmup_steps = 0.03
   config.total_steps = arg.steps or 5200  # one epoch of LLaVA-665K at batch 128
-  config.mesh = dict(data=1, fsdp=-1, tensor=1)
-  config.checkpoint = dict(every_steps=1000, keep=3, keep_period=0, async_save=True)
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  config.checkpoint.update(every_steps=1000, every_seconds=3600)
   config.log_every = 10
   return config

@@ -310,7 +310,8 @@ class DataPipeline:
 def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
                  template: Any = None, split: str = "train",
                  process_index: int | None = None, process_count: int | None = None,
-                 seed: int | None = None, *, mode: str | None = None) -> DataPipeline:
+                 seed: int | None = None, *, mode: str | None = None,
+                 start_position: int = 0) -> DataPipeline:
   """Builds the pipeline of `split` for this process.
 
   Args:
@@ -324,6 +325,9 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
       data_cfg.seed, so changing the shuffle seed does not change the dataset.)
     mode: 'train' | 'eval' | 'generate'; defaults to 'train' for the train split and
       'generate' for the eval split.
+    start_position: train mode: examples of the global shuffled stream already consumed
+      (all processes together). A resumed run starts here, so the position is independent
+      of the process count and batch size that consumed them.
   """
   mode = mode or ("train" if split == "train" else "generate")
   if mode not in MODES:
@@ -352,7 +356,9 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
 
   if mode == "train":
     ds = grain.MapDataset.source(source).shuffle(seed % 2**32).repeat()
-    ds = ds[process_index::process_count]
+    # Process p reads global positions start + p, start + p + P, ...: after k steps of
+    # global batch B exactly positions [start, start + kB) are consumed, whatever P is.
+    ds = ds[int(start_position) + process_index::process_count]
     ds = ds.map(_TrainTransform(encoder))
     ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=collate)
     num_batches = None

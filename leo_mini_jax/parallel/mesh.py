@@ -12,8 +12,10 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -61,28 +63,73 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
-  """Mesh over ('data', 'fsdp', 'tensor'); one size may be -1 ("the rest")."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
+def _axis_sizes(shape: Any, where: str) -> list[int]:
+  """{'data': 2, ...} or a sequence → sizes in MESH_AXES order (missing axes are 1)."""
   if isinstance(shape, dict) or hasattr(shape, "keys"):
-    unknown = sorted(set(shape.keys()) - set(MESH_AXES))
+    unknown = sorted(set(shape.keys()) - set(MESH_AXES) - {"dcn", "process_is_granule"})
     if unknown:
-      raise ValueError(f"mesh: unknown axes {unknown}; expected {MESH_AXES}")
-    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
-  else:
-    sizes = [int(s) for s in shape]
+      raise ValueError(f"{where}: unknown axes {unknown}; expected {MESH_AXES}")
+    return [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  return [int(s) for s in shape]
+
+
+def _fill_rest(sizes: list[int], total: int, where: str) -> list[int]:
+  """Replaces one -1 by what is left of `total`; checks the product."""
+  named = dict(zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ValueError(f"{where}: at most one axis may be -1, got {named}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if devices.size % known:
-      raise ValueError(f"mesh: {devices.size} devices do not split into "
-                       f"{dict(zip(MESH_AXES, sizes))}")
-    sizes[sizes.index(-1)] = devices.size // known
-  if math.prod(sizes) != devices.size:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"have {devices.size}")
-  return Mesh(devices.reshape(sizes), MESH_AXES)
+    if known <= 0 or total % known:
+      raise ValueError(f"{where}: {total} devices do not split into {named}")
+    sizes = list(sizes)
+    sizes[sizes.index(-1)] = total // known
+  if math.prod(sizes) != total:
+    raise ValueError(f"{where} {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                     f"devices, have {total}")
+  return sizes
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int], devices=None, dcn: Any = None,
+              process_is_granule: bool = False) -> Mesh:
+  """Mesh over ('data', 'fsdp', 'tensor') that follows the physical topology.
+
+  Args:
+    shape: sizes per axis within one slice (ICI); one may be -1 ("the rest"). A dict
+      may carry the `dcn` section itself (`config.mesh`).
+    devices: defaults to all devices (`jax.devices()`); tests pass a subset.
+    dcn: slices per axis across the data-centre network, e.g. {'data': 2} for two
+      v5e-256 slices; the mesh axis is ICI size × DCN size. None or all ones: one slice.
+    process_is_granule: treat each process as a "slice" (GPU hosts, CPU tests), for
+      platforms whose devices carry no `slice_index`.
+
+  `jax.make_mesh` / `mesh_utils.create_hybrid_device_mesh` order the devices so that
+  neighbours on an axis are neighbours on the interconnect (a plain reshape of
+  `jax.devices()` is not, on TPU pods).
+  """
+  if dcn is None and hasattr(shape, "get"):
+    dcn = shape.get("dcn")
+    process_is_granule = bool(shape.get("process_is_granule", process_is_granule))
+  devices = list(jax.devices() if devices is None else np.asarray(devices).ravel())
+  dcn_sizes = _axis_sizes(dcn or {}, "mesh.dcn")
+  if any(s < 1 for s in dcn_sizes):
+    raise ValueError(f"mesh.dcn: sizes must be >= 1, got {dict(zip(MESH_AXES, dcn_sizes))}")
+  num_slices = math.prod(dcn_sizes)
+  if len(devices) % num_slices:
+    raise ValueError(f"mesh.dcn {dict(zip(MESH_AXES, dcn_sizes))}: {len(devices)} devices "
+                     f"do not split into {num_slices} slices")
+  ici_sizes = _fill_rest(_axis_sizes(shape, "mesh"), len(devices) // num_slices, "mesh")
+  if num_slices > 1:
+    array = mesh_utils.create_hybrid_device_mesh(
+        ici_sizes, dcn_sizes, devices, process_is_granule=process_is_granule)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  try:
+    # Auto axes: shardings come from the rules tables, as with a plain `Mesh`.
+    return jax.make_mesh(tuple(ici_sizes), MESH_AXES, devices=devices,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  except (ValueError, NotImplementedError, AssertionError):
+    # A device subset that is not a whole physical sub-slice (tests on part of a host).
+    return Mesh(np.asarray(devices).reshape(ici_sizes), MESH_AXES)
 
 
 def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mesh,
@@ -148,10 +195,64 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[st
           for k, v in local_batch.items()}
 
 
-def initialize_distributed(config: Any) -> None:
-  """`jax.distributed.initialize` when the config asks for multi-host."""
-  if not config.get("multi_host", False):
-    return
+def default_distributed_config() -> dict:
+  """The `distributed` config section. Optional fields are typed placeholders (None by
+  default, settable from the command line: --config.distributed.process_id=3)."""
+  placeholder = ml_collections.config_dict.placeholder
+  return dict(
+      # True: call jax.distributed.initialize. With no other field set, JAX reads the
+      # coordinator, process count and id from the platform (TPU pods, SLURM, Open MPI).
+      multi_host=False,
+      coordinator_address=placeholder(str),  # 'host:port' of process 0
+      num_processes=placeholder(int),
+      process_id=placeholder(int),
+      local_device_ids=placeholder(str),  # '0,1': the GPUs this process drives
+      initialization_timeout=300,  # seconds to wait for every process to join
+  )
+
+
+def initialize_distributed(config: Any) -> bool:
+  """`jax.distributed.initialize` when `config` (the `distributed` section) asks for it.
+
+  Multi-host when `multi_host` is set or a coordinator address is given; explicit fields
+  are passed on, the rest JAX detects from the platform. Call before any other JAX call.
+  Afterwards JAX's preemption service owns SIGTERM (see `training.preemption`).
+  Returns whether this run is multi-process.
+  """
+  if not (config.get("multi_host", False) or config.get("coordinator_address")):
+    return False
+  if jax.distributed.is_initialized():
+    return True
   kwargs = {k: config[k] for k in ("coordinator_address", "num_processes", "process_id")
             if config.get(k) is not None}
+  if config.get("local_device_ids"):
+    kwargs["local_device_ids"] = [int(i) for i in str(config.local_device_ids).split(",")]
+  if config.get("initialization_timeout"):
+    kwargs["initialization_timeout"] = int(config.initialization_timeout)
   jax.distributed.initialize(**kwargs)
+  return True
+
+
+def setup_runtime(config: Any) -> None:
+  """Process start-up for train.py / eval.py: multi-host init, then the compilation cache.
+
+  `config.compilation_cache_dir` ('' = off; local or gs://) keeps compiled programs
+  across restarts, so a preempted pod job does not recompile its train step.
+  """
+  initialize_distributed(config.get("distributed") or {})
+  cache_dir = config.get("compilation_cache_dir")
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def process_summary(mesh: Mesh) -> str:
+  """One line for the start of a run's log: processes, devices, mesh."""
+  return (f"process {jax.process_index()}/{jax.process_count()}: "
+          f"{jax.local_device_count()} local of {jax.device_count()} "
+          f"{jax.devices()[0].platform} devices; mesh {dict(mesh.shape)}")
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """Devices the batch is split over (mesh 'data' × 'fsdp')."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -1,57 +1,78 @@
-"""Checkpoints with orbax: the train state and the grain iterator side by side.
+"""Checkpoints with orbax: the train state and the data position side by side.
 
-Layout of a run's workdir:
+Layout of a run's workdir (local or gs://, through etils.epath):
 
-    <workdir>/checkpoints/<step>/state       TrainState as {'step', 'params', 'opt_state'}
-    <workdir>/checkpoints/<step>/data_iter   grain iterator state (JSON)
+    <workdir>/checkpoints/<step>/state          TrainState as {'step', 'params', 'opt_state'}
+    <workdir>/checkpoints/<step>/data_position  JSON: examples of the global shuffled
+                                                stream consumed (see below)
 
 A parameters-only checkpoint (what `porting.convert` writes, and what `init_from` also
 accepts) is an orbax PyTree checkpoint directory holding {'params': ...}.
 
 Restores always go into abstract targets that carry the *current* shardings, so a run can
-resume on a different mesh.
+resume on a different mesh and process count. The data position is a count of global
+examples, not a per-process iterator state, for the same reason: the pipeline restarts
+at that position for whatever processes and batch size the resumed run has
+(`pipeline.make_dataset(start_position=...)`).
 """
 
-import os
+import logging
 import re
-from typing import Any
+import time
+from typing import Any, Callable
 
-import grain
+from etils import epath
 from flax import traverse_util
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
-STATE, DATA_ITER = "state", "data_iter"
+STATE, DATA_POSITION = "state", "data_position"
 
 
 class Checkpointer:
-  """Keep-N + keep-period, async saves, iterator state beside the train state."""
+  """Keep-N + keep-period, async saves, the data position beside the train state."""
 
   def __init__(self, workdir: str, cfg: Any):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = epath.Path(workdir) / "checkpoints"
+    if not str(self.directory).startswith(("gs://", "s3://")):
+      self.directory = self.directory.absolute()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, keep_period=cfg.get("keep_period") or None,
         enable_async_checkpointing=bool(cfg.get("async_save", True)), create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA_ITER: grain.checkpoint.CheckpointHandler()})
+                       DATA_POSITION: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iter: Any | None = None) -> None:
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_position: dict | None = None) -> None:
+    """Starts an (async) save; every process calls it at the same step."""
     items = {STATE: ocp.args.StandardSave(_state_dict(state))}
-    if data_iter is not None:
-      items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+    if data_position is not None:
+      items[DATA_POSITION] = ocp.args.JsonSave(dict(data_position))
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
-    """Restores into `abstract_state` (ShapeDtypeStructs with shardings); the iterator in place."""
-    items = {STATE: ocp.args.StandardRestore(_state_dict(abstract_state))}
-    if data_iter is not None:
-      items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """The train state of `step`, restored into `abstract_state` (ShapeDtypeStructs that
+    carry the target shardings): any mesh, any process count."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(_state_dict(abstract_state))}))
     return type(abstract_state)(**restored[STATE])
+
+  def data_position(self, step: int) -> dict | None:
+    """The saved data position of `step` ({'examples_seen', ...}), None if absent."""
+    if not (self.directory / str(step) / DATA_POSITION).exists():
+      return None
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        **{DATA_POSITION: ocp.args.JsonRestore()}))
+    return dict(restored[DATA_POSITION])
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -64,25 +85,64 @@ def _state_dict(state: Any) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
+class SavePolicy:
+  """The one place that decides whether to save after a step.
+
+  Reasons: 'final' (the last step), 'preempted' (a preemption notice reached this step),
+  'steps' (every `every_steps`), 'seconds' (`every_seconds` since the last save, on
+  process 0's clock, so that all processes agree).
+  """
+
+  def __init__(self, cfg: Any, now: Callable[[], float] = time.monotonic):
+    self.every_steps = int(cfg.get("every_steps") or 0)
+    self.every_seconds = float(cfg.get("every_seconds") or 0)
+    self.now = now
+    self.last_save = now()
+
+  def saved(self) -> None:
+    self.last_save = self.now()
+
+  def reason(self, step: int, total: int, preempted: bool) -> str | None:
+    if step == total:
+      return "final"
+    if preempted:
+      return "preempted"
+    if self.every_steps and step % self.every_steps == 0:
+      return "steps"
+    if self.every_seconds and self._time_is_up():
+      return "seconds"
+    return None
+
+  def _time_is_up(self) -> bool:
+    due = self.now() - self.last_save >= self.every_seconds
+    if jax.process_count() > 1:
+      due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+    return due
+
+
+def _path(path: str) -> epath.Path:
+  path = epath.Path(path)
+  return path if str(path).startswith(("gs://", "s3://")) else path.absolute()
+
+
 def save_params(path: str, params: Any) -> None:
   """Writes a parameters-only checkpoint ({'params': params}) at `path`."""
   checkpointer = ocp.PyTreeCheckpointer()
-  checkpointer.save(os.path.abspath(path), args=ocp.args.PyTreeSave({"params": params}),
-                    force=True)
+  checkpointer.save(_path(path), args=ocp.args.PyTreeSave({"params": params}), force=True)
 
 
-def _params_item_dir(path: str) -> str:
+def _params_item_dir(path: str) -> epath.Path:
   """The orbax directory holding {'params': ...} for a workdir, a step or a params dir."""
-  path = os.path.abspath(path)
-  manager_dir = os.path.join(path, "checkpoints")
-  if os.path.isdir(manager_dir):
-    steps = [int(d) for d in os.listdir(manager_dir) if d.isdigit()]
+  path = _path(path)
+  manager_dir = path / "checkpoints"
+  if manager_dir.is_dir():
+    steps = [int(d.name) for d in manager_dir.iterdir() if d.name.isdigit()]
     if not steps:
       raise FileNotFoundError(f"init_from: no checkpoint under {manager_dir}")
-    return os.path.join(manager_dir, str(max(steps)), STATE)
-  if os.path.isdir(os.path.join(path, STATE)):
-    return os.path.join(path, STATE)
-  if os.path.isdir(path):
+    return manager_dir / str(max(steps)) / STATE
+  if (path / STATE).is_dir():
+    return path / STATE
+  if path.is_dir():
     return path
   raise FileNotFoundError(f"init_from: {path} does not exist")
 
@@ -91,15 +151,20 @@ def _flat(tree: Any) -> dict[str, Any]:
   return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
-def load_params(path: str, abstract_params: Any, fresh_params: Any = None,
+def load_params(path: str, abstract_params: Any,
+                init_fresh: Callable[[list[str]], dict[str, Any]] | None = None,
                 allow_missing: str = r"$^") -> tuple[Any, list[str]]:
   """Initialises a run from another run's (or a port's) parameters.
+
+  Checkpointed parameters are read straight into `abstract_params`' shardings (and
+  dtypes: a float32 checkpoint fills bfloat16 frozen weights); no full random copy of the
+  model is made first. Only what is allowed to be missing comes from `init_fresh`.
 
   Args:
     path: a train workdir (its latest step), a step directory, or a params checkpoint.
     abstract_params: ShapeDtypeStructs with the target shardings (plain tree).
-    fresh_params: freshly initialised params (same tree) used for what may be missing
-      (needed only when something is).
+    init_fresh: paths → {path: initialised array} for the parameters the checkpoint
+      lacks (needed only when something is).
     allow_missing: regex (full match) of parameter paths that may be absent and stay fresh.
 
   Returns:
@@ -138,6 +203,12 @@ def load_params(path: str, abstract_params: Any, fresh_params: Any = None,
           item={"params": subset},
           restore_args=ocp.checkpoint_utils.construct_restore_args({"params": subset}),
           partial_restore=True))["params"]
-  merged = _flat(fresh_params) if fresh_paths else {}
+  merged = {}
+  if fresh_paths:
+    if init_fresh is None:
+      raise ValueError(f"init_from {path}: {len(fresh_paths)} parameters are new "
+                       f"({', '.join(fresh_paths[:5])}, ...) and no initialiser was given")
+    merged.update(init_fresh(fresh_paths))
+    logging.info("init_from %s: %d new parameters initialised", path, len(fresh_paths))
   merged.update(_flat(restored))
   return traverse_util.unflatten_dict(merged, sep="/"), fresh_paths

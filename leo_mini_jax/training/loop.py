@@ -1,11 +1,16 @@
-"""The training loop: mesh, sharded state, data, jitted step, logging, checkpoints."""
+"""The training loop: mesh, sharded state, data, jitted step, logging, checkpoints.
 
-import json
+The same loop runs on one CPU and on a pod: `data.batch_size` is the global batch (each
+process feeds batch_size / process_count rows), shardings come from abstract shapes, a
+checkpoint restores on any mesh and process count, and a preemption notice (SIGTERM)
+saves the step reached before a clean exit.
+"""
+
 import logging
-import os
 import time
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,7 +23,9 @@ from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.models import leo_mini as leo_mini_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
+from leo_mini_jax.training import metrics as metrics_lib
 from leo_mini_jax.training import optimizer as optimizer_lib
+from leo_mini_jax.training import preemption as preemption_lib
 from leo_mini_jax.training import step as step_lib
 
 # On a 2-core CPU, collectives stall when dozens of steps are queued: block at least this often.
@@ -86,6 +93,31 @@ class TrainSetup:
                      out_shardings=self.state_shardings)
       return init(jax.random.PRNGKey(seed))
 
+  def init_params_subset(self, paths: list[str], seed: int) -> dict[str, jax.Array]:
+    """{path: freshly initialised value} for `paths` only, each in its target sharding.
+
+    The values equal those of a full `init_state(seed)`; XLA drops the initialisers of
+    every other parameter, so no full random copy of the model is ever allocated.
+    """
+    shardings = traverse_util.flatten_dict(self.state_shardings.params, sep="/")
+    batch = dummy_batch(self.config)
+
+    def init(rng):
+      params = nn.unbox(self.model.init(rng, batch)["params"])
+      flat = traverse_util.flatten_dict(params, sep="/")
+      return {p: flat[p] for p in paths}
+
+    with self.mesh, mesh_lib.logical_axis_rules(self.rules):
+      return jax.jit(init, out_shardings={p: shardings[p] for p in paths})(
+          jax.random.PRNGKey(seed))
+
+  def state_from_params(self, params) -> step_lib.TrainState:
+    """Step 0 and a fresh optimizer state around `params` (already sharded)."""
+    with self.mesh, mesh_lib.logical_axis_rules(self.rules):
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+      step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
+    return step_lib.TrainState(step, params, opt_state)
+
   def jit_train_step(self):
     step_fn = step_lib.make_train_step(
         self.model, self.tx, self.trainable, self.lr_schedule,
@@ -113,100 +145,110 @@ def _lower(jitted, setup, state, batch):
     return jitted.lower(state, batch)
 
 
-class MetricsWriter:
-  """Scalars to TensorBoard event files and a JSONL file in the workdir (process 0 only)."""
-
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    self.jsonl = None
-    self.tensorboard = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
-        logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
-    if self.tensorboard is not None:
-      for name, value in scalars.items():
-        self.tensorboard.add_scalar(name, value, step)
-
-  def close(self) -> None:
-    if self.jsonl:
-      self.jsonl.close()
-    if self.tensorboard is not None:
-      self.tensorboard.close()
-
-
-def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-  """Device metrics → flat floats (routing fractions as routing/layer_L/expert_E)."""
-  out = {}
-  for name, value in metrics.items():
-    value = np.asarray(value)
-    if name == "routing_fraction":
-      for layer, row in enumerate(value):
-        for expert, fraction in enumerate(row):
-          out[f"routing/layer_{layer}/expert_{expert}"] = float(fraction)
-    else:
-      out[name] = float(value)
-  return out
-
 
 def initial_state(setup: TrainSetup, checkpointer: checkpoint_lib.Checkpointer,
-                  data_iter) -> tuple[step_lib.TrainState, str]:
-  """Resume from the workdir, else start from `init_from`, else from scratch."""
+                  step: int | None = None) -> tuple[step_lib.TrainState, str]:
+  """Resume from the workdir (checkpoint `step`, default the latest), else start from
+  `init_from`, else from scratch. Every path builds the state straight in its sharding."""
   config = setup.config
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state = checkpointer.restore(latest, setup.abstract_state, data_iter)
-    return state, f"resumed from step {latest}"
-  state = setup.init_state(config.seed)
+  step = checkpointer.latest_step() if step is None else step
+  if step is not None:
+    state = checkpointer.restore(step, setup.abstract_state)
+    return state, f"resumed from step {step}"
   if config.get("init_from"):
     allow_missing = optimizer_lib.STAGE_NEW_PARAMS.get(config.stage, r"$^")
-    abstract_params = setup.abstract_state.params
-    params, fresh = checkpoint_lib.load_params(config.init_from, abstract_params,
-                                               state.params, allow_missing)
-    state = state.replace(params=params)
-    return state, (f"initialised from {config.init_from}"
-                   + (f"; fresh: {len(fresh)} new parameters" if fresh else ""))
-  return state, "initialised from scratch"
+    params, fresh = checkpoint_lib.load_params(
+        config.init_from, setup.abstract_state.params,
+        lambda paths: setup.init_params_subset(paths, config.seed), allow_missing)
+    return setup.state_from_params(params), (
+        f"initialised from {config.init_from}"
+        + (f"; fresh: {len(fresh)} new parameters" if fresh else ""))
+  return setup.init_state(config.seed), "initialised from scratch"
+
+
+def data_start(checkpointer: checkpoint_lib.Checkpointer, step: int | None,
+               config: ml_collections.ConfigDict) -> int:
+  """Examples of the global stream consumed before `step` (0 for a fresh run)."""
+  if step is None:
+    return 0
+  position = checkpointer.data_position(step)
+  if position is None:  # a checkpoint without it: assume the batch size never changed
+    logging.warning("checkpoint %d has no data position: assuming %d examples per step",
+                    step, config.data.batch_size)
+    return step * int(config.data.batch_size)
+  if int(position.get("seed", config.data.seed)) != int(config.data.seed):
+    logging.warning("data.seed changed from %s to %s: the resumed run reads another "
+                    "order from position %d", position["seed"], config.data.seed,
+                    position["examples_seen"])
+  return int(position["examples_seen"])
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh, process_count: int | None = None
+                ) -> None:
+  """Fails at start, naming the fields, when the global batch cannot be split.
+
+  Each gradient-accumulation micro-batch (data.batch_size / optimizer.grad_accum_steps
+  rows) is spread over the data-parallel devices (mesh 'data' × 'fsdp'), and every
+  process feeds data.batch_size / process_count rows.
+  """
+  batch = int(config.data.batch_size)
+  accum = int(config.optimizer.grad_accum_steps)
+  processes = jax.process_count() if process_count is None else process_count
+  parallel = mesh_lib.data_parallel_size(mesh)
+  axes = " × ".join(f"mesh.{a}={mesh.shape[a]}" for a in mesh_lib.BATCH_AXES)
+  if batch % accum:
+    raise ValueError(f"config.data.batch_size={batch} is not divisible by "
+                     f"config.optimizer.grad_accum_steps={accum}")
+  if (batch // accum) % parallel:
+    raise ValueError(
+        f"config.data.batch_size={batch} / config.optimizer.grad_accum_steps={accum} = "
+        f"{batch // accum} rows per micro-batch do not divide over the {parallel} "
+        f"data-parallel devices ({axes}); choose a batch size that is a multiple of "
+        f"{parallel * accum}, or move devices to mesh.tensor")
+  if batch % processes:
+    raise ValueError(f"config.data.batch_size={batch} is not divisible by the "
+                     f"{processes} processes (each feeds an equal share)")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
-          mesh=None, stop_at: int | None = None) -> dict[str, Any]:
+          mesh=None, stop_at: int | None = None,
+          preemption: preemption_lib.PreemptionWatcher | None = None) -> dict[str, Any]:
   """Runs `config.total_steps` steps (resuming if the workdir has a checkpoint).
 
   Args:
     config: the run config.
-    workdir: checkpoints, metrics.jsonl and TensorBoard events go here.
-    progress: show a progress bar.
+    workdir: checkpoints, metrics.jsonl and TensorBoard events go here (local or gs://).
+    progress: show a progress bar (process 0).
     mesh: overrides the mesh built from `config.mesh` (tests use a device subset).
     stop_at: stop (and checkpoint) after this step, as if interrupted; the schedules
       still span `config.total_steps`.
+    preemption: the watcher asked after every step (default: a new one, which owns
+      SIGTERM in a single-process run).
 
-  Returns a summary: the final state, logged history, final metrics and the TrainSetup.
+  Returns a summary: the final state, logged history, final metrics, the TrainSetup, and
+  'stopped' ('done', 'stop_at' or 'preempted').
   """
   validate_config(config)
   setup = TrainSetup(config, mesh)
-  data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed)
+  check_batch(config, setup.mesh)
+  logging.info("%s", mesh_lib.process_summary(setup.mesh))
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+  latest = checkpointer.latest_step()
+  state, how = initial_state(setup, checkpointer, latest)
+  examples_seen = data_start(checkpointer, latest, config)
+  logging.info("%s (data position %d)", how, examples_seen)
+  data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed,
+                                   start_position=examples_seen)
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
   if data.tokenizer.vocab_size > config.model.llm.vocab_size:
     raise ValueError(f"config.model.llm.vocab_size={config.model.llm.vocab_size} is smaller "
                      f"than the tokenizer's vocabulary ({data.tokenizer.vocab_size})")
   data_iter = data.iterator()
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-  state, how = initial_state(setup, checkpointer, data_iter)
-  logging.info("%s", how)
+  watcher = preemption or preemption_lib.PreemptionWatcher()
+  policy = checkpoint_lib.SavePolicy(config.checkpoint)
   train_step = setup.jit_train_step()
-  writer = MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir)
   start_step = int(state.step)
   total = int(config.total_steps) if stop_at is None else min(stop_at, config.total_steps)
   bar = None
@@ -216,13 +258,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   history, pending = [], []
   timer_start, timer_steps, timer_tokens, timer_examples = None, 0, 0.0, 0
   last_metrics: dict[str, float] = {}
+  stopped = "done" if total == config.total_steps else "stop_at"
   for step in range(start_step, total):
     batch = setup.global_batch(next(data_iter))
     state, metrics = train_step(state, batch)
+    examples_seen += int(config.data.batch_size)
     pending.append(metrics)
     done = step + 1
-    if len(pending) >= MAX_QUEUED_STEPS or done % config.log_every == 0 or done == total:
-      fetched = [scalar_metrics(m) for m in jax.device_get(pending)]
+    reason = policy.reason(done, total, watcher.reached(done))
+    if (len(pending) >= MAX_QUEUED_STEPS or done % config.log_every == 0 or reason):
+      fetched = [metrics_lib.scalar_metrics(m) for m in jax.device_get(pending)]
       pending = []
       if timer_start is None:  # the first fetch includes compilation: start timing after it
         timer_start = time.perf_counter()
@@ -231,7 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
         timer_tokens += sum(m["tokens"] for m in fetched)
         timer_examples += len(fetched) * config.data.batch_size
       last_metrics = fetched[-1]
-      if done % config.log_every == 0 or done == total:
+      if done % config.log_every == 0 or reason in ("final", "preempted"):
         elapsed = time.perf_counter() - timer_start
         if timer_steps and elapsed > 0:
           last_metrics["tokens_per_second"] = timer_tokens / elapsed
@@ -242,16 +287,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
           bar.set_postfix(loss=f"{last_metrics['loss']:.3f}")
     if bar is not None:
       bar.update(1)
-    if config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0:
-      checkpointer.save(done, state, data_iter)
-  if checkpointer.latest_step() != total:
-    checkpointer.save(total, state, data_iter)
+    if reason and checkpointer.latest_step() != done:
+      checkpointer.save(done, state, {
+          "examples_seen": examples_seen, "seed": int(config.data.seed),
+          "global_batch_size": int(config.data.batch_size),
+          "process_count": jax.process_count()})
+      policy.saved()
+    if reason == "preempted":
+      logging.warning("preemption notice: saved step %d, stopping", done)
+      stopped = "preempted"
+      break
   checkpointer.wait()
   checkpointer.close()
   writer.close()
+  if preemption is None:
+    watcher.close()
   if bar is not None:
     bar.close()
-  return {"state": state, "history": history, "final": last_metrics, "setup": setup}
+  return {"state": state, "history": history, "final": last_metrics, "setup": setup,
+          "stopped": stopped}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -264,12 +318,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(config.log_every >= 1, "log_every", "must be >= 1")
   need(config.optimizer.lr > 0, "optimizer.lr", "must be > 0")
   need(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1")
+  need(config.data.batch_size >= 1, "data.batch_size", "must be >= 1")
   need(config.data.batch_size % config.optimizer.grad_accum_steps == 0,
        "optimizer.grad_accum_steps",
        f"must divide data.batch_size={config.data.batch_size}")
   need(config.optimizer.decay in ("cosine", "constant"), "optimizer.decay",
        "must be 'cosine' or 'constant'")
   need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  need((config.checkpoint.get("every_seconds") or 0) >= 0, "checkpoint.every_seconds",
+       "must be >= 0 (0 = off)")
   leo_mini_lib.LeoMiniConfig.from_config(config.model)  # names bad model fields
   if config.model.llm.vocab_size < 1:
     raise ValueError("config.model.llm.vocab_size: must be >= 1")

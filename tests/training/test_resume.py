@@ -48,22 +48,30 @@ def test_resume_equals_uninterrupted_run(tmp_path, one_device_mesh):
   assert any(len(s.device_set) == 4 and not s.is_fully_replicated for s in shardings)
 
 
-def test_data_iterator_state_is_saved_beside_the_train_state(tmp_path, one_device_mesh):
+def test_data_position_is_saved_beside_the_train_state(tmp_path, one_device_mesh):
+  """The saved position restarts the stream where it stopped, for any process count."""
   config = small_config(2)
   setup = loop.TrainSetup(config, one_device_mesh)
   state = setup.init_state(0)
   iterator = pipeline_lib.make_dataset(config.data, split="train").iterator()
   next(iterator), next(iterator)
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), config.checkpoint)
-  checkpointer.save(2, state, iterator)
+  checkpointer.save(2, state, {"examples_seen": 2 * config.data.batch_size, "seed": 0})
   checkpointer.wait()
   expected = next(iterator)
-  fresh = pipeline_lib.make_dataset(config.data, split="train").iterator()
-  checkpointer.restore(2, setup.abstract_state, fresh)
+  position = loop.data_start(checkpointer, 2, config)
   checkpointer.close()
-  got = next(fresh)
+  assert position == 16
+  got = next(pipeline_lib.make_dataset(config.data, split="train",
+                                       start_position=position).iterator())
   for key in pipeline_lib.BATCH_KEYS:
     np.testing.assert_array_equal(got[key], expected[key])
+  # Two processes from the same position read the same rows between them.
+  halves = [next(pipeline_lib.make_dataset(config.data, split="train", process_index=p,
+                                           process_count=2, start_position=position
+                                           ).iterator()) for p in (0, 1)]
+  rows = sorted(map(bytes, np.concatenate([h["input_ids"] for h in halves])))
+  assert rows == sorted(map(bytes, expected["input_ids"]))
 
 
 def test_init_from_restores_what_exists_and_names_what_does_not(tmp_path, one_device_mesh):
