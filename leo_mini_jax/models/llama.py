@@ -5,6 +5,15 @@ permutation), grouped-query attention through `jax.nn.dot_product_attention`, Sw
 layers under `nn.scan` with an `nn.remat` policy, and a KV cache driven by two pure
 functions: `prefill` and `decode_step`.
 
+The KV cache [layers, B, S, Hkv, Dh] travels through the layer scan as part of the carry
+and each layer writes its own slots in place (a dynamic-update-slice at prefill, a
+scatter of one token per row at decode). Passing it as scanned input/output instead
+would copy the whole cache through the scan on every generated token.
+
+LM logits come out in float32 (the LM head's matmul accumulates and returns float32 via
+`preferred_element_type`) whatever the compute dtype, so the cross-entropy over a large
+vocabulary never sees bf16-rounded logits.
+
 Sequences are right-padded: the real tokens of every row form a prefix. Causal masking
 alone then keeps real tokens from seeing padding, so training and prefill need no padding
 mask (and can use cuDNN flash attention); decoding masks the cache by each row's length.
@@ -19,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models import mmoe as mmoe_lib
 
 Array = jax.Array
@@ -30,7 +40,7 @@ REMAT_POLICIES = {
     "dots_no_batch": "checkpoint_dots_with_no_batch_dims",
     "everything": "everything_saveable",
 }
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = attention_lib.IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +69,7 @@ class LlamaConfig:
   max_position_embeddings: int = 4096
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_impl: str | None = None  # None: XLA on CPU/TPU, cuDNN picked by JAX where valid
+  attention_impl: str | None = "auto"  # 'auto': cuDNN flash on GPU where valid, else XLA
   scan_layers: bool = True
   remat_policy: str = "none"
   mmoe: mmoe_lib.MMoEConfig = mmoe_lib.MMoEConfig()
@@ -74,9 +84,7 @@ class LlamaConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"llm.remat_policy={self.remat_policy!r}: expected one of "
                        f"{sorted(REMAT_POLICIES)}")
-    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"llm.attention_impl={self.attention_impl!r}: expected one of "
-                       f"{ATTENTION_IMPLEMENTATIONS}")
+    attention_lib.check_implementation(self.attention_impl, "llm.attention_impl")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))
@@ -162,36 +170,44 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-  """A bias-free linear map with a 2-D kernel [in, out] (HF's weight, transposed)."""
+  """A bias-free linear map with a 2-D kernel [in, out] (HF's weight, transposed).
+
+  `out_dtype` (e.g. float32 for the LM head) sets the matmul's accumulation and result
+  dtype (`preferred_element_type`); None keeps the compute dtype.
+  """
   features: int
   axes: tuple[str, str]
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  out_dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", _kernel(self.axes), (x.shape[-1], self.features),
                         self.param_dtype)
-    return jnp.dot(x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+    return jnp.dot(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
+                   preferred_element_type=self.out_dtype)
 
 
 class Attention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, layer_cache: dict | None,
+  def __call__(self, x: Array, positions: Array, cache: dict | None, layer: Array | int,
                cache_lengths: Array | None) -> tuple[Array, dict | None]:
     """Causal GQA self-attention.
 
     Args:
       x: [B, T, D].
       positions: [B, T].
-      layer_cache: None (training), or {'k','v': [B, S, Hkv, Dh]} to fill (prefill,
-        cache_lengths None) or to extend by one token (decode).
+      cache: None (training), or the whole cache {'k','v': [L, B, S, Hkv, Dh]}: this
+        layer fills slots [0, T) of its entry (prefill, cache_lengths None) or appends
+        the T new tokens of row b at slot cache_lengths[b] (decode, T = 1).
+      layer: this layer's index into the cache's leading axis.
       cache_lengths: [B] tokens already in the cache (decode only).
 
     Returns:
-      output [B, T, D] and the updated layer cache (None in training).
+      output [B, T, D] and the cache with this layer's entry updated (None in training).
     """
     cfg = self.config
     dt, pdt = cfg.compute_dtype, cfg.weight_dtype
@@ -212,24 +228,24 @@ class Attention(nn.Module):
     q = apply_rotary(q, positions, inv_freq)
     k = apply_rotary(k, positions, inv_freq)
 
-    attend = functools.partial(jax.nn.dot_product_attention,
-                               implementation=cfg.attention_impl)
-    if layer_cache is None:
+    attend = functools.partial(attention_lib.dot_product_attention, impl=cfg.attention_impl)
+    if cache is None:
       out, new_cache = attend(q, k, v, is_causal=True), None
     elif cache_lengths is None:  # prefill: attend causally, store the keys and values
       out = attend(q, k, v, is_causal=True)
       new_cache = {
-          name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], t.astype(
-              layer_cache[name].dtype), 0, axis=1)
+          name: jax.lax.dynamic_update_slice(
+              cache[name], t.astype(cache[name].dtype)[None], (layer, 0, 0, 0, 0))
           for name, t in (("k", k), ("v", v))
       }
-    else:  # decode one token per row at slot cache_lengths[b]
-      write = jax.vmap(lambda c, t, i: jax.lax.dynamic_update_slice_in_dim(c, t, i, axis=0))
+    else:  # decode: row b's new token goes to slot cache_lengths[b] (a scatter, in place)
+      rows = jnp.arange(batch)[:, None]
+      slots = cache_lengths[:, None] + jnp.arange(length)[None, :]
       new_cache = {
-          name: write(layer_cache[name], t.astype(layer_cache[name].dtype), cache_lengths)
+          name: cache[name].at[layer, rows, slots].set(t.astype(cache[name].dtype))
           for name, t in (("k", k), ("v", v))
       }
-      out = attend(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
+      out = attend(q, new_cache["k"][layer].astype(dt), new_cache["v"][layer].astype(dt),
                    key_value_seq_lengths=cache_lengths + length)
     out = out.reshape(batch, length, heads * head_dim)
     out = proj(cfg.hidden_size, ("heads", "embed"), name="o_proj")(out)
@@ -272,21 +288,27 @@ class DecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, hidden: Array, positions: Array, router_context: Array | None,
-               token_mask: Array, cache_lengths: Array | None, layer_cache: dict | None):
-    """One pre-norm block. Signature fits nn.scan: (carry, broadcasts..., scanned)."""
+  def __call__(self, carry: tuple[Array, dict | None], positions: Array,
+               router_context: Array | None, token_mask: Array, cache_lengths: Array | None,
+               layer: Array | int):
+    """One pre-norm block. Signature fits nn.scan: (carry, broadcasts..., scanned).
+
+    carry = (hidden [B, T, D], the whole KV cache or None); `layer` is the scanned
+    layer index the block uses to address its cache entry.
+    """
     cfg = self.config
+    hidden, cache = carry
     norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                              param_dtype=cfg.weight_dtype)
     attn_out, new_cache = Attention(cfg, name="attention")(
-        norm(name="input_norm")(hidden), positions, layer_cache, cache_lengths)
+        norm(name="input_norm")(hidden), positions, cache, layer, cache_lengths)
     hidden = hidden + attn_out
     mlp_out, aux = MLP(cfg, name="mlp")(norm(name="post_attention_norm")(hidden),
                                         router_context, token_mask)
     hidden = hidden + mlp_out
     hidden = nn.with_logical_constraint(
         hidden, ("activation_batch", "activation_length", "activation_embed"))
-    return hidden, (new_cache, aux)
+    return (hidden, new_cache), aux
 
 
 class LlamaForCausalLM(nn.Module):
@@ -324,37 +346,41 @@ class LlamaForCausalLM(nn.Module):
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype)
     if not cfg.tie_embeddings:
       self.lm_head = Projection(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype,
-                                cfg.weight_dtype)
+                                cfg.weight_dtype, out_dtype=jnp.float32)
 
   def __call__(self, input_ids: Array) -> Array:
     logits, _ = self.forward(self.embed(input_ids))
     return logits
 
   def decoder(self, hidden, positions, router_context, token_mask, cache_lengths, cache):
-    """Runs every layer; returns (hidden, new cache or None, aux stacked over layers)."""
+    """Runs every layer; returns (hidden, new cache or None, aux stacked over layers).
+
+    `cache` ({'k','v': [L, B, S, Hkv, Dh]} or None) is carried, not scanned over: each
+    layer updates its own entry in place.
+    """
     if self.config.scan_layers:
-      hidden, (new_cache, aux) = self.layers(hidden, positions, router_context, token_mask,
-                                             cache_lengths, cache)
+      layer_index = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+      (hidden, new_cache), aux = self.layers((hidden, cache), positions, router_context,
+                                             token_mask, cache_lengths, layer_index)
       return hidden, new_cache, aux
-    new_caches, auxes = [], []
+    auxes = []
     for index, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else jax.tree.map(lambda c: c[index], cache)
-      hidden, (layer_new_cache, aux) = layer(hidden, positions, router_context, token_mask,
-                                             cache_lengths, layer_cache)
-      new_caches.append(layer_new_cache)
+      (hidden, cache), aux = layer((hidden, cache), positions, router_context, token_mask,
+                                   cache_lengths, index)
       auxes.append(aux)
-    stack = lambda *xs: jnp.stack(xs)
-    new_cache = None if cache is None else jax.tree.map(stack, *new_caches)
-    return hidden, new_cache, jax.tree.map(stack, *auxes)
+    return hidden, cache, jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
 
   def embed(self, input_ids: Array) -> Array:
     """[B, T] ids → [B, T, D] input embeddings."""
     return self.embed_tokens(input_ids)
 
   def logits(self, hidden: Array) -> Array:
+    """[..., D] → float32 logits [..., vocab] (accumulated in float32 under bf16 compute)."""
     hidden = self.final_norm(hidden)
     if self.config.tie_embeddings:
-      logits = self.embed_tokens.attend(hidden)
+      embedding = jnp.asarray(self.embed_tokens.embedding, self.config.compute_dtype)
+      logits = jnp.dot(hidden.astype(self.config.compute_dtype), embedding.T,
+                       preferred_element_type=jnp.float32)
     else:
       logits = self.lm_head(hidden)
     return nn.with_logical_constraint(

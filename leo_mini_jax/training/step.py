@@ -32,12 +32,20 @@ def token_losses(logits: jax.Array, aux: dict) -> tuple[jax.Array, jax.Array, ja
   return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct * mask)
 
 
-def _split_micro(batch: dict, steps: int) -> dict:
+def split_micro(batch: dict, steps: int) -> dict:
+  """[N, ...] leaves → [steps, N / steps, ...]; micro-batch m holds rows m, m + steps, ...
+
+  Strided, not contiguous blocks: the global batch is sharded over the data-parallel
+  devices in contiguous row blocks, so contiguous micro-batches would each sit on
+  1/steps of the devices (the rest idle, plus resharding). With N / devices divisible by
+  `steps`, every strided micro-batch keeps N / (steps · devices) rows on each device, and
+  the reshape splits no device's block (no communication).
+  """
   def split(x):
     if x.shape[0] % steps:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by "
                        f"optimizer.grad_accum_steps={steps}")
-    return x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
+    return jnp.swapaxes(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 0, 1)
   return jax.tree.map(split, batch)
 
 
@@ -77,7 +85,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     if grad_accum_steps == 1:
       grads, (loss_sum, extra) = grad_fn(trainable_params, frozen_params, batch, total_count)
     else:
-      micro = _split_micro(batch, grad_accum_steps)
+      micro = split_micro(batch, grad_accum_steps)
 
       def body(carry, micro_batch):
         grads_acc, stats = carry

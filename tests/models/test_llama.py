@@ -26,6 +26,7 @@ def _model(**overrides):
 @pytest.mark.parametrize("overrides", [
     {},
     {"tie_embeddings": True, "num_kv_heads": None},
+    {"scan_layers": False},
     {"rope_scaling": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8)},
 ])
@@ -155,3 +156,45 @@ def test_bad_config_names_the_field():
     from_config(llama.LlamaConfig, {**TINY, "hidden": 3})
   with pytest.raises(ValueError, match="remat_policy"):
     from_config(llama.LlamaConfig, {**TINY, "remat_policy": "some"})
+
+
+def test_decode_step_updates_the_cache_in_place():
+  """The compiled decode step (cache donated) writes the new token's slots with a scatter:
+  no full-cache copy, zero-filled buffer or dynamic-update-slice of a stacked cache."""
+  model, params, ids = _model()
+  embeds = model.apply({"params": params}, ids, method=model.embed)
+  _, cache = model.apply({"params": params}, embeds, jnp.asarray([2, 4, 5]), 16,
+                         method=model.prefill)
+  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode_step),
+                 donate_argnums=2)
+  hlo = step.lower(params, ids[:, 0], cache).compile().as_text()
+  full = "f32[3,3,16,2,8]"  # [layers, batch, slots, kv heads, head dim]
+  writes = [line for line in hlo.splitlines() if f"= {full}" in line]
+  assert any("scatter" in line for line in writes), writes
+  wasteful = [line.strip()[:120] for line in writes
+              if any(op in line for op in (" copy(", " broadcast(", "dynamic-update-slice"))]
+  assert not wasteful, wasteful
+
+
+def test_logits_are_float32_under_bfloat16_compute():
+  for tie in (False, True):
+    model, params, ids = _model(dtype="bfloat16", tie_embeddings=tie)
+    logits = model.apply({"params": params}, ids)
+    assert logits.dtype == jnp.float32
+    # Not bf16-rounded: float32 logits carry more than bf16's 8 mantissa bits.
+    assert np.any(np.asarray(logits) != np.asarray(logits.astype(jnp.bfloat16), np.float32))
+
+
+def test_attention_impl_auto_picks_cudnn_on_gpu_only_where_it_can_run():
+  from leo_mini_jax.models import attention
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert attention.resolve("auto", bf16, 128, backend="gpu") == "cudnn"
+  assert attention.resolve("auto", f32, 128, backend="gpu") == "xla"
+  assert attention.resolve("auto", bf16, 96, per_row_lengths=True, backend="gpu") == "xla"
+  assert attention.resolve("auto", bf16, 256, backend="gpu") == "xla"
+  assert attention.resolve("auto", bf16, 128, backend="tpu") == "xla"
+  assert attention.resolve("auto", bf16, 128, backend="cpu") == "xla"
+  assert attention.resolve("cudnn", f32, 128, backend="cpu") == "cudnn"  # asked for: kept
+  assert llama.LlamaConfig(**TINY).attention_impl == "auto"
+  with pytest.raises(ValueError, match="llm.attention_impl"):
+    from_config(llama.LlamaConfig, {**TINY, "attention_impl": "flash"})

@@ -44,3 +44,21 @@ def test_loss_is_the_mean_over_supervised_tokens_of_the_batch(one_device_mesh):
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
   assert float(metrics["supervised_tokens"]) == mask.sum()
   assert mask.sum() == (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).sum()
+
+
+def test_micro_batches_are_strided_and_stay_on_every_device():
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from leo_mini_jax.training import step as step_lib
+  micro = step_lib.split_micro({"x": np.arange(16)}, 4)["x"]
+  np.testing.assert_array_equal(micro[1], [1, 5, 9, 13])  # rows m, m + steps, ...
+  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+  rows = jax.device_put(jnp.arange(16 * 3).reshape(16, 3), NamedSharding(mesh, P("data")))
+  split = jax.jit(lambda x: step_lib.split_micro({"x": x}, 2)["x"])
+  out = split(rows)
+  # Each of the 2 micro-batches has its 8 rows over all 4 devices (2 per device) ...
+  assert out.sharding.shard_shape(out.shape) == (2, 2, 3)
+  np.testing.assert_array_equal(np.asarray(out[0, :, 0]), np.arange(0, 48, 6))
+  # ... and getting there moves no data between devices.
+  hlo = split.lower(rows).compile().as_text()
+  assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute"))

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from leo_mini_jax import config_utils
+from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models import layers
 from leo_mini_jax.models.vision.positions import interpolate_patch_positions
 
@@ -66,7 +67,7 @@ class ClipConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False                  # rematerialise each encoder layer in the backward pass
-  attention_impl: str | None = None    # jax.nn.dot_product_attention `implementation`
+  attention_impl: str | None = "auto"  # see models/attention.py ('auto': cuDNN on GPU)
 
   def __post_init__(self):
     if self.pretrained_image_size is None:
@@ -86,6 +87,7 @@ class ClipConfig:
                        f"num_heads={self.num_heads}")
     if len(self.mean) != 3 or len(self.std) != 3:
       raise ValueError(f"ClipConfig.mean/std need 3 values, got {self.mean} / {self.std}")
+    attention_lib.check_implementation(self.attention_impl, "ClipConfig.attention_impl")
 
   @classmethod
   def from_config(cls, cfg: Any, **overrides: Any) -> "ClipConfig":
@@ -146,8 +148,8 @@ class ClipAttention(nn.Module):
     k = split(_dense(dim, ("vision_embed", "vision_heads"), "k_proj", cfg)(x))
     v = split(_dense(dim, ("vision_embed", "vision_heads"), "v_proj", cfg)(x))
     # The XLA path takes the softmax in float32 and casts back to the input dtype.
-    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
-                                       implementation=cfg.attention_impl)
+    out = attention_lib.dot_product_attention(q, k, v, cfg.attention_impl,
+                                              scale=head_dim ** -0.5)
     out = out.reshape(batch, length, dim)
     return _dense(dim, ("vision_heads", "vision_embed"), "out_proj", cfg)(out)
 
