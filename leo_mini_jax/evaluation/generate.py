@@ -1,10 +1,31 @@
-"""Greedy generation with the KV cache: one pure prefill, then pure one-token decode steps."""
+"""Greedy generation with the KV cache, batched by prompt length, data-parallel.
 
-from typing import Any, Callable
+`make_generate` is one pure prefill plus pure one-token decode steps. `BatchGenerator`
+runs it over any number of prompts at scale:
+
+  * prompts are sorted by token length and cut into global batches; each batch is padded
+    only to its length bucket (16·2^k or 24·2^k tokens), never to data.max_length, so a
+    handful of shapes are compiled and no prompt is skipped for length (one longer than
+    the model's context is an error naming it);
+  * every global batch is split over all devices of the mesh ('data' × 'fsdp'); each
+    process builds only its rows (`make_array_from_process_local_data`), every process
+    runs the same batches in the same order (so all stop at the same step), and the
+    generated tokens come back replicated, so process 0 can decode and write them all;
+  * with MMoE-LLM, the routing of every prompt token (how many tokens each layer sends to
+    each expert) is summed on device.
+"""
+
+import concurrent.futures
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from leo_mini_jax.data import conversation as conversation_lib
+from leo_mini_jax.parallel import mesh as mesh_lib
 
 
 def make_generate(model, max_new_tokens: int, eos_id: int) -> Callable:
@@ -34,6 +55,24 @@ def make_generate(model, max_new_tokens: int, eos_id: int) -> Callable:
   return generate
 
 
+def make_routing_counts(model) -> Callable:
+  """Builds `counts(params, batch, valid) -> [layers, E]` tokens routed to each expert.
+
+  Counts the first-choice expert of every real prompt token (visual and text) of the
+  valid rows, from the model's full forward over the prompt.
+  """
+
+  def counts(params: Any, batch: dict[str, jax.Array], valid: jax.Array) -> jax.Array:
+    _, aux = model.apply({"params": params}, batch)
+    top = aux["routing"]["top_expert"]  # [layers, B, T]
+    mask = (aux["attention_mask"] > 0) & valid[:, None]
+    experts = jnp.arange(model.config.llm.mmoe.num_experts)
+    hits = (top[..., None] == experts) & mask[None, :, :, None]
+    return jnp.sum(hits, axis=(1, 2)).astype(jnp.float32)
+
+  return counts
+
+
 def decode_answers(tokens: np.ndarray, tokenizer, stop_ids: tuple[int, ...]) -> list[str]:
   """Token rows → strings, cut at the first stop token."""
   answers = []
@@ -45,3 +84,165 @@ def decode_answers(tokens: np.ndarray, tokenizer, stop_ids: tuple[int, ...]) -> 
       ids.append(token)
     answers.append(tokenizer.decode(ids).strip())
   return answers
+
+
+def build_prompt(question: str, tokenizer, template, has_image: bool
+                 ) -> conversation_lib.Tokenized:
+  """One user turn (`<image>\\n` is prepended when there is an image) + the assistant
+  header, through the conversation template: what the model answers."""
+  turns = [{"from": "human", "value": question}]
+  return conversation_lib.tokenize_prompt(turns, tokenizer, template, has_image=has_image)
+
+
+def bucket_length(length: int) -> int:
+  """The padded text length of a batch whose longest prompt has `length` tokens:
+  the smallest 16·2^k or 24·2^k ≥ length (at most 1.5× padding, few shapes)."""
+  k = 0
+  while True:
+    for base in (16, 24):
+      if base << k >= length:
+        return base << k
+    k += 1
+
+
+@dataclasses.dataclass
+class Prompt:
+  """A tokenized prompt and its image source (path, bytes, array, or None)."""
+  tokens: conversation_lib.Tokenized
+  image: Any = None
+
+
+@dataclasses.dataclass
+class Generation:
+  """Output of `BatchGenerator`: tokens per prompt (input order), routing counts."""
+  tokens: list[np.ndarray]
+  routing: np.ndarray | None  # [layers, E] token counts, None without MMoE-LLM
+  failed: list[tuple[int, str]]  # (prompt index, reason): images that failed to load
+
+
+class BatchGenerator:
+  """Generates for lists of prompts on `setup.mesh` (all devices, all processes).
+
+  Holds the jitted programs, so several benchmarks share their compilations (one per
+  length bucket).
+  """
+
+  def __init__(self, setup, *, max_new_tokens: int, eos_id: int, routing: bool = True):
+    self.setup = setup
+    model = setup.model
+    self.generate = jax.jit(make_generate(model, max_new_tokens, eos_id),
+                            out_shardings=setup.replicated)
+    self.count = None
+    if routing and model.config.llm.mmoe.enabled:
+      self.count = jax.jit(make_routing_counts(model), out_shardings=setup.replicated)
+
+  def __call__(self, params: Any, prompts: Sequence[Prompt], *, batch_size: int,
+               resolution: int, load_image: Callable[[Any], np.ndarray], pad_id: int = 0,
+               names: Sequence[str] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> Generation:
+    """Tokens for every prompt.
+
+    Args:
+      params: the model parameters (sharded by the setup).
+      prompts: the same list on every process.
+      batch_size: global rows per step; must divide by the process count and the mesh's
+        batch axes.
+      load_image: image source → uint8 [S, S, 3]; may raise (the row is then reported in
+        `failed` and generated without the image: callers drop it).
+      names: prompt names for error messages (e.g. benchmark/record ids).
+    """
+    setup = self.setup
+    model = setup.model
+    context = model.config.llm.max_position_embeddings
+    for index, prompt in enumerate(prompts):
+      needed = model.sequence_length(len(prompt.tokens))
+      if needed > context:
+        name = names[index] if names else f"prompt #{index}"
+        raise ValueError(f"{name}: prompt of {len(prompt.tokens)} tokens ({needed} with "
+                         f"the visual tokens) exceeds the model's context of {context}")
+    processes, process = jax.process_count(), jax.process_index()
+    data_devices = math.prod(setup.mesh.shape[a] for a in mesh_lib.BATCH_AXES)
+    if batch_size % processes or batch_size % data_devices:
+      raise ValueError(f"eval.batch_size={batch_size} must be divisible by the process "
+                       f"count ({processes}) and the mesh's data×fsdp size ({data_devices})")
+    local = batch_size // processes
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    tokens: list[np.ndarray | None] = [None] * len(prompts)
+    failed: list[tuple[int, str]] = []
+    routed = None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool, setup.mesh, \
+        mesh_lib.logical_axis_rules(setup.rules):
+      for step, indices in enumerate(batches):
+        length = bucket_length(max(len(prompts[i].tokens) for i in indices))
+        rows = indices[process * local:(process + 1) * local]
+        batch, valid, errors = _local_batch(prompts, rows, local, length, resolution,
+                                            load_image, pad_id, pool)
+        failed += errors
+        global_batch = setup.global_batch(batch)
+        valid_global = mesh_lib.make_global_batch({"valid": valid}, setup.mesh)["valid"]
+        out = np.asarray(jax.device_get(self.generate(params, global_batch)))
+        if self.count is not None:
+          counts = np.asarray(jax.device_get(self.count(params, global_batch, valid_global)))
+          routed = counts if routed is None else routed + counts
+        for position, index in enumerate(indices):
+          tokens[index] = out[position]
+        if progress is not None:
+          progress(step + 1, len(batches))
+    if processes > 1:
+      failed = _gather_failures(failed)
+    return Generation(tokens, routed, sorted(failed))
+
+
+def _local_batch(prompts, rows, local, length, resolution, load_image, pad_id, pool):
+  """This process's rows of one global batch (padding rows fill a short last batch)."""
+  input_ids = np.full((local, length), pad_id, np.int32)
+  attention = np.zeros((local, length), np.int32)
+  instruction = np.zeros((local, length), np.int32)
+  images = np.zeros((local, resolution, resolution, 3), np.uint8)
+  has_image = np.zeros((local,), bool)
+  valid = np.zeros((local,), bool)
+  errors = []
+  sources = {r: prompts[i].image for r, i in enumerate(rows) if prompts[i].image is not None}
+  loaded = dict(zip(sources, pool.map(lambda s: _try(load_image, s), sources.values())))
+  for r, index in enumerate(rows):
+    t = prompts[index].tokens
+    n = len(t)
+    input_ids[r, :n], attention[r, :n], instruction[r, :n] = (
+        t.input_ids, 1, t.instruction_mask)
+    valid[r] = True
+    if r in loaded:
+      image, error = loaded[r]
+      if error is not None:
+        errors.append((index, error))
+        valid[r] = False
+      else:
+        images[r], has_image[r] = image, True
+  for r in range(len(rows), local):  # a padding row: one token, no image
+    attention[r, 0] = 1
+  batch = {"input_ids": input_ids, "attention_mask": attention,
+           "loss_mask": np.zeros_like(attention), "instruction_mask": instruction,
+           "image": images, "has_image": has_image}
+  return batch, valid, errors
+
+
+def _try(fn, arg):
+  try:
+    return fn(arg), None
+  except (OSError, ValueError, TypeError) as e:
+    return None, f"{type(e).__name__}: {e}"
+
+
+def _gather_failures(failed):
+  """Every process's image failures, on every process (they are few: sent as JSON)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  payload = np.frombuffer(json.dumps(failed).encode(), np.uint8)
+  size = int(np.max(multihost_utils.process_allgather(np.array([payload.size]))))
+  padded = np.zeros((size,), np.uint8)
+  padded[:payload.size] = payload
+  gathered = multihost_utils.process_allgather(padded)
+  out = []
+  for row in np.asarray(gathered).reshape(-1, size):
+    out += [tuple(x) for x in json.loads(bytes(row).rstrip(b"\0").decode() or "[]")]
+  return out
