@@ -253,7 +253,8 @@ def load_encoder(path: str | os.PathLike, image_size: int = 1024, max_patches: i
 load_expert = load_pix2struct
 
 # Pix2StructConfig fields a checkpoint does not determine (taken from the run's config).
-RUN_FIELDS = ("image_size", "max_patches", "mean", "std", "dtype", "param_dtype", "remat", "attention_impl")
+RUN_FIELDS = ("image_size", "max_patches", "mean", "std", "dtype", "param_dtype", "remat",
+              "attention_impl")
 
 
 def open_source(path: str, cfg: p2s_lib.Pix2StructConfig, overrides: dict):

@@ -1,4 +1,4 @@
-"""HF Pix2Struct vision encoder → Pix2StructEncoder / Pix2StructTower: parity with transformers."""
+"""HF Pix2Struct vision encoder → Pix2StructEncoder / Pix2StructTower: parity with HF."""
 
 import json
 
@@ -115,6 +115,22 @@ def test_tower_through_load_vision_expert_matches_processor_then_hf(tmp_path):
   expected = hf_last_hidden(model, inputs["flattened_patches"].numpy(),
                             inputs["attention_mask"].numpy())[:, :25]
   out = tower.apply({"params": params}, jnp.asarray(images, jnp.float32) / 255.0)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tower_matches_eagle_pipeline_at_full_patch_geometry(tmp_path):
+  """EAGLE's Pix2Struct path on a 1024² image: 16-px patches, max_patches 2048, a narrow model."""
+  vision = dict(TINY_VISION, patch_embed_hidden_size=768, seq_len=64)
+  model = randomize_(transformers.Pix2StructVisionModel(
+      transformers.Pix2StructVisionConfig(**vision)), seed=7)
+  folder = save(model, tmp_path / "vision")
+  tower, params = porting.load_vision_expert("pix2struct", folder)  # image_size 1024, 2048
+  assert tower.config.output_grid == (45, 45) and tower.config.resized_size == 720
+  image = uint8_images(1024, batch=1, seed=8)
+  inputs = NUMPY_PROCESSOR()(images=list(image), return_tensors="pt")  # max_patches=2048
+  expected = hf_last_hidden(model, inputs["flattened_patches"].numpy(),
+                            inputs["attention_mask"].numpy())[:, :2025]  # EAGLE's slice
+  out = jax.jit(tower.apply)({"params": params}, jnp.asarray(image, jnp.float32) / 255.0)
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=1e-4)
 
 

@@ -304,7 +304,7 @@ class Pix2StructEncoder(nn.Module):
 
   def encode(self, patches: jax.Array, row_ids: jax.Array, col_ids: jax.Array,
              attention_mask: jax.Array | None = None) -> jax.Array:
-    """patches [B, N, p²·3]; row_ids, col_ids [B, N] or [N] int; mask [B, N] or None (all real)."""
+    """patches [B, N, p²·3]; row_ids, col_ids [B, N] or [N] int; mask [B, N] (None: all real)."""
     x = self.patch_projection(patches.astype(jnp.dtype(self.config.dtype)))
     x = x + self.row_embedder(row_ids) + self.column_embedder(col_ids)
     x = nn.with_logical_constraint(x, TOKEN_AXES)
