@@ -60,20 +60,60 @@ def convnext_xxl() -> dict:
               dims=(384, 768, 1536, 3072))
 
 
-def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: str) -> dict:
+# EAGLE normalises the master image once with the OpenAI CLIP statistics (ConvNeXt's
+# processor) and feeds that to every tower, EVA-02 and SAM included; Pix2Struct undoes
+# it and standardises per image (its expert sees [0, 1] pixels: mean 0, std 1).
+EAGLE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+EAGLE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def eva02_l() -> dict:
+  """EVA-02-L ViTDet backbone of eva02_L_coco_det_sys_o365 at 1024 px (64×64×1024)."""
+  return dict(name="eva02", mean=EAGLE_MEAN, std=EAGLE_STD)
+
+
+def pix2struct_large() -> dict:
+  """HF google/pix2struct-large's vision encoder, EAGLE's 45×45 patches (2025×1536)."""
+  return dict(name="pix2struct")
+
+
+def sam_l() -> dict:
+  """HF facebook/sam-vit-large's image encoder with EAGLE's neck + pixel-unshuffle
+  (32×32×1024)."""
+  return dict(name="sam", mean=EAGLE_MEAN, std=EAGLE_STD)
+
+
+# The paper's expert sets, in the order of EAGLE's releases (X4: clip-448;convnext-1024;
+# det-1024;pix2struct-1024, X5 adds sam-1024 after convnext), so releases port directly.
+PAPER_EXPERTS = {
+    "llama3_8b": (clip_l14_336, convnext_xxl, eva02_l, pix2struct_large),
+    "vicuna_7b": (clip_l14_336, convnext_xxl, sam_l, eva02_l, pix2struct_large),
+}
+
+
+def full_size_experts(variant: str, stage: int) -> list[dict]:
+  """The paper's experts: bf16 compute over f32 weights; remat when they train (stage 2)."""
+  return [dict(make(), dtype="bfloat16", param_dtype="float32", remat=stage == 2)
+          for make in PAPER_EXPERTS[variant]]
+
+
+def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: str,
+                    variant: str = "llama3_8b") -> dict:
   """A LEO-MINI model config at paper scale: bf16 compute, f32 master weights, remat.
 
   Stages 1–2 fuse experts EAGLE's way (32×32 grid, 1024 tokens); stage 3 adds CoTR with
-  N^V = `tokens` and MMoE-LLM.
+  N^V = `tokens` and MMoE-LLM. Expert inputs are resized from the 1024-px master image as
+  EAGLE resizes them (align_corners bilinear), so EAGLE releases port unchanged.
   """
   cotr_stage = stage == 3
   return dict(
       llm=dict(llm, dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch",
                mmoe=mmoe_config(cotr_stage, router)),
-      experts=[clip_l14_336(), convnext_xxl()],
+      experts=full_size_experts(variant, stage),
       reducer=dict(kind=reducer if cotr_stage else "none", num_visual_tokens=tokens,
                    cotr_dim=1024, grid_size=32),
       dtype="bfloat16",
+      image_resize="eagle",
   )
 
 
@@ -94,6 +134,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   config.schedule = [list(rule) for rule in optimizer.STAGE_SCHEDULES[stage]]
   config.total_steps = 1000
   config.log_every = 50
+  # A NaN/inf step is not applied; this many in a row stop the run (training/guards.py).
+  config.train = dict(max_bad_steps=10)
   # A previous stage's workdir or a ported params checkpoint (porting.convert).
   config.init_from = ""
   # Axis sizes within a slice (ICI; -1 = the rest); `dcn`: slices per axis across the
@@ -105,7 +147,10 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   # and at the step a preemption notice (SIGTERM) reaches.
   config.checkpoint = dict(every_steps=1000, every_seconds=0, keep=3, keep_period=0,
                            async_save=True)
-  config.eval = dict(max_new_tokens=16, batch_size=32, num_examples=0)
+  # benchmark: '' = the data config's held-out split; 'mme,pope' or 'all' = the paper's
+  # benchmarks under data_dir (evaluation/benchmarks/). split: '' = each one's default.
+  config.eval = dict(max_new_tokens=16, batch_size=32, num_examples=0, benchmark="",
+                     data_dir="", split="", skip_bad=False, routing=True)
   config.distributed = mesh.default_distributed_config()
   config.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); '' = off
   return config
@@ -116,8 +161,8 @@ FULL_SIZE_LEARNING_RATES = {1: 1e-3, 2: 2e-5, 3: 2e-4}
 FULL_SIZE_BATCH_SIZES = {1: 256, 2: 128, 3: 128}
 
 
-def full_size_config(llm: dict, template: str, arg_string: str | None
-                     ) -> ml_collections.ConfigDict:
+def full_size_config(llm: dict, template: str, arg_string: str | None,
+                     variant: str = "llama3_8b") -> ml_collections.ConfigDict:
   """A paper-scale run: LLaVA-format data, bf16 compute, FSDP over all devices.
 
   Point `data.train_json` / `data.image_root` / `data.tokenizer` at your data and the
@@ -127,7 +172,7 @@ def full_size_config(llm: dict, template: str, arg_string: str | None
   arg = parse_arg(arg_string, stage=3, tokens=64, reducer="cotr", router="multimodal",
                   steps=0)
   config = base_config(arg.stage)
-  config.model = full_size_model(llm, arg.stage, arg.tokens, arg.reducer, arg.router)
+  config.model = full_size_model(llm, arg.stage, arg.tokens, arg.reducer, arg.router, variant)
   config.data.kind = "llava"
   config.data.template = "plain" if arg.stage == 1 else template
   config.data.tokenizer = ""  # the HF folder of the LLM (tokenizer.json / tokenizer.model)

@@ -110,6 +110,8 @@ def _expert_rules(name: str, cfg: Any) -> list[mapping.Rule]:
     return port.convnext_rules(open_clip=False)
   if name == "sam":  # its scan groups follow the config's global-block pattern
     return port.sam_rules(neck="eagle", config=cfg)
+  if name == "eva02":  # likewise its windowed/global pattern
+    return port.eva02_rules(config=cfg)
   return getattr(port, f"{name}_rules")()
 
 

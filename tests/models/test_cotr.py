@@ -118,11 +118,11 @@ def test_padding_length_does_not_matter():
 
 
 def test_eagle_resize_matches_bilinear_reference():
-  # 2x2 → 4x4 bilinear with half-pixel centres (torch align_corners=False).
+  # 2x2 → 4x4 bilinear with corner-aligned samples (torch align_corners=True, as EAGLE).
   grid = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
   tokens = grid.reshape(1, 4, 1)
   out = np.asarray(reducers.resize_tokens(jnp.asarray(tokens), (2, 2), 4)).reshape(4, 4)
-  coords = np.clip((np.arange(4) + 0.5) / 2 - 0.5, 0, 1)
+  coords = np.arange(4) * (2 - 1) / (4 - 1)
   want = np.array([[(1 - y) * (1 - x) * 0 + (1 - y) * x * 1 + y * (1 - x) * 2 + y * x * 3
                     for x in coords] for y in coords])
   np.testing.assert_allclose(out, want, atol=1e-6)
