@@ -48,10 +48,12 @@ def _randomize(model, seed):
   return model.eval()
 
 
-def run_config(stage: int):
+def run_config(stage: int, experts=None):
   """The tiny config with EAGLE's input resize (the release was trained with it)."""
   config = tiny.get_config(f"stage={stage}")
   config.model.image_resize = "eagle"
+  if experts is not None:
+    config.model.experts = experts
   config.data.resolution = RESOLUTION
   return config
 
@@ -106,7 +108,103 @@ class TorchConvNext:
     return h  # [B, C, h, w]
 
 
-TORCH_EXPERTS = {"clip": TorchClip, "convnext": TorchConvNext}
+class TorchEva02:
+  """EAGLE's EVAVITVisionTower: the EVAViT backbone's last feature map."""
+  tower = "det-1024"
+
+  def __init__(self, cfg):
+    import test_eva02_port as eva_ref  # the torch transcription of EAGLE's eva_vit.py
+    self.size = cfg["image_size"]
+    self.model = eva_ref.reference(
+        seed=15, img_size=cfg["image_size"], patch_size=cfg["patch_size"],
+        embed_dim=cfg["hidden_size"], depth=cfg["num_layers"], num_heads=cfg["num_heads"],
+        mlp_ratio=cfg["intermediate_size"] / cfg["hidden_size"],
+        pt_hw_seq_len=cfg["rope_pretrain_grid"], window_size=cfg["window_size"],
+        window_block_indexes=tuple(cfg["window_block_indexes"]),
+        pretrain_img_size=cfg["pretrain_grid"] * cfg["patch_size"])
+
+  def state_dict(self):
+    return self.model.state_dict()
+
+  def __call__(self, x):
+    return self.model(x)  # [B, C, h, w]
+
+
+class TorchSam:
+  """EAGLE's SAMVisionTower (short neck + pixel-unshuffle 2) around HF's SamVisionEncoder."""
+  tower = "sam-1024"
+
+  def __init__(self, cfg):
+    import test_sam_port as sam_ref
+    self.size = cfg["image_size"]
+    vision = dict(hidden_size=cfg["hidden_size"], output_channels=cfg["output_channels"],
+                  num_hidden_layers=cfg["num_layers"], num_attention_heads=cfg["num_heads"],
+                  image_size=cfg["image_size"], patch_size=cfg["patch_size"],
+                  window_size=cfg["window_size"],
+                  global_attn_indexes=list(cfg["global_attn_indexes"]), mlp_dim=cfg["mlp_dim"])
+    self.model = sam_ref.EagleSamTower(sam_ref.tiny_sam_model(vision, seed=16)).eval()
+
+  def state_dict(self):
+    return self.model.vision_tower.state_dict()
+
+  def __call__(self, x):
+    return self.model(x)  # [B, (g/2)², 4·C]
+
+
+class TorchPix2Struct:
+  """EAGLE's Pix2StructLargeVisionTower: de-normalise, the Pix2Struct processor, the HF
+  encoder, the first grid² rows."""
+  tower = "pix2struct-1024"
+
+  def __init__(self, cfg):
+    import test_pix2struct_port as p2s_ref
+    self.size = cfg["image_size"]
+    self.max_patches = cfg["max_patches"]
+    self.patch = cfg["patch_size"]
+    self.processor = p2s_ref.NUMPY_PROCESSOR
+    self.model = p2s_ref.randomize_(transformers.Pix2StructVisionModel(
+        transformers.Pix2StructVisionConfig(
+            hidden_size=cfg["hidden_size"], patch_embed_hidden_size=3 * self.patch ** 2,
+            d_ff=cfg["mlp_dim"], d_kv=cfg["head_dim"], num_hidden_layers=cfg["num_layers"],
+            num_attention_heads=cfg["num_heads"], seq_len=cfg["seq_len"],
+            dense_act_fn="gelu_new", layer_norm_eps=1e-6)), seed=17)
+
+  def state_dict(self):
+    return self.model.state_dict()
+
+  def __call__(self, x):
+    mean = torch.from_numpy(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.from_numpy(CLIP_STD).view(1, 3, 1, 1)
+    images = ((x * std + mean) * 255.0).permute(0, 2, 3, 1).numpy()
+    processor = self.processor(max_patches=self.max_patches,
+                               patch_size={"height": self.patch, "width": self.patch})
+    inputs = processor(images=list(images), return_tensors="pt", do_rescale=True)
+    out = self.model(flattened_patches=inputs["flattened_patches"],
+                     attention_mask=inputs["attention_mask"]).last_hidden_state
+    side = int(inputs["attention_mask"][0].sum().item() ** 0.5)
+    return out[:, :side * side]  # [B, grid², C]
+
+
+TORCH_EXPERTS = {"clip": TorchClip, "convnext": TorchConvNext, "eva02": TorchEva02,
+                 "sam": TorchSam, "pix2struct": TorchPix2Struct}
+
+# Toy versions of EAGLE-X5's experts (its order), every one ending on or resized to the
+# 4×4 fusion grid: EVA's grid 4 is padded to windows of 3, its position table was
+# pretrained at grid 3; SAM's 8×8 map is pixel-unshuffled to 4×4.
+TOY_X5 = [
+    dict(name="clip", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+         num_layers=2, num_heads=2, cls_token="drop"),
+    dict(name="convnext", image_size=64, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+         ls_init_value=1.0),
+    dict(name="sam", image_size=64, patch_size=8, hidden_size=32, mlp_dim=48, num_layers=2,
+         num_heads=2, window_size=3, global_attn_indexes=(1,), output_channels=8,
+         mean=tuple(CLIP_MEAN), std=tuple(CLIP_STD)),
+    dict(name="eva02", image_size=32, patch_size=8, hidden_size=32, intermediate_size=42,
+         num_layers=3, num_heads=2, window_size=3, window_block_indexes=(0, 1),
+         pretrain_grid=3, rope_pretrain_grid=2, mean=tuple(CLIP_MEAN), std=tuple(CLIP_STD)),
+    dict(name="pix2struct", image_size=64, hidden_size=32, num_layers=2, num_heads=2,
+         head_dim=16, mlp_dim=40, patch_size=8, max_patches=16, seq_len=16),
+]
 
 
 def eagle_fusion(features, grid_size):
@@ -149,7 +247,11 @@ class TorchEagle:
 
   @staticmethod
   def _feature_dim(expert):
-    return expert["hidden_size"] if expert["name"] == "clip" else expert["dims"][-1]
+    if expert["name"] == "convnext":
+      return expert["dims"][-1]
+    if expert["name"] == "sam":
+      return expert["output_channels"] * 4
+    return expert["hidden_size"]
 
   def state_dict(self, nested=False):
     state = {k: v for k, v in self.llm.state_dict().items()}
@@ -170,7 +272,8 @@ class TorchEagle:
   def save(self, folder, nested=False, towers=None, drop=(), extra=None):
     from safetensors.torch import save_file
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in self.state_dict(nested).items()
+    # clone: EVA's rotary buffers are shared between blocks (safetensors refuses aliases).
+    state = {k: v.detach().clone().contiguous() for k, v in self.state_dict(nested).items()
              if not any(k.startswith(d) for d in drop)}
     state.update(extra or {})
     save_file(state, str(folder / "model.safetensors"))
@@ -235,6 +338,22 @@ def test_stage2_logits_equal_the_torch_composition(release, tmp_path):
   logits, _ = model.apply({"params": params}, {k: jnp.asarray(v) for k, v in batch.items()})
   ref = torch_model.logits(batch["image"], batch["input_ids"], placeholder_at=3)
   assert logits.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_all_five_experts_stage2_logits_equal_the_torch_composition(tmp_path):
+  """EAGLE-X5's expert set (CLIP, ConvNeXt, SAM, EVA-02, Pix2Struct) at toy size."""
+  torch.manual_seed(1)
+  config = run_config(2, TOY_X5)
+  torch_model = TorchEagle(config)
+  folder = torch_model.save(tmp_path / "Eagle-X5-tiny", nested=True)
+  summary = convert.convert_eagle(config, str(folder), str(tmp_path / "out"))
+  assert summary["left_for_init"] == []
+  model, params = _restore(config, tmp_path / "out")
+  batch = _batch(config, seed=3)
+  logits, _ = jax.jit(model.apply)({"params": params},
+                                   {k: jnp.asarray(v) for k, v in batch.items()})
+  ref = torch_model.logits(batch["image"], batch["input_ids"], placeholder_at=3)
   np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=1e-4)
 
 
