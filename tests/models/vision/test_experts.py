@@ -65,8 +65,8 @@ def test_experts_run_on_uint8_batch():
 
 
 def test_unknown_expert_and_field_fail_clearly():
-  with pytest.raises(ValueError, match=r"unknown vision expert 'sam'.*registered"):
-    build_experts([CLIP, dict(name="sam")])
+  with pytest.raises(ValueError, match=r"unknown vision expert 'dino'.*registered"):
+    build_experts([CLIP, dict(name="dino")])
   with pytest.raises(ValueError, match=r"experts\[0\].*ClipConfig: unknown field.*'width'"):
     build_experts([dict(CLIP, width=3)])
   with pytest.raises(ValueError, match="needs a 'name' key"):
