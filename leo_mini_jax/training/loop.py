@@ -23,6 +23,7 @@ from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.models import leo_mini as leo_mini_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
+from leo_mini_jax.training import guards as guards_lib
 from leo_mini_jax.training import metrics as metrics_lib
 from leo_mini_jax.training import optimizer as optimizer_lib
 from leo_mini_jax.training import preemption as preemption_lib
@@ -122,6 +123,8 @@ class TrainSetup:
     step_fn = step_lib.make_train_step(
         self.model, self.tx, self.trainable, self.lr_schedule,
         int(self.config.optimizer.grad_accum_steps))
+    # A NaN/inf step leaves params and optimizer state as they were (no host sync).
+    step_fn = guards_lib.skip_nonfinite(step_fn, self.trainable)
     jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                      out_shardings=(self.state_shardings, self.replicated),
                      donate_argnums=0)
@@ -249,6 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   policy = checkpoint_lib.SavePolicy(config.checkpoint)
   train_step = setup.jit_train_step()
   writer = metrics_lib.MetricsWriter(workdir)
+  nonfinite = guards_lib.NonFiniteTracker(guards_lib.max_bad_steps(config))
   start_step = int(state.step)
   total = int(config.total_steps) if stop_at is None else min(stop_at, config.total_steps)
   bar = None
@@ -268,6 +272,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     reason = policy.reason(done, total, watcher.reached(done))
     if (len(pending) >= MAX_QUEUED_STEPS or done % config.log_every == 0 or reason):
       fetched = [metrics_lib.scalar_metrics(m) for m in jax.device_get(pending)]
+      try:  # before any save below: a run that keeps diverging stops, naming the step
+        nonfinite.observe(fetched, done - len(pending) + 1)
+      except guards_lib.NonFiniteError:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        raise
       pending = []
       if timer_start is None:  # the first fetch includes compilation: start timing after it
         timer_start = time.perf_counter()
@@ -288,6 +299,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     if bar is not None:
       bar.update(1)
     if reason and checkpointer.latest_step() != done:
+      guards_lib.check_finite_state(state, done)
       checkpointer.save(done, state, {
           "examples_seen": examples_seen, "seed": int(config.data.seed),
           "global_batch_size": int(config.data.batch_size),
