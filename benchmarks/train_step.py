@@ -3,18 +3,23 @@
   python benchmarks/train_step.py [--config configs/tiny.py] [--steps 20] [--stages 1,2,3]
 
 For each stage: compile time, steady-state step time, examples/s and tokens/s on a
-synthetic batch already on device (data loading excluded), plus trainable / total
-parameter counts and optimizer-state bytes. Every step is blocked on, so the time is the
-step's own.
+synthetic batch already on device (data loading excluded), model FLOPs per step (matmuls
+and convolutions of forward + backward, counted from the step's jaxpr with every scanned
+layer counted; remat recomputation included), the achieved GFLOP/s and MFU against the
+matmul peak measured in the same run (f32 and bf16 [2048]² matmuls; MFU uses the peak of
+the config's compute dtype), plus trainable / total parameter counts and optimizer-state
+bytes. Every step is blocked on, so the time is the step's own.
 """
 
 import importlib.util
 import time
 
+import bench_utils  # noqa: F401  (puts the repository root on sys.path)
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from leo_mini_jax.training import loop
@@ -43,7 +48,7 @@ def synthetic_batch(config) -> dict[str, np.ndarray]:
   return batch
 
 
-def bench_stage(module, stage: int, steps: int) -> dict[str, float]:
+def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict[str, float]:
   config = module.get_config(f"stage={stage}")
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
@@ -60,6 +65,8 @@ def bench_stage(module, stage: int, steps: int) -> dict[str, float]:
     tokens += float(metrics["tokens"])  # blocks
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
+  flops = bench_utils.model_flops(train_step, state, batch)
+  dtype = str(config.model.llm.get("dtype", "float32"))
   params = setup.abstract_state.params
   trainable = optimizer_lib.split_trainable(params, setup.trainable)[0]
   return {
@@ -71,6 +78,9 @@ def bench_stage(module, stage: int, steps: int) -> dict[str, float]:
       "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
       "total_params": sum(x.size for x in jax.tree.leaves(params)),
       "optimizer_state_bytes": optimizer_lib.count_leaves_bytes(setup.abstract_state.opt_state),
+      "gflop_per_step": flops / 1e9,
+      "gflops": flops / step_s / 1e9,
+      "mfu": flops / step_s / peaks["bfloat16" if dtype == "bfloat16" else "float32"],
   }
 
 
@@ -79,13 +89,19 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   module = load_config_module(_CONFIG.value)
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {_CONFIG.value}")
+  peaks = {"float32": bench_utils.matmul_peak(jnp.float32),
+           "bfloat16": bench_utils.matmul_peak(jnp.bfloat16)}
+  print(f"matmul peak: {peaks['float32'] / 1e9:.0f} GFLOP/s f32, "
+        f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s bf16")
   header = (f"{'stage':>5}{'compile s':>11}{'step ms':>9}{'examples/s':>12}{'tokens/s':>10}"
+            f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>6}"
             f"{'trainable':>12}{'total':>12}{'opt bytes':>12}")
   print(header)
   for stage in map(int, _STAGES.value):
-    r = bench_stage(module, stage, _STEPS.value)
+    r = bench_stage(module, stage, _STEPS.value, peaks)
     print(f"{r['stage']:>5}{r['compile_s']:>11.1f}{r['step_ms']:>9.1f}"
           f"{r['examples_per_s']:>12.1f}{r['tokens_per_s']:>10.0f}"
+          f"{r['gflop_per_step']:>12.2f}{r['gflops']:>9.1f}{r['mfu']:>6.0%}"
           f"{r['trainable_params']:>12,}{r['total_params']:>12,}"
           f"{r['optimizer_state_bytes']:>12,}")
 

@@ -11,7 +11,8 @@ This is timm's `forward_features` for the patch-stem, channels-last-MLP variant.
 `convnext_xxlarge` `norm_pre` is Identity (head_norm_first=False), so the last stage's
 output is taken as is. timm's xxlarge sets every LayerNorm's eps to 1e-5 (other ConvNeXt
 sizes use 1e-6); GELU is exact (erf). Activations are NHWC throughout; conv kernels are
-HWIO and the depthwise conv is a grouped conv with `feature_group_count = C`.
+HWIO; the depthwise kernel is (k, k, 1, C) like a grouped conv's with
+`feature_group_count = C`, but it is computed by `depthwise_conv` below (see there why).
 """
 
 import dataclasses
@@ -114,6 +115,90 @@ def _dense(features: int, axes: tuple[str, str], name: str, cfg: ConvNextConfig)
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Σ over the k×k taps of shifted x times that tap's per-channel weight ('SAME' padding).
+
+  x [B, H, W, C], kernel [k, k, C] → [B, H, W, C]. XLA fuses the k² multiply-adds into one
+  elementwise loop that reads x once (accumulating in float32).
+  """
+  k = kernel.shape[0]
+  pad = k // 2
+  height, width = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(jnp.float32)
+  kernel = kernel.astype(jnp.float32)
+  out = jnp.zeros(x.shape, jnp.float32)
+  for dy in range(k):
+    for dx in range(k):
+      out = out + padded[:, dy:dy + height, dx:dx + width] * kernel[dy, dx]
+  return out.astype(x.dtype)
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+  """∂/∂kernel of Σ g · depthwise_conv(x): [k, k, C], in float32.
+
+  grad[dy, dx, c] = Σ_{b,h,w} x_pad[b, h+dy, w+dx, c] g[b, h, w, c]. Per kernel row dy one
+  batched matmul over the channels contracts batch and rows (m[c, u, w] =
+  Σ_{b,h} x_pad[b, h+dy, u, c] g[b, h, w, c]); tap dx is then the dx-th diagonal of m.
+  """
+  pad = k // 2
+  height = x.shape[1]
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  rows = []
+  for dy in range(k):
+    m = jnp.einsum("bhuc,bhwc->cuw", padded[:, dy:dy + height], g,
+                   preferred_element_type=jnp.float32)
+    rows.append(jnp.stack([jnp.trace(m, offset=-dx, axis1=1, axis2=2) for dx in range(k)]))
+  return jnp.stack(rows)
+
+
+@jax.custom_vjp
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Depthwise k×k convolution, stride 1, 'SAME' zero padding (torch's padding=k//2).
+
+  x [B, H, W, C], kernel [k, k, 1, C] (HWIO, groups = C) → [B, H, W, C].
+
+  Why not `lax.conv_general_dilated(feature_group_count=C)`: on XLA:CPU the grouped conv
+  runs one small convolution per channel. Measured on this project's ConvNeXt sizes
+  ([8, 32, 32, 64], 7×7): forward 179 ms as a grouped conv, 7 ms as fused shifted
+  multiply-adds; kernel gradient 108 ms (XLA's) vs 33 ms as k batched matmuls. The input
+  gradient is the same shifted sum with the kernel flipped.
+  """
+  return _shifted_sum(x, kernel[:, :, 0])
+
+
+def _depthwise_fwd(x, kernel):
+  return depthwise_conv(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(residuals, g):
+  x, kernel = residuals
+  k = kernel.shape[0]
+  dx = _shifted_sum(g.astype(x.dtype), kernel[::-1, ::-1, 0])
+  dkernel = _kernel_grad(x, g.astype(x.dtype), k)[:, :, None].astype(kernel.dtype)
+  return dx, dkernel
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise conv with bias; parameters as `nn.Conv(feature_group_count=C)` names them."""
+  kernel_size: int
+  config: ConvNextConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    channels = x.shape[-1]
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+        (self.kernel_size, self.kernel_size, 1, channels), jnp.dtype(cfg.param_dtype))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                      (channels,), jnp.dtype(cfg.param_dtype))
+    dtype = jnp.dtype(cfg.dtype)
+    return depthwise_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
 class ConvNextBlock(nn.Module):
   """x + γ ⊙ fc2(GELU(fc1(LN(dwconv(x))))) on [B, H, W, C].
 
@@ -126,8 +211,7 @@ class ConvNextBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
     cfg = self.config
-    pad = cfg.kernel_size // 2
-    h = _conv(self.dim, cfg.kernel_size, 1, ((pad, pad), (pad, pad)), self.dim, "conv_dw", cfg)(x)
+    h = DepthwiseConv(cfg.kernel_size, cfg, name="conv_dw")(x)
     h = _layer_norm("norm", cfg)(h)
     h = _dense(self.mlp_dim, ("vision_embed", "vision_mlp"), "fc1", cfg)(h)
     h = nn.gelu(h, approximate=False)

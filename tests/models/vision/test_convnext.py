@@ -153,3 +153,21 @@ def test_bfloat16_close_to_float32():
   assert out.dtype == jnp.bfloat16
   scale = float(jnp.abs(reference).max())
   assert float(jnp.abs(out.astype(jnp.float32) - reference).max()) < 0.05 * scale
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 9, 7, 5), 7), ((1, 4, 6, 3), 3), ((2, 2, 3, 4), 7)])
+def test_depthwise_conv_and_its_gradients_match_the_grouped_conv(shape, kernel):
+  from leo_mini_jax.models.vision.convnext import depthwise_conv
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, shape[-1])), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  pad = kernel // 2
+  grouped = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=shape[-1], precision="highest")
+  want, want_vjp = jax.vjp(grouped, x, w)
+  got, got_vjp = jax.vjp(depthwise_conv, x, w)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
