@@ -20,7 +20,9 @@ FROZEN = "frozen"
 
 # Table 6. Stage 3's new modules are CoTR ('reducer/...') and MMoE-LLM ('.../mmoe_...').
 STAGE_SCHEDULES: dict[int, tuple[tuple[str, str | None], ...]] = {
-    1: (("projector/.*", "main"), (".*", None)),
+    # Stage 1 also trains modules that are new on top of the ported experts (SAM's EAGLE
+    # neck): frozen at their fresh init they would feed the projector noise.
+    1: (("projector/.*", "main"), ("vision/sam/eagle_neck/.*", "main"), (".*", None)),
     2: ((".*", "main"),),
     3: (("projector/.*", "main"), ("reducer/.*", "main"), ("llm/.*/mmoe_.*", "main"),
         (".*", None)),
