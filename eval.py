@@ -1,9 +1,18 @@
-"""Evaluates a run's latest checkpoint on the held-out split.
+"""Evaluates a run's latest checkpoint on the held-out split or the paper's benchmarks.
 
   python eval.py --config configs/tiny.py:stage=3 --workdir /tmp/leo/stage3
 
-Generates greedily with the KV cache, writes <workdir>/eval/predictions.jsonl and
+generates greedily with the KV cache, writes <workdir>/eval/predictions.jsonl and
 metrics.json, and prints exact-match accuracy per question type beside the blind baseline.
+
+  python eval.py --config configs/leo_mini_llama3_8b.py --workdir RUN \
+      --config.eval.benchmark=mme,pope --config.eval.data_dir=/data/eval
+
+runs the named benchmarks ('all': every one found under data_dir; see
+leo_mini_jax/evaluation/benchmarks/ for each one's files) and writes
+RUN/eval/NAME/{predictions.jsonl, metrics.json, routing.json, routing.png, submission
+files} and RUN/eval/summary.md (printed). --config.eval.skip_bad=True skips and counts bad
+records instead of stopping on the first.
 """
 
 from absl import app
@@ -11,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from leo_mini_jax import config_validation
 from leo_mini_jax.evaluation import runner
 from leo_mini_jax.parallel import mesh as mesh_lib
 
@@ -25,6 +35,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   mesh_lib.initialize_distributed(config.distributed)
+  # The schedule is checked when runner builds the TrainSetup; init_from is not read.
+  config_validation.validate_config(config, trace_model=False, init_from=False)
   runner.evaluate(config, _WORKDIR.value)
 
 

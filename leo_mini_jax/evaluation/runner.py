@@ -1,6 +1,13 @@
-"""Held-out evaluation: greedy generation with the KV cache, exact-match accuracy."""
+"""Evaluation: the held-out split of the data config, or the paper's benchmarks.
+
+`evaluate` scores the data config's eval split (synthetic or LLaVA JSON) by exact match
+when `eval.benchmark` is empty; otherwise `evaluate_benchmarks` runs the named benchmarks
+(evaluation/benchmarks/) and writes, per benchmark, RUN/eval/NAME/predictions.jsonl,
+metrics.json, submission files and the routing of MMoE-LLM, then RUN/eval/summary.md.
+"""
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -8,10 +15,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
+from leo_mini_jax.data import tokenizers as tokenizers_lib
+from leo_mini_jax.evaluation import benchmarks as benchmarks_lib
 from leo_mini_jax.evaluation import efficiency
 from leo_mini_jax.evaluation import generate as generate_lib
 from leo_mini_jax.evaluation import metrics as metrics_lib
+from leo_mini_jax.evaluation import routing as routing_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import loop
@@ -28,10 +39,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
   """Generates answers for the eval split and scores them.
 
   Writes <workdir>/eval/predictions.jsonl and metrics.json. Returns the metrics dict.
+  With `eval.benchmark` set, runs `evaluate_benchmarks` instead.
   """
   setup = setup or loop.TrainSetup(config)
   if params is None:
     params = restore_params(setup, workdir)
+  if config.eval.get("benchmark"):
+    return evaluate_benchmarks(config, workdir, params, setup, verbose)
   eval_data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   eval_data_cfg.batch_size = config.eval.batch_size
   data = pipeline_lib.make_dataset(eval_data_cfg, split="eval", mode="generate")
@@ -91,4 +105,97 @@ def format_report(result: dict[str, Any]) -> str:
            f"  {'question type':<14}{'accuracy':>10}{'blind':>10}"]
   for qtype, acc in result["accuracy"].items():
     lines.append(f"  {qtype:<14}{acc:>10.1%}{result['blind_baseline'].get(qtype, 0):>10.1%}")
+  return "\n".join(lines)
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2)
+
+
+def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params: Any,
+                        setup: loop.TrainSetup, verbose: bool = True) -> dict[str, Any]:
+  """Runs `eval.benchmark` ('mme,pope', 'all') from `eval.data_dir`; returns
+  {name: metrics}. Every process generates its share; process 0 writes the files."""
+  eval_cfg = config.eval
+  writer = jax.process_index() == 0
+  tokenizer = tokenizers_lib.load_tokenizer(config.data.tokenizer)
+  template = pipeline_lib.resolve_template(config.data, tokenizer)
+  stop_ids = tuple({tokenizer.eos_id, template.end_of_turn_id(tokenizer)})
+  resolution, mean_rgb = int(config.data.resolution), tuple(config.data.image_mean_rgb)
+  load_image = lambda source: images_lib.to_master_resolution(source, resolution, mean_rgb)
+  eval_dir = os.path.join(workdir, "eval")
+  generator = generate_lib.BatchGenerator(
+      setup, max_new_tokens=int(eval_cfg.max_new_tokens),
+      eos_id=template.end_of_turn_id(tokenizer), routing=bool(eval_cfg.get("routing", True)))
+  results, routing_panels = {}, {}
+  for cls, folder in benchmarks_lib.resolve(eval_cfg.benchmark, eval_cfg.data_dir):
+    bench = cls(folder, skip_bad=bool(eval_cfg.get("skip_bad", False)),
+                split=eval_cfg.get("split", ""))
+    samples = bench.samples()
+    if eval_cfg.get("num_examples"):
+      samples = samples[:int(eval_cfg.num_examples)]
+    prompts = [generate_lib.Prompt(generate_lib.build_prompt(
+        s.prompt, tokenizer, template, s.image is not None), s.image) for s in samples]
+    names = [f"{bench.title}: {s.source}: record {s.id}" for s in samples]
+    generation = generator(params, prompts, batch_size=int(eval_cfg.batch_size),
+                           resolution=resolution, load_image=load_image,
+                           pad_id=tokenizer.pad_id, names=names)
+    failed = dict(generation.failed)
+    if failed and not eval_cfg.get("skip_bad", False):
+      index, reason = generation.failed[0]
+      raise benchmarks_lib.BenchmarkError(
+          f"{names[index]}: {reason} (eval.skip_bad=True skips bad records)")
+    answers = generate_lib.decode_answers(np.stack(generation.tokens), tokenizer, stop_ids)
+    records = []
+    for index, (sample, answer) in enumerate(zip(samples, answers)):
+      if index in failed:
+        bench.report.skipped.append((sample.source, sample.id, failed[index]))
+        continue
+      records.append({"id": sample.id, "prompt": sample.prompt, "prediction": answer,
+                      "target": sample.target})
+    scored = [r for r in records if "answers" in r["target"]]
+    metrics = bench.score(scored) if scored else {"score": None, "num_questions": 0}
+    metrics.update(num_generated=len(records), num_skipped=len(bench.report.skipped),
+                   skipped=[list(s) for s in bench.report.skipped[:100]])
+    out_dir = os.path.join(eval_dir, bench.name)
+    if writer:
+      os.makedirs(out_dir, exist_ok=True)
+      with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        for record in records:
+          f.write(json.dumps(record) + "\n")
+      metrics["submission_files"] = bench.write_submission(records, out_dir)
+      if generation.routing is not None:
+        routing_lib.write_routing(out_dir, bench.title, generation.routing)
+        routing_panels[bench.title] = routing_lib.fractions(generation.routing)
+      _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    if bench.report.skipped:
+      logging.warning("%s", bench.report.summary())
+    results[bench.name] = metrics
+  summary = format_summary(results, setup.model.config.num_visual_tokens)
+  if writer:
+    with open(os.path.join(eval_dir, "summary.md"), "w") as f:
+      f.write(summary + "\n")
+    if routing_panels:
+      routing_lib.plot_panels(routing_panels, os.path.join(eval_dir, "routing.png"),
+                              "MMoE-LLM routing (fraction of prompt tokens per expert)")
+    if verbose:
+      print(summary)
+  return results
+
+
+def format_summary(results: dict[str, dict], num_visual_tokens: int) -> str:
+  """A markdown table of every benchmark run, in the paper's column order (Table 3)."""
+  names = [n for n in benchmarks_lib.ORDER if n in results]
+  titles = [benchmarks_lib.REGISTRY[n].title for n in names]
+  cell = lambda v: "—" if v is None else f"{v:.1f}"
+  lines = ["| # V tokens | " + " | ".join(titles) + " |",
+           "|---:|" + "---:|" * len(names),
+           f"| {num_visual_tokens} | " + " | ".join(cell(results[n]["score"]) for n in names)
+           + " |"]
+  skipped = {benchmarks_lib.REGISTRY[n].title: results[n]["num_skipped"] for n in names
+             if results[n].get("num_skipped")}
+  if skipped:
+    lines.append("")
+    lines.append("Skipped bad records: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
   return "\n".join(lines)
