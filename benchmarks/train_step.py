@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from leo_mini_jax import config_validation
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import optimizer as optimizer_lib
 
@@ -50,6 +51,7 @@ def synthetic_batch(config) -> dict[str, np.ndarray]:
 
 def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict[str, float]:
   config = module.get_config(f"stage={stage}")
+  config_validation.validate_config(config, trace_model=False, init_from=False)
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
   batch = setup.global_batch(synthetic_batch(config))

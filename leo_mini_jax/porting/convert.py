@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from leo_mini_jax import config_validation
 from leo_mini_jax import porting
 from leo_mini_jax.porting import llama as llama_port
 from leo_mini_jax.porting import mapping
@@ -187,6 +188,9 @@ def main() -> None:
 
   def run(argv):
     del argv
+    # Conversion uses no mesh and reads no init_from; the run that loads it checks both.
+    config_validation.validate_config(config_flag.value, device_count=0, trace_model=False,
+                                      init_from=False)
     if eagle.value:
       if llm.value or experts.value:
         raise app.UsageError("--eagle replaces --llm and --expert; give one or the other")

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from leo_mini_jax import config_validation
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.models import leo_mini as leo_mini_lib
@@ -72,6 +73,8 @@ class TrainSetup:
     self.model = build_model(config)
     batch = dummy_batch(config)
     boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), batch))["params"]
+    config_validation.check_schedule(
+        config.schedule, list(traverse_util.flatten_dict(nn.unbox(boxed), sep="/")))
     self.tx, self.lr_schedule = optimizer_lib.make_optimizer(config, boxed)
     self.trainable = optimizer_lib.trainable_mask(nn.unbox(boxed), config.schedule)
 
@@ -231,7 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   Returns a summary: the final state, logged history, final metrics, the TrainSetup, and
   'stopped' ('done', 'stop_at' or 'preempted').
   """
-  validate_config(config)
+  validate_config(config, device_count=0 if mesh is not None else None)
   setup = TrainSetup(config, mesh)
   check_batch(config, setup.mesh)
   logging.info("%s", mesh_lib.process_summary(setup.mesh))
@@ -320,8 +323,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
           "stopped": stopped}
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails at start, naming the field, on values that would fail later."""
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None
+                    ) -> None:
+  """Fails at start, naming the field, on values that would fail later.
+
+  `device_count`: as for `config_validation.validate_config` (0 = a mesh is given).
+  """
   def need(condition, field, message):
     if not condition:
       raise ValueError(f"config.{field}: {message}")
@@ -339,6 +346,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   need((config.checkpoint.get("every_seconds") or 0) >= 0, "checkpoint.every_seconds",
        "must be >= 0 (0 = off)")
+  # Experts, reducer, MMoE, mesh, tokenizer, init_from; the schedule in TrainSetup.
+  config_validation.validate_config(config, device_count=device_count, trace_model=False)
   leo_mini_lib.LeoMiniConfig.from_config(config.model)  # names bad model fields
   if config.model.llm.vocab_size < 1:
     raise ValueError("config.model.llm.vocab_size: must be >= 1")

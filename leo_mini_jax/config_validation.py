@@ -1,0 +1,209 @@
+"""Start-up checks of a run config that name the field, run by every entry point.
+
+train.py (through `loop.validate_config`), eval.py, `porting.convert` and the benchmark
+scripts call `validate_config` before they build anything, so a typo fails in seconds
+with the config field in the message instead of hours later (or never: a `schedule`
+regex that matches nothing would silently freeze the parameters it meant to train).
+
+The checks that need the model's parameter paths (`check_schedule`) run on abstract
+shapes only (`jax.eval_shape`); `loop.TrainSetup` runs them on the shapes it builds
+anyway, so train and eval trace the model once.
+"""
+
+import math
+import re
+from typing import Any, Sequence
+
+from etils import epath
+import jax
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message starts with the field."""
+
+
+def _fail(field: str, message: str):
+  raise ConfigError(f"config.{field}: {message}")
+
+
+def check_experts(config: Any) -> None:
+  """Every `model.experts[i].name` is a registered vision expert."""
+  from leo_mini_jax.models.vision import experts as experts_lib  # pylint: disable=g-import-not-at-top
+  known = experts_lib.registered_experts()
+  experts = list(config.model.get("experts") or [])
+  if not experts:
+    _fail("model.experts", f"no vision expert; give at least one of {known}")
+  for i, expert in enumerate(experts):
+    name = expert.get("name") if hasattr(expert, "get") else None
+    if name not in known:
+      _fail(f"model.experts[{i}].name", f"unknown vision expert {name!r}; registered "
+            f"experts are {known}")
+
+
+def check_reducer(config: Any) -> None:
+  """A token-reducing `model.reducer` keeps at least one token per expert."""
+  reducer = config.model.get("reducer") or {}
+  kind = reducer.get("kind", "none")
+  if kind != "none":
+    tokens = reducer.get("num_visual_tokens")
+    if not isinstance(tokens, int) or tokens < 1:
+      _fail("model.reducer.num_visual_tokens",
+            f"must be an integer >= 1 for reducer.kind={kind!r}, got {tokens!r}")
+  elif int(reducer.get("grid_size", 1)) < 1:
+    _fail("model.reducer.grid_size", f"must be >= 1, got {reducer.get('grid_size')!r}")
+
+
+def check_mmoe(config: Any) -> None:
+  """Stage 3 (CoTR + MMoE-LLM, Table 6) needs a complete, enabled `model.llm.mmoe`."""
+  if config.stage != 3:
+    return
+  mmoe = config.model.llm.get("mmoe")
+  if not mmoe:
+    _fail("model.llm.mmoe", "stage 3 trains MMoE-LLM but the section is missing "
+          "(see configs/common.py: mmoe_config)")
+  if not mmoe.get("enabled"):
+    _fail("model.llm.mmoe.enabled", "must be True in stage 3 (its schedule trains "
+          "llm/.*/mmoe_.* parameters)")
+  for field in ("num_experts", "rank", "top_k"):
+    value = mmoe.get(field)
+    if not isinstance(value, int) or value < 1:
+      _fail(f"model.llm.mmoe.{field}", f"must be an integer >= 1 in stage 3, got {value!r}")
+  if mmoe.top_k > mmoe.num_experts:
+    _fail("model.llm.mmoe.top_k", f"{mmoe.top_k} exceeds mmoe.num_experts="
+          f"{mmoe.num_experts}")
+
+
+def check_mesh(config: Any, device_count: int) -> None:
+  """`mesh` (ICI sizes, one may be -1, times `mesh.dcn`) covers exactly the devices."""
+  mesh = config.get("mesh") or {}
+  sizes = {axis: int(mesh.get(axis, 1)) for axis in MESH_AXES}
+  dcn = {axis: int((mesh.get("dcn") or {}).get(axis, 1)) for axis in MESH_AXES}
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    _fail("mesh", f"axis sizes must be >= 1 or -1 (the rest), got {sizes}")
+  if list(sizes.values()).count(-1) > 1:
+    _fail("mesh", f"at most one axis may be -1, got {sizes}")
+  if any(s < 1 for s in dcn.values()):
+    _fail("mesh.dcn", f"sizes must be >= 1, got {dcn}")
+  known = math.prod(s for s in sizes.values() if s != -1) * math.prod(dcn.values())
+  if -1 in sizes.values():
+    if device_count % known:
+      _fail("mesh", f"{sizes} with dcn {dcn}: the other axes need a multiple of {known} "
+            f"devices, have {device_count}")
+  elif known != device_count:
+    _fail("mesh", f"{sizes} with dcn {dcn} needs {known} devices, have {device_count}; "
+          "set one axis to -1 to take the rest")
+
+
+def check_schedule(schedule: Sequence[Sequence[Any]], paths: Sequence[str],
+                   optional: Sequence[Sequence[Any]] | None = None) -> None:
+  """Every `schedule` rule compiles and is the first match of at least one parameter.
+
+  A rule that matches nothing is almost always a typo, and the catch-all rule behind it
+  would then freeze what it meant to train without any other sign.
+
+  Args:
+    schedule: (regex, group or None) rules, first match wins.
+    paths: the model's parameter paths.
+    optional: rules that may match nothing (default: the built-in Table 6 rules of every
+      stage, which name modules only some expert sets have, e.g. SAM's EAGLE neck).
+  """
+  if optional is None:
+    from leo_mini_jax.training import optimizer  # pylint: disable=g-import-not-at-top
+    optional = [rule for rules in optimizer.STAGE_SCHEDULES.values() for rule in rules]
+  optional = {tuple(rule) for rule in optional}
+  compiled = []
+  for i, rule in enumerate(schedule):
+    if len(rule) != 2:
+      _fail(f"schedule[{i}]", f"expected (regex, group or None), got {tuple(rule)!r}")
+    try:
+      compiled.append(re.compile(rule[0]))
+    except re.error as e:
+      _fail(f"schedule[{i}]", f"regex {rule[0]!r} does not compile: {e}")
+  first = [0] * len(compiled)
+  matched = [0] * len(compiled)
+  for path in paths:
+    hits = [i for i, r in enumerate(compiled) if r.fullmatch(path)]
+    for i in hits:
+      matched[i] += 1
+    if hits:
+      first[hits[0]] += 1
+  for i, rule in enumerate(schedule):
+    if tuple(rule) in optional:
+      continue
+    if not matched[i]:
+      example = ", ".join(sorted(paths)[:3])
+      _fail(f"schedule[{i}]", f"regex {rule[0]!r} matches no parameter (paths look like "
+            f"{example}, ...)")
+    if not first[i]:
+      _fail(f"schedule[{i}]", f"regex {rule[0]!r} only matches parameters that an "
+            "earlier rule already claims (first match wins)")
+
+
+def parameter_paths(config: Any) -> list[str]:
+  """The model's parameter paths ('llm/layers/...'), from abstract shapes only."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from leo_mini_jax.training import loop  # pylint: disable=g-import-not-at-top
+  model = loop.build_model(config)
+  batch = loop.dummy_batch(config)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
+  return list(traverse_util.flatten_dict(nn.unbox(params), sep="/"))
+
+
+def check_tokenizer(config: Any) -> None:
+  """The tokenizer's vocabulary fits `model.llm.vocab_size` (larger ids would embed as
+  NaN: `jnp.take` fills out-of-range rows)."""
+  path = (config.get("data") or {}).get("tokenizer")
+  if not path:
+    return  # full-size configs leave it for the user; the pipeline names it when used
+  from leo_mini_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  try:
+    tokenizer = tokenizers.load_tokenizer(str(path))
+  except (OSError, ValueError) as e:
+    _fail("data.tokenizer", str(e))
+  vocab = int(config.model.llm.vocab_size)
+  if tokenizer.vocab_size > vocab:
+    _fail("data.tokenizer", f"{path!r} has {tokenizer.vocab_size} tokens, more than "
+          f"config.model.llm.vocab_size={vocab}")
+
+
+def check_init_from(config: Any) -> None:
+  path = config.get("init_from")
+  if path and not epath.Path(path).exists():
+    _fail("init_from", f"{path} does not exist")
+
+
+def validate_config(config: Any, *, device_count: int | None = None,
+                    paths: Sequence[str] | None = None, trace_model: bool = True,
+                    init_from: bool = True) -> None:
+  """Raises ConfigError, naming the field, for a config that cannot run.
+
+  Args:
+    config: a run config (configs/*.py).
+    device_count: devices the mesh must cover (default `jax.device_count()`); 0 skips
+      the mesh check (callers that build their own mesh, conversion).
+    paths: the model's parameter paths for the schedule check; None with
+      `trace_model` computes them (one abstract trace of the model).
+    trace_model: False skips the schedule check when `paths` is None (the caller runs
+      `check_schedule` itself, as `loop.TrainSetup` does).
+    init_from: check that `init_from` exists (False for evaluation, which reads the
+      run's own checkpoints).
+  """
+  if config.get("stage") not in (1, 2, 3):
+    _fail("stage", f"must be 1, 2 or 3, got {config.get('stage')!r}")
+  check_experts(config)
+  check_reducer(config)
+  check_mmoe(config)
+  if device_count is None:
+    device_count = jax.device_count()
+  if device_count:
+    check_mesh(config, device_count)
+  check_tokenizer(config)
+  if init_from:
+    check_init_from(config)
+  if paths is None and trace_model:
+    paths = parameter_paths(config)
+  if paths is not None:
+    check_schedule(config.schedule, paths)
