@@ -22,10 +22,9 @@ defaults). mean/std come from `preprocessor_config.json` when the folder has one
 [i]: the encoder layers run under `nn.scan`, so layer i fills index i of one stacked array.
 """
 
-import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -44,13 +43,6 @@ _PREFIX = r"(?:vision_model\.)?"
 _LAYER = _PREFIX + r"encoder\.layers\.(?P<layer>\d+)\."
 
 
-def _read_json(file: str) -> dict[str, Any]:
-  with open(file) as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise ValueError(f"{file}: not valid JSON ({e})") from None
-
 
 def config_from_hf(path_or_dict: Any, cls_token: str = "keep", image_size: int | None = None,
                    **overrides: Any) -> clip_lib.ClipConfig:
@@ -64,16 +56,7 @@ def config_from_hf(path_or_dict: Any, cls_token: str = "keep", image_size: int |
       those of the checkpoint's `image_size` and are interpolated.
     **overrides: other ClipConfig fields (dtype, param_dtype, remat, mean, std, ...).
   """
-  where, folder = "config.json", None
-  if isinstance(path_or_dict, Mapping):
-    hf = dict(path_or_dict)
-  else:
-    path = os.fspath(path_or_dict)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    where = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(where):
-      raise FileNotFoundError(f"no config.json at {where} (an HF CLIP folder needs one)")
-    hf = _read_json(where)
+  hf, where, folder = readers.hf_config(path_or_dict, "CLIP")
   if "vision_config" in hf:  # CLIPModel / CLIPVisionModelWithProjection of a full config
     hf = dict(hf["vision_config"] or {})
   model_type = hf.get("model_type", "clip_vision_model")
@@ -101,7 +84,7 @@ def config_from_hf(path_or_dict: Any, cls_token: str = "keep", image_size: int |
   )
   processor = os.path.join(folder, "preprocessor_config.json") if folder else None
   if processor and os.path.exists(processor):
-    pre = _read_json(processor)
+    pre = readers.read_json(processor)
     if "image_mean" in pre and "image_std" in pre:
       values.update(mean=tuple(map(float, pre["image_mean"])),
                     std=tuple(map(float, pre["image_std"])))

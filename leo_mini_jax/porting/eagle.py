@@ -25,7 +25,6 @@ equal the run config's `model.experts`.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -66,11 +65,7 @@ def read_release(folder: str | os.PathLike) -> EagleRelease:
   where = os.path.join(folder, "config.json")
   if not os.path.isfile(where):
     raise FileNotFoundError(f"{where}: no config.json (an EAGLE release folder needs one)")
-  with open(where) as f:
-    try:
-      hf = json.load(f)
-    except ValueError as e:
-      raise ValueError(f"{where}: not valid JSON ({e})") from None
+  hf = readers.read_json(where)
   towers_field = hf.get("mm_vision_tower")
   if not isinstance(towers_field, str) or not towers_field:
     raise ValueError(f"{where}: mm_vision_tower is missing; this is not an EAGLE release")

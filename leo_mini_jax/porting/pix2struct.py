@@ -27,7 +27,6 @@ Inside an EAGLE release the same keys sit under
 with that prefix removed / prepended (`mapping.prefixed`).
 """
 
-import json
 import math
 import os
 import re
@@ -139,13 +138,6 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], *, num_heads: int 
   return p2s_lib.Pix2StructConfig(**values)
 
 
-def _read_json(file: str) -> dict[str, Any]:
-  with open(file) as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise ValueError(f"{file}: not valid JSON ({e})") from None
-
 
 def hf_vision_config(path_or_dict: Any) -> tuple[dict[str, Any], str]:
   """(the vision config's fields with HF defaults filled in, where they came from).
@@ -153,15 +145,7 @@ def hf_vision_config(path_or_dict: Any) -> tuple[dict[str, Any], str]:
   Accepts a folder, a config.json path or a parsed dict: a `pix2struct` config (its
   `vision_config`) or a `pix2struct_vision_model` config.
   """
-  where = "config.json"
-  if isinstance(path_or_dict, Mapping):
-    hf = dict(path_or_dict)
-  else:
-    path = os.fspath(path_or_dict)
-    where = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(where):
-      raise FileNotFoundError(f"no config.json at {where} (an HF Pix2Struct folder needs one)")
-    hf = _read_json(where)
+  hf, where, _ = readers.hf_config(path_or_dict, "Pix2Struct")
   model_type = hf.get("model_type", "pix2struct_vision_model")
   if model_type == "pix2struct" or "vision_config" in hf:
     hf = dict(hf.get("vision_config") or {})

@@ -466,3 +466,28 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
   raise FileNotFoundError(
       f"{path}: no checkpoint found (looked for *.safetensors, *.index.json, "
       f"{', '.join('*' + s for s in TORCH_SUFFIXES)})")
+
+
+def read_json(file: str | os.PathLike) -> dict:
+  """A JSON file's contents; an error names the file when it is not valid JSON."""
+  file = os.fspath(file)
+  with open(file) as f:
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def hf_config(path_or_dict, what: str) -> tuple[dict, str, str | None]:
+  """(config dict, where it came from, the folder) for an HF folder, config.json path or dict.
+
+  `what` names the model kind in the error when a folder has no config.json.
+  """
+  if isinstance(path_or_dict, Mapping):
+    return dict(path_or_dict), "config.json", None
+  path = os.fspath(path_or_dict)
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  where = os.path.join(path, "config.json") if os.path.isdir(path) else path
+  if not os.path.exists(where):
+    raise FileNotFoundError(f"no config.json at {where} (an HF {what} folder needs one)")
+  return read_json(where), where, folder

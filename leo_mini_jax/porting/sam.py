@@ -29,7 +29,6 @@ the 'eagle' tower skips HF's neck and initialises `eagle_neck/` fresh; an EAGLE 
 holds the trained short neck under the same `neck.` names.
 """
 
-import json
 import logging
 import os
 import re
@@ -197,13 +196,6 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], **keywords: Any
   return sam_lib.SamConfig(**values)
 
 
-def _read_json(file: str) -> dict[str, Any]:
-  with open(file) as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise ValueError(f"{file}: not valid JSON ({e})") from None
-
 
 def config_from_hf(path_or_dict: Any, **overrides: Any) -> sam_lib.SamConfig:
   """`SamConfig` from an HF SamModel / SamVisionModel folder, config.json path or dict.
@@ -211,16 +203,7 @@ def config_from_hf(path_or_dict: Any, **overrides: Any) -> sam_lib.SamConfig:
   `overrides`: other SamConfig fields (neck, pixel_unshuffle, dtype, param_dtype, remat,
   attention_impl, mean, std).
   """
-  where, folder = "config.json", None
-  if isinstance(path_or_dict, Mapping):
-    hf = dict(path_or_dict)
-  else:
-    path = os.fspath(path_or_dict)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    where = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(where):
-      raise FileNotFoundError(f"no config.json at {where} (an HF SAM folder needs one)")
-    hf = _read_json(where)
+  hf, where, folder = readers.hf_config(path_or_dict, "SAM")
   if "vision_config" in hf:  # SamModel
     hf = dict(hf["vision_config"] or {})
   model_type = hf.get("model_type", "sam_vision_model")
@@ -252,7 +235,7 @@ def config_from_hf(path_or_dict: Any, **overrides: Any) -> sam_lib.SamConfig:
       output_channels=int(get("output_channels")))
   processor = os.path.join(folder, "preprocessor_config.json") if folder else None
   if processor and os.path.exists(processor):
-    pre = _read_json(processor)
+    pre = readers.read_json(processor)
     if "image_mean" in pre and "image_std" in pre:
       values.update(mean=tuple(map(float, pre["image_mean"])),
                     std=tuple(map(float, pre["image_std"])))

@@ -34,14 +34,13 @@ blocks. `scan_layers=False` unrolls into `blocks_{i}/...` instead.
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from leo_mini_jax import config_utils
+from leo_mini_jax.models.vision.expert_config import ExpertConfig
 from leo_mini_jax.models import layers
 from leo_mini_jax.models.vision.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from leo_mini_jax.models.vision.positions import interpolate_patch_positions
@@ -53,7 +52,7 @@ EVA02_L_WINDOW_BLOCKS = tuple(i for i in range(24) if i % 3 != 2)
 
 
 @dataclasses.dataclass(frozen=True)
-class Eva02Config:
+class Eva02Config(ExpertConfig):
   """EVA-02 detection-backbone settings; defaults are EVA-02-L at 1024 px as EAGLE runs it.
 
   `pretrain_grid` is the side of the checkpoint's position table (14: 224 px / 16 plus a
@@ -101,27 +100,9 @@ class Eva02Config:
     if self.window_size <= 0 and self.window_block_indexes:
       raise ValueError(f"Eva02Config.window_size={self.window_size} must be positive "
                        "when window_block_indexes is not empty")
-    if len(self.mean) != 3 or len(self.std) != 3:
-      raise ValueError(f"Eva02Config.mean/std need 3 values, got {self.mean} / {self.std}")
+    self.check_normalisation()
 
-  @classmethod
-  def from_config(cls, cfg: Any, **overrides: Any) -> "Eva02Config":
-    return config_utils.from_config(cls, cfg, **overrides)
-
-  # What the expert registry reads (see experts.py).
-  @property
-  def input_size(self) -> int:
-    return self.image_size
-
-  @property
-  def output_grid(self) -> tuple[int, int]:
-    side = self.image_size // self.patch_size
-    return side, side
-
-  @property
-  def feature_dim(self) -> int:
-    return self.hidden_size
-
+  # Derived sizes.
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads

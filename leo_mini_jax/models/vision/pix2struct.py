@@ -34,13 +34,12 @@ out as keys, so they change nothing in the first 2025 outputs: the tower runs on
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from leo_mini_jax import config_utils
+from leo_mini_jax.models.vision.expert_config import ExpertConfig
 from leo_mini_jax.models.llama import RMSNorm
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
@@ -63,7 +62,7 @@ def processor_grid(height: int, width: int, max_patches: int, patch_size: int) -
 
 
 @dataclasses.dataclass(frozen=True)
-class Pix2StructConfig:
+class Pix2StructConfig(ExpertConfig):
   """Pix2Struct vision encoder settings; defaults are `google/pix2struct-large`'s encoder.
 
   HF names: `hidden_size`, `num_hidden_layers` → num_layers, `num_attention_heads` →
@@ -102,12 +101,7 @@ class Pix2StructConfig:
       raise ValueError(f"Pix2StructConfig: a {self.grid_side}×{self.grid_side} grid needs ids up "
                        f"to {self.grid_side}, but seq_len={self.seq_len} rows of the position "
                        "tables only reach ids < seq_len")
-    if len(self.mean) != 3 or len(self.std) != 3:
-      raise ValueError(f"Pix2StructConfig.mean/std need 3 values, got {self.mean} / {self.std}")
-
-  @classmethod
-  def from_config(cls, cfg: Any, **overrides: Any) -> "Pix2StructConfig":
-    return config_utils.from_config(cls, cfg, **overrides)
+    self.check_normalisation()
 
   @property
   def patch_dim(self) -> int:
@@ -125,18 +119,10 @@ class Pix2StructConfig:
     """The side the processor resizes the image to (grid_side · patch_size; 720 for large)."""
     return self.grid_side * self.patch_size
 
-  # What the expert registry reads (see experts.py).
-  @property
-  def input_size(self) -> int:
-    return self.image_size
-
+  # What the expert registry reads beyond ExpertConfig's defaults (see experts.py).
   @property
   def output_grid(self) -> tuple[int, int]:
     return self.grid_side, self.grid_side
-
-  @property
-  def feature_dim(self) -> int:
-    return self.hidden_size
 
 
 def image_patches(pixels: jax.Array, patch_size: int, grid: tuple[int, int] | None = None

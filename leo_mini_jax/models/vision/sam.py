@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from leo_mini_jax import config_utils
+from leo_mini_jax.models.vision.expert_config import ExpertConfig
 
 # SamImageProcessor's normalisation (the ImageNet statistics).
 SAM_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +49,7 @@ NECK_NORM_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class SamConfig:
+class SamConfig(ExpertConfig):
   """SAM image-encoder settings; defaults are `facebook/sam-vit-large` in EAGLE's arrangement.
 
   `neck='hf'` gives HF's `last_hidden_state` ([B, g², output_channels]); `neck='eagle'`
@@ -98,18 +98,9 @@ class SamConfig:
     if self.neck == "eagle" and (self.pixel_unshuffle < 1 or self.grid % self.pixel_unshuffle):
       raise ValueError(f"SamConfig.pixel_unshuffle={self.pixel_unshuffle} does not divide "
                        f"the {self.grid}×{self.grid} grid")
-    if len(self.mean) != 3 or len(self.std) != 3:
-      raise ValueError(f"SamConfig.mean/std need 3 values, got {self.mean} / {self.std}")
+    self.check_normalisation()
 
-  @classmethod
-  def from_config(cls, cfg: Any, **overrides: Any) -> "SamConfig":
-    return config_utils.from_config(cls, cfg, **overrides)
-
-  # What the expert registry reads (see experts.py).
-  @property
-  def input_size(self) -> int:
-    return self.image_size
-
+  # What the expert registry reads beyond ExpertConfig's defaults (see experts.py).
   @property
   def output_grid(self) -> tuple[int, int]:
     side = self.grid // (self.pixel_unshuffle if self.neck == "eagle" else 1)

@@ -1,0 +1,40 @@
+"""What every vision expert's config dataclass shares (the registry's side of the contract).
+
+Each expert's config is a frozen dataclass that subclasses `ExpertConfig`; the registry
+(experts.py) reads `input_size`, `mean`, `std`, `output_grid` and `feature_dim`. The
+defaults here fit a patch-embedding ViT (`image_size`, `patch_size`, `hidden_size`
+fields); experts whose token grid or width differ override the property.
+"""
+
+from typing import Any
+
+from leo_mini_jax import config_utils
+
+
+class ExpertConfig:
+  """Mixin for the experts' frozen config dataclasses."""
+
+  @classmethod
+  def from_config(cls, cfg: Any, **overrides: Any):
+    """From a dict / ConfigDict; unknown fields fail by name."""
+    return config_utils.from_config(cls, cfg, **overrides)
+
+  @property
+  def input_size(self) -> int:
+    """The square side the tower runs at."""
+    return self.image_size
+
+  @property
+  def output_grid(self) -> tuple[int, int]:
+    side = self.image_size // self.patch_size
+    return side, side
+
+  @property
+  def feature_dim(self) -> int:
+    return self.hidden_size
+
+  def check_normalisation(self) -> None:
+    """Raises ValueError unless mean and std hold one value per RGB channel."""
+    if len(self.mean) != 3 or len(self.std) != 3:
+      raise ValueError(f"{type(self).__name__}.mean/std need 3 values, got "
+                       f"{self.mean} / {self.std}")
