@@ -145,7 +145,7 @@ def format_table(report: dict) -> str:
            f"prompt: <image> + {prompt['question']!r} via template {prompt['template']}: "
            f"{prompt['text_tokens']} text tokens ({prompt['tokenizer']})",
            f"{unit} of one prefill (dot + conv, every layer):"]
-  header = (f"{'row':<14}{'VT':>6}{'seq':>6}{'total':>9}"
+  header = (f"{'row':<14}{'VT':>6}{'seq':>6}{'total':>9}{'vision':>9}"
             + "".join(f"{c.split('/')[-1][:10]:>11}" for c in components)
             + f"{'ratio':>8}{'paper':>8}{'params MiB':>12}{'KV MiB':>9}"
             + f"{'latency ms':>12}{'XLA mem GiB':>13}{'peak GiB':>10}")
@@ -160,7 +160,7 @@ def format_table(report: dict) -> str:
     latency = f"{1e3 * measured['latency_s']:.1f}" if measured.get("measured") else "-"
     lines.append(
         f"{row['name']:<14}{row['visual_tokens']:>6}{row['sequence_length']:>6}"
-        f"{row['prefill_flops'] / scale:>9.3f}"
+        f"{row['prefill_flops'] / scale:>9.3f}{row['vision_flops'] / scale:>9.3f}"
         + "".join(f"{row['flops'].get(c, 0) / scale:>11.3f}" for c in components)
         + f"{row['flops_ratio_to_no_reduction']:>8.3f}"
         + (f"{paper['flops_ratio']:>8.3f}" if paper else f"{'-':>8}")

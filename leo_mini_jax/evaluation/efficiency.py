@@ -73,9 +73,10 @@ def prefill_costs(config: leo_mini_lib.LeoMiniConfig, text_length: int,
   """Shape-only costs of one example's prefill; nothing is allocated.
 
   Returns a dict: visual_tokens, text_tokens, sequence_length, prefill_flops (dot + conv,
-  every layer), flops (the same per component), elementwise_flops, transcendentals,
-  while_loops_counted_once, param_count, param_bytes (in the config's parameter dtypes),
-  param_bytes_by_component, kv_cache_bytes (the prefill's cache, sized to the prompt).
+  every layer), flops (the same per component), vision_flops (all experts together),
+  elementwise_flops, transcendentals, while_loops_counted_once, param_count, param_bytes
+  (in the config's parameter dtypes), param_bytes_by_component, kv_cache_bytes (the
+  prefill's cache, sized to the prompt).
   """
   program = prefill_program(config, text_length, resolution)
   count = flops_lib.count_flops(program.fn, program.abstract_params, program.batch)
@@ -92,6 +93,8 @@ def prefill_costs(config: leo_mini_lib.LeoMiniConfig, text_length: int,
       "sequence_length": program.cache_size,
       "prefill_flops": count.total_matmul,
       "flops": count.by_component(),
+      "vision_flops": sum(v for k, v in count.by_component().items()
+                          if k.startswith("vision/")),
       "elementwise_flops": count.total_elementwise,
       "transcendentals": count.transcendentals,
       "while_loops_counted_once": count.while_loops,
@@ -230,13 +233,13 @@ def measure_prefill(config: leo_mini_lib.LeoMiniConfig, text_length: int, resolu
   limit, limit_source = device_memory_limit()
   device = jax.local_devices()[0]
 
-  def skipped(needed, xla_bytes=None):
+  def skipped(needed, what, xla_bytes=None):
     return {"measured": False, "xla_memory_bytes": xla_bytes,
-            "note": (f"skipped: needs ~{needed / 2**30:.1f} GiB, {device.device_kind} has "
-                     f"{limit / 2**30:.1f} GiB ({limit_source})")}
+            "note": (f"skipped: {what} need ~{needed / 2**30:.1f} GiB, {device.device_kind} "
+                     f"has {limit / 2**30:.1f} GiB ({limit_source})")}
 
   if not force and limit is not None and tree_bytes(abstract) > 0.9 * limit:
-    return skipped(tree_bytes(abstract))  # the weights alone: no need to compile
+    return skipped(tree_bytes(abstract), "the weights alone")  # no need to compile
   start = time.perf_counter()
   compiled = jax.jit(program.fn).lower(abstract, program.batch).compile()
   compile_s = time.perf_counter() - start
@@ -247,7 +250,7 @@ def measure_prefill(config: leo_mini_lib.LeoMiniConfig, text_length: int, resolu
                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   needed = xla_bytes or tree_bytes(abstract)
   if not force and limit is not None and needed > 0.9 * limit:
-    return skipped(needed, xla_bytes)
+    return skipped(needed, "weights, activations and cache (XLA's estimate)", xla_bytes)
 
   params = random_params(abstract, seed)
   rng = np.random.default_rng(seed)

@@ -105,6 +105,7 @@ def test_scanned_and_unrolled_llm_count_the_same_and_match_the_formula():
   assert set(row["flops"]) == {"vision/clip", "vision/convnext", "reducer", "projector",
                                "llm"}
   assert row["prefill_flops"] == sum(row["flops"].values())
+  assert row["vision_flops"] == row["flops"]["vision/clip"] + row["flops"]["vision/convnext"]
   # The analytic formula applies the LM head to every token and the router's context
   # projection per token; the prefill takes logits of the last token only and projects
   # the (per-example) router context once.
