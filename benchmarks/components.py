@@ -164,7 +164,7 @@ def projector(size, batch, dtype, torch):
   if torch is not None:
     ref = torch.nn.Sequential(torch.nn.Linear(d_in, d_llm), torch.nn.GELU(),
                               torch.nn.Linear(d_llm, d_llm))
-    tx = torch.from_numpy(np.asarray(x))
+    tx = torch.from_numpy(np.array(x))
 
     def torch_fn():
       ref.zero_grad()
