@@ -89,6 +89,7 @@ def test_one_question_prints_answer_visual_tokens_and_routing(run_dir, image_pat
   assert answer == answer.strip()
 
 
+@pytest.mark.slow
 def test_interactive_conversation_from_stdin(run_dir, image_path):
   result = _cli(f"--workdir={run_dir}", f"--image={image_path}",
                 stdin="What colour is the shape?\nAnd its shape?\n\nignored\n")
@@ -121,6 +122,7 @@ def test_second_turn_prompt_holds_the_first_exchange(run_dir, image_path, monkey
   assert int(np.sum(prompts[1] == -200)) == 1  # the image once, in the first turn
 
 
+@pytest.mark.slow
 def test_params_only_checkpoint_gives_the_same_answer(run_dir, image_path, tmp_path):
   config = tiny.get_config("stage=3")
   from_run = ask.Assistant(config, run_dir)
@@ -161,19 +163,17 @@ def test_sample_token_temperature_and_top_p():
 
 
 @pytest.mark.parametrize("image,workdir,message", [
-    ("corrupt.png", "run", "cannot decode image"),
-    ("missing.png", "run", "image not found"),
+    # The image is checked first, so these need no checkpoint.
+    ("corrupt.png", "empty_dir", "cannot decode image"),
+    ("missing.png", "empty_dir", "image not found"),
     ("red_square.png", "missing_run", "checkpoint not found"),
     ("red_square.png", "empty_dir", "is not a run workdir or a params checkpoint"),
 ])
-def test_errors_are_one_line_naming_the_file(run_dir, image_path, tmp_path, image, workdir,
-                                             message):
+def test_errors_are_one_line_naming_the_file(image_path, tmp_path, image, workdir, message):
   (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
   (tmp_path / "empty_dir").mkdir()
-  images = {"red_square.png": image_path}
-  workdirs = {"run": run_dir}
-  image = images.get(image, str(tmp_path / image))
-  workdir = workdirs.get(workdir, str(tmp_path / workdir))
+  image = image_path if image == "red_square.png" else str(tmp_path / image)
+  workdir = str(tmp_path / workdir)
   result = _cli(f"--workdir={workdir}", f"--image={image}", "--question=hi")
   assert result.returncode == 1
   lines = [line for line in result.stderr.splitlines() if line.startswith("ask: ")]
