@@ -29,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA_POSITION = "state", "data_position"
+# load_params names at most this many keys per kind of mismatch (a wrong model has hundreds).
+MAX_NAMED = 40
 
 
 class Checkpointer:
@@ -193,7 +195,9 @@ def load_params(path: str, abstract_params: Any,
     for title, items in (("missing", missing), ("unexpected", unexpected),
                          ("shape mismatch", mismatched)):
       if items:
-        lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:MAX_NAMED])
+                     + (f", ... and {len(items) - MAX_NAMED} more"
+                        if len(items) > MAX_NAMED else ""))
     raise ValueError("\n".join(lines))
   fresh_paths = sorted(p for p in wanted if p not in saved)
   subset = traverse_util.unflatten_dict(

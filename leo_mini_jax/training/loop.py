@@ -28,6 +28,7 @@ from leo_mini_jax.training import guards as guards_lib
 from leo_mini_jax.training import metrics as metrics_lib
 from leo_mini_jax.training import optimizer as optimizer_lib
 from leo_mini_jax.training import preemption as preemption_lib
+from leo_mini_jax.training import recovery as recovery_lib
 from leo_mini_jax.training import step as step_lib
 
 # On a 2-core CPU, collectives stall when dozens of steps are queued: block at least this often.
@@ -159,9 +160,11 @@ def initial_state(setup: TrainSetup, checkpointer: checkpoint_lib.Checkpointer,
   config = setup.config
   step = checkpointer.latest_step() if step is None else step
   if step is not None:
-    state = checkpointer.restore(step, setup.abstract_state)
+    # The latest step that restores intact; broken later ones are named and set aside.
+    state, step = recovery_lib.restore_complete(checkpointer, setup.abstract_state, step)
     return state, f"resumed from step {step}"
   if config.get("init_from"):
+    recovery_lib.check_init_from(config.init_from)
     allow_missing = optimizer_lib.STAGE_NEW_PARAMS.get(config.stage, r"$^")
     params, fresh = checkpoint_lib.load_params(
         config.init_from, setup.abstract_state.params,
@@ -241,6 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   latest = checkpointer.latest_step()
   state, how = initial_state(setup, checkpointer, latest)
+  latest = None if latest is None else int(state.step)  # a broken latest falls back
   examples_seen = data_start(checkpointer, latest, config)
   logging.info("%s (data position %d)", how, examples_seen)
   data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed,
@@ -254,6 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   watcher = preemption or preemption_lib.PreemptionWatcher()
   policy = checkpoint_lib.SavePolicy(config.checkpoint)
   train_step = setup.jit_train_step()
+  recovery_lib.truncate_metrics(workdir, int(state.step))  # rows a killed run wrote
   writer = metrics_lib.MetricsWriter(workdir)
   nonfinite = guards_lib.NonFiniteTracker(guards_lib.max_bad_steps(config))
   start_step = int(state.step)
@@ -306,7 +311,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       checkpointer.save(done, state, {
           "examples_seen": examples_seen, "seed": int(config.data.seed),
           "global_batch_size": int(config.data.batch_size),
-          "process_count": jax.process_count()})
+          "process_count": jax.process_count(),
+          "checksums": recovery_lib.state_checksums(state)})
       policy.saved()
     if reason == "preempted":
       logging.warning("preemption notice: saved step %d, stopping", done)
