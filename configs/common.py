@@ -107,7 +107,10 @@ def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: st
   """
   cotr_stage = stage == 3
   return dict(
-      llm=dict(llm, dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch",
+      # Stage 2 trains the whole LLM: full remat is what fits 8-way FSDP on 80 GB
+      # (benchmarks/scale.py: 66 GiB/device at grad_accum_steps=16; dots_no_batch: 308).
+      llm=dict(llm, dtype="bfloat16", param_dtype="float32",
+               remat_policy="full" if stage == 2 else "dots_no_batch",
                mmoe=mmoe_config(cotr_stage, router)),
       experts=full_size_experts(variant, stage),
       reducer=dict(kind=reducer if cotr_stage else "none", num_visual_tokens=tokens,

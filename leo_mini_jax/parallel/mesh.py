@@ -37,6 +37,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
+    # Where 'embed' cannot take 'fsdp' (the MMoE LoRA banks [layers, experts, rank, mlp]),
+    # 'mlp' does: otherwise those banks and their Adam moments stay whole on every device.
+    ("mlp", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("norm", None),
