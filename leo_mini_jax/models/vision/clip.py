@@ -26,12 +26,11 @@ torch-exact kernel of `positions.py`.
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from leo_mini_jax import config_utils
+from leo_mini_jax.models.vision.expert_config import ExpertConfig
 from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models import layers
 from leo_mini_jax.models.vision.positions import interpolate_patch_positions
@@ -45,7 +44,7 @@ TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipConfig:
+class ClipConfig(ExpertConfig):
   """CLIP ViT settings; defaults are OpenAI ViT-L/14 at 336 px.
 
   `pretrained_image_size` is the size the position embeddings were trained for (None →
@@ -85,28 +84,10 @@ class ClipConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"ClipConfig.hidden_size={self.hidden_size} is not divisible by "
                        f"num_heads={self.num_heads}")
-    if len(self.mean) != 3 or len(self.std) != 3:
-      raise ValueError(f"ClipConfig.mean/std need 3 values, got {self.mean} / {self.std}")
+    self.check_normalisation()
     attention_lib.check_implementation(self.attention_impl, "ClipConfig.attention_impl")
 
-  @classmethod
-  def from_config(cls, cfg: Any, **overrides: Any) -> "ClipConfig":
-    return config_utils.from_config(cls, cfg, **overrides)
-
-  # What the expert registry reads (see experts.py).
-  @property
-  def input_size(self) -> int:
-    return self.image_size
-
-  @property
-  def output_grid(self) -> tuple[int, int]:
-    side = self.image_size // self.patch_size
-    return side, side
-
-  @property
-  def feature_dim(self) -> int:
-    return self.hidden_size
-
+  # Derived sizes.
   @property
   def pretrained_grid(self) -> int:
     return self.pretrained_image_size // self.patch_size

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from leo_mini_jax import config_utils
+from leo_mini_jax.models.vision.expert_config import ExpertConfig
 from leo_mini_jax.models import layers
 from leo_mini_jax.models.vision.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -32,7 +32,7 @@ CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvNextConfig:
+class ConvNextConfig(ExpertConfig):
   """ConvNeXt settings; defaults are `convnext_xxlarge.clip_laion2b_soup` at 1024 px.
 
   mean/std are that checkpoint's (timm pretrained cfg: the OpenAI CLIP statistics).
@@ -58,21 +58,12 @@ class ConvNextConfig:
                        "the same, non-zero length")
     if self.kernel_size % 2 != 1:
       raise ValueError(f"ConvNextConfig.kernel_size={self.kernel_size} must be odd")
-    if len(self.mean) != 3 or len(self.std) != 3:
-      raise ValueError(f"ConvNextConfig.mean/std need 3 values, got {self.mean} / {self.std}")
+    self.check_normalisation()
     if min(self.output_grid) < 1:
       raise ValueError(f"ConvNextConfig.image_size={self.image_size} is too small for "
                        f"stride {self.patch_size * 2 ** (len(self.dims) - 1)}")
 
-  @classmethod
-  def from_config(cls, cfg: Any, **overrides: Any) -> "ConvNextConfig":
-    return config_utils.from_config(cls, cfg, **overrides)
-
-  # What the expert registry reads (see experts.py).
-  @property
-  def input_size(self) -> int:
-    return self.image_size
-
+  # What the expert registry reads beyond ExpertConfig's defaults (see experts.py).
   @property
   def output_grid(self) -> tuple[int, int]:
     side = self.image_size // self.patch_size
