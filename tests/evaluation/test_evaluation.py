@@ -26,16 +26,23 @@ def test_greedy_generation_matches_step_by_step_full_forward():
   batch["instruction_mask"][:, 2:6] = 1
   params = nn.unbox(model.init(jax.random.PRNGKey(0), batch))["params"]
   tokens = np.asarray(generate.make_generate(model, 4, eos_id=-1)(params, batch))
+  # One compiled forward: every prefix right-padded to the same width.
+  width = batch["input_ids"].shape[1] + 4
+  forward = jax.jit(model.apply)
   for row in range(2):
     length = int(batch["attention_mask"][row].sum())
     ids = list(batch["input_ids"][row, :length])
     for step in range(4):
       single = {k: v[row:row + 1] for k, v in batch.items()}
-      single["input_ids"] = np.asarray([ids], np.int32)
-      single["attention_mask"] = np.ones((1, len(ids)), np.int32)
-      single["instruction_mask"] = np.zeros((1, len(ids)), np.int32)
+      single["input_ids"] = np.zeros((1, width), np.int32)
+      single["input_ids"][0, :len(ids)] = ids
+      single["attention_mask"] = (np.arange(width) < len(ids)).astype(np.int32)[None]
+      single["instruction_mask"] = np.zeros((1, width), np.int32)
       single["instruction_mask"][0, 2:6] = 1
-      logits, aux = model.apply({"params": params}, single)
+      for key in ("loss_mask",):
+        if key in single:
+          single[key] = np.zeros((1, width), np.int32)
+      logits, aux = forward({"params": params}, single)
       last = int(np.asarray(aux["attention_mask"]).sum()) - 1
       next_token = int(np.argmax(logits[0, last]))
       assert tokens[row, step] == next_token, (row, step)
