@@ -90,15 +90,22 @@ def _try_torch():
 # forward + backward.
 
 
+def _sum_of_squares_grad(model, x):
+  """(jitted grad step on x, params, flops) for a module whose loss is Σ output²."""
+  params = _unbox_init(model, x[:1])
+  loss = lambda p, inputs: jnp.sum(model.apply({"params": p}, inputs).astype(jnp.float32) ** 2)
+  step = jax.jit(jax.grad(loss))
+  return (lambda: step(params, x)), params, bench_utils.model_flops(jax.grad(loss), params, x)
+
+
+def _pixels(batch, image_size):
+  return jnp.asarray(_rng().standard_normal((batch, image_size, image_size, 3)), jnp.float32)
+
+
 def convnext(size, batch, dtype, torch):
   cfg = convnext_lib.ConvNextConfig(**size["convnext"], ls_init_value=1.0, dtype=dtype)
-  model = convnext_lib.ConvNextTower(cfg)
-  pixels = jnp.asarray(_rng().standard_normal((batch, cfg.image_size, cfg.image_size, 3)),
-                       jnp.float32)
-  params = _unbox_init(model, pixels[:1])
-  loss = lambda p, x: jnp.sum(model.apply({"params": p}, x).astype(jnp.float32) ** 2)
-  step = jax.jit(jax.grad(loss))
-  flops = bench_utils.model_flops(jax.grad(loss), params, pixels)
+  pixels = _pixels(batch, cfg.image_size)
+  jax_fn, _, flops = _sum_of_squares_grad(convnext_lib.ConvNextTower(cfg), pixels)
   torch_fn = None
   if torch is not None:
     try:
@@ -113,18 +120,13 @@ def convnext(size, batch, dtype, torch):
       def torch_fn():
         ref.zero_grad()
         (ref.forward_features(x) ** 2).sum().backward()
-  return (lambda: step(params, pixels)), torch_fn, flops
+  return jax_fn, torch_fn, flops
 
 
 def clip(size, batch, dtype, torch):
   cfg = clip_lib.ClipConfig(**size["clip"], cls_token="keep", dtype=dtype)
-  model = clip_lib.ClipVisionTower(cfg)
-  pixels = jnp.asarray(_rng().standard_normal((batch, cfg.image_size, cfg.image_size, 3)),
-                       jnp.float32)
-  params = _unbox_init(model, pixels[:1])
-  loss = lambda p, x: jnp.sum(model.apply({"params": p}, x).astype(jnp.float32) ** 2)
-  step = jax.jit(jax.grad(loss))
-  flops = bench_utils.model_flops(jax.grad(loss), params, pixels)
+  pixels = _pixels(batch, cfg.image_size)
+  jax_fn, _, flops = _sum_of_squares_grad(clip_lib.ClipVisionTower(cfg), pixels)
   torch_fn = None
   if torch is not None:
     try:
@@ -143,7 +145,7 @@ def clip(size, batch, dtype, torch):
       def torch_fn():
         ref.zero_grad()
         (ref(pixel_values=x).last_hidden_state[:, 1:] ** 2).sum().backward()
-  return (lambda: step(params, pixels)), torch_fn, flops
+  return jax_fn, torch_fn, flops
 
 
 def _visual_dims(size):
@@ -151,15 +153,12 @@ def _visual_dims(size):
 
 
 def projector(size, batch, dtype, torch):
-  tokens, d_in, d_llm = size["visual_tokens"], _visual_dims(size), size["llm"]["hidden_size"]
+  d_in, d_llm = _visual_dims(size), size["llm"]["hidden_size"]
   # Stage 1–2 project EAGLE's fused grid (the tiny config's 16 tokens, 1024 at full size).
   tokens = 64 if size is SIZES["small"] else 16
-  model = projector_lib.Projector(d_llm, dtype=jnp.dtype(dtype))
   x = jnp.asarray(_rng().standard_normal((batch, tokens, d_in)), jnp.float32)
-  params = _unbox_init(model, x[:1])
-  loss = lambda p, x: jnp.sum(model.apply({"params": p}, x).astype(jnp.float32) ** 2)
-  step = jax.jit(jax.grad(loss))
-  flops = bench_utils.model_flops(jax.grad(loss), params, x)
+  jax_fn, _, flops = _sum_of_squares_grad(
+      projector_lib.Projector(d_llm, dtype=jnp.dtype(dtype)), x)
   torch_fn = None
   if torch is not None:
     ref = torch.nn.Sequential(torch.nn.Linear(d_in, d_llm), torch.nn.GELU(),
@@ -169,7 +168,7 @@ def projector(size, batch, dtype, torch):
     def torch_fn():
       ref.zero_grad()
       (ref(tx) ** 2).sum().backward()
-  return (lambda: step(params, x)), torch_fn, flops
+  return jax_fn, torch_fn, flops
 
 
 def reducer(size, batch, dtype, torch):

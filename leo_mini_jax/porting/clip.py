@@ -82,12 +82,7 @@ def config_from_hf(path_or_dict: Any, cls_token: str = "keep", image_size: int |
       hidden_act=act,
       cls_token=cls_token,
   )
-  processor = os.path.join(folder, "preprocessor_config.json") if folder else None
-  if processor and os.path.exists(processor):
-    pre = readers.read_json(processor)
-    if "image_mean" in pre and "image_std" in pre:
-      values.update(mean=tuple(map(float, pre["image_mean"])),
-                    std=tuple(map(float, pre["image_std"])))
+  values.update(readers.preprocessor_normalisation(folder))
   values.update(overrides)
   return clip_lib.ClipConfig(**values)
 

@@ -491,3 +491,14 @@ def hf_config(path_or_dict, what: str) -> tuple[dict, str, str | None]:
   if not os.path.exists(where):
     raise FileNotFoundError(f"no config.json at {where} (an HF {what} folder needs one)")
   return read_json(where), where, folder
+
+
+def preprocessor_normalisation(folder: str | None) -> dict:
+  """{'mean', 'std'} from an HF folder's preprocessor_config.json, or {} when it has none."""
+  processor = os.path.join(folder, "preprocessor_config.json") if folder else None
+  if not processor or not os.path.exists(processor):
+    return {}
+  pre = read_json(processor)
+  if "image_mean" not in pre or "image_std" not in pre:
+    return {}
+  return dict(mean=tuple(map(float, pre["image_mean"])), std=tuple(map(float, pre["image_std"])))

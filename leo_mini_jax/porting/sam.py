@@ -233,12 +233,7 @@ def config_from_hf(path_or_dict: Any, **overrides: Any) -> sam_lib.SamConfig:
       qkv_bias=bool(get("qkv_bias")), use_abs_pos=bool(get("use_abs_pos")),
       use_rel_pos=bool(get("use_rel_pos")), layer_norm_eps=float(get("layer_norm_eps")),
       output_channels=int(get("output_channels")))
-  processor = os.path.join(folder, "preprocessor_config.json") if folder else None
-  if processor and os.path.exists(processor):
-    pre = readers.read_json(processor)
-    if "image_mean" in pre and "image_std" in pre:
-      values.update(mean=tuple(map(float, pre["image_mean"])),
-                    std=tuple(map(float, pre["image_std"])))
+  values.update(readers.preprocessor_normalisation(folder))
   values.update(overrides)
   try:
     return sam_lib.SamConfig(**values)

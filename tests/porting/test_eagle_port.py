@@ -33,19 +33,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 RESOLUTION = 64
 
 
-@pytest.fixture(autouse=True)
-def _highest_matmul_precision():
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
-def _randomize(model, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-      p.copy_(base + 0.15 * torch.randn(p.shape, generator=gen))
-  return model.eval()
+# The converter tests' helpers: every parameter perturbed, references at highest precision.
+from test_convert import _highest_matmul_precision, _randomize  # noqa: E402,F401
 
 
 def run_config(stage: int, experts=None):
