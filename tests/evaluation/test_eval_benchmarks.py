@@ -25,7 +25,6 @@ def _run(script, workdir, *flags):
   return result.stdout + result.stderr
 
 
-@pytest.mark.slow
 def test_eval_py_runs_every_benchmark_in_both_layouts(tmp_path):
   run = str(tmp_path / "run")
   _run("train.py", run)

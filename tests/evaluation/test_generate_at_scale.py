@@ -32,7 +32,6 @@ def _prompts(count):
   return prompts, tokenizer, template
 
 
-@pytest.mark.slow  # ~2.5 CPU-minutes: three meshes, each compiles generate and routing
 def test_four_devices_match_one_and_batching_changes_nothing():
   config = tiny.get_config("stage=3,tokens=4")
   config.data.max_length = 64

@@ -78,7 +78,6 @@ def _kill_when(process, ready, deadline_s=300):
   return False
 
 
-@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path):
   rng = np.random.default_rng(10)
   cache = str(tmp_path / "xla_cache")
