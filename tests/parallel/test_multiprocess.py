@@ -1,8 +1,11 @@
-"""Two local processes × 2 fake CPU devices train like one process × 4 devices, and a
-checkpoint they write resumes in one process with the same losses.
+"""Two local processes × 2 fake CPU devices, on a LLaVA JSON with image files: a SIGTERM
+to one of them stops both at a common step with a checkpoint; until then they train
+like one process × 4 devices; each opened only its shard of the records; and the
+checkpoint resumes in one process on another mesh with the uninterrupted run's losses.
 
-Slow: three compilations of the train step (two in parallel processes) take 2–10 minutes
-on a shared 2-core machine.
+One launch serves every test here (module fixtures): the cost is three compilations of
+the train step (the two processes', in parallel; the reference's; the resumed run's on
+its other mesh).
 """
 
 import json
@@ -17,6 +20,11 @@ from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import loop
 from tests.parallel import common
 
+# Long enough that the notice lands mid-run on a loaded machine; the run stops early.
+STEPS = 400
+SIGNAL_AFTER = 3  # SIGTERM once metrics.jsonl has this many steps
+BATCH = 8  # small_config's global batch: 4 rows per process
+
 
 def _losses(workdir):
   """{step: loss}; a resumed run's rows replace the earlier ones of the same step."""
@@ -24,40 +32,96 @@ def _losses(workdir):
     return {row["step"]: row["loss"] for row in map(json.loads, f)}
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_and_resume_in_one(tmp_path):
-  assert jax.device_count() == 4, "tests/conftest.py sets 4 fake devices"
-  # Reference: one process, 4 devices, 4 uninterrupted steps.
-  config = common.pod_config(steps=4)
-  straight = loop.train(config, str(tmp_path / "straight"), progress=False)
-  want = _losses(str(tmp_path / "straight"))
+@pytest.fixture(scope="module")
+def train_json(tmp_path_factory):
+  return common.write_llava(str(tmp_path_factory.mktemp("llava")))
 
-  # The same run in 2 processes × 2 devices, checkpointing at steps 2 and 4.
-  pod_dir = str(tmp_path / "pod")
-  outputs = common.launch(pod_dir, steps=4, timeout=1200, every_steps=2)
-  assert all("stopped at step 4" in out for out in outputs), outputs
-  got = _losses(pod_dir)
-  assert sorted(got) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)],
-                             rtol=1e-5)
-  setup = straight["setup"]
-  checkpointer = checkpoint_lib.Checkpointer(pod_dir, config.checkpoint)
-  pod_state = checkpointer.restore(4, setup.abstract_state)
-  assert checkpointer.data_position(4)["process_count"] == 2
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory, train_json):
+  """The 2-process run: SIGTERM to process 1 only, after step SIGNAL_AFTER is logged."""
+  pod = common.Pod(str(tmp_path_factory.mktemp("pod")), STEPS, train_json)
+  try:
+    pod.wait_for_step(SIGNAL_AFTER, timeout=900)
+    pod.terminate(1)
+  finally:  # on any failure above, finish() kills the workers
+    pod.outputs = pod.finish(timeout=300)
+  steps = {line.rsplit(" ", 1)[-1] for out in pod.outputs for line in out.splitlines()
+           if "preempted; saved step" in line}
+  assert len(steps) == 1, pod.outputs  # one common step, printed by both
+  pod.step = int(steps.pop())
+  return pod
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, train_json, pod):
+  """The reference: one process, 4 devices, uninterrupted to the pod's step + 2."""
+  assert jax.device_count() == 4, "tests/conftest.py sets 4 fake devices"
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  with common.spy_reads() as reads:
+    summary = loop.train(common.pod_config(STEPS, train_json), workdir, progress=False,
+                         stop_at=pod.step + 2)
+  return dict(summary, reads=reads, losses=_losses(workdir))
+
+
+def test_sigterm_to_one_process_saves_a_common_step_on_both(pod):
+  # JAX's preemption sync manager spread process 1's notice to process 0, and both
+  # joined the save at the same step after the one they had reached.
+  for i, out in enumerate(pod.outputs):
+    assert f"process {i}: preempted; saved step {pod.step}" in out, out[-3000:]
+  assert SIGNAL_AFTER < pod.step < STEPS
+  checkpointer = checkpoint_lib.Checkpointer(pod.workdir, common.pod_config(
+      STEPS, "").checkpoint)
+  assert checkpointer.all_steps() == [pod.step]
+  position = checkpointer.data_position(pod.step)
   checkpointer.close()
-  for a, b in zip(jax.tree.leaves(jax.device_get(pod_state.params)),
+  assert position["process_count"] == 2
+  assert position["examples_seen"] == pod.step * BATCH
+  assert sorted(_losses(pod.workdir)) == list(range(1, pod.step + 1))
+
+
+def test_two_processes_train_like_one_process(pod, straight):
+  got, want = _losses(pod.workdir), straight["losses"]
+  steps = range(1, pod.step + 1)
+  np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-5)
+
+
+def test_each_process_opened_only_its_shard_of_the_llava_json(pod, straight):
+  reads = [pod.reads(0), pod.reads(1)]
+  every = set(straight["reads"]["validated"])
+  assert len(every) == common.NUM_RECORDS
+  # Start-up checks: records p, p+2, ... of the JSON, each image opened once.
+  checked = [set(r["validated"]) for r in reads]
+  assert [len(r["validated"]) for r in reads] == [19, 18]
+  assert [r["num_checked"] for r in reads] == [19, 18]
+  assert [len(c) for c in checked] == [19, 18]
+  assert not checked[0] & checked[1]
+  assert checked[0] | checked[1] == every
+  # Training: process p opened positions p, p+2, ... of the global stream, which one
+  # process reads in order; nothing else.
+  stream = straight["reads"]["trained"]
+  assert len(stream) == (pod.step + 2) * BATCH
+  for p, r in enumerate(reads):
+    assert r["trained"] == stream[p:pod.step * BATCH:2], f"process {p}"
+    assert r["num_read"] == pod.step * BATCH // 2
+
+
+def test_preempted_checkpoint_resumes_in_one_process_on_another_mesh(
+    tmp_path, train_json, pod, straight):
+  # The 2-process checkpoint continues here on fsdp=2 × tensor=2: the same data from
+  # the same position, the losses and parameters of the uninterrupted run.
+  workdir = str(tmp_path / "resume")
+  shutil.copytree(pod.workdir, workdir)
+  config = common.pod_config(STEPS, train_json)
+  config.mesh.update(fsdp=2, tensor=2)
+  with common.spy_reads() as reads:
+    resumed = loop.train(config, workdir, progress=False, stop_at=pod.step + 2)
+  assert int(resumed["state"].step) == pod.step + 2
+  assert [row["step"] for row in resumed["history"]] == [pod.step + 1, pod.step + 2]
+  want = straight["losses"]
+  np.testing.assert_allclose([h["loss"] for h in resumed["history"]],
+                             [want[pod.step + 1], want[pod.step + 2]], rtol=1e-5)
+  assert reads["trained"] == straight["reads"]["trained"][pod.step * BATCH:]
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed["state"].params)),
                   jax.tree.leaves(jax.device_get(straight["state"].params))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-
-  # Resume the 2-process checkpoint of step 2 in this one process (another mesh too:
-  # fsdp=2 × tensor=2): steps 3 and 4 see the same data and give the same losses.
-  resume_dir = str(tmp_path / "resume")
-  shutil.copytree(pod_dir, resume_dir)
-  shutil.rmtree(os.path.join(resume_dir, "checkpoints", "4"))
-  config = common.pod_config(steps=4)
-  config.mesh.update(fsdp=2, tensor=2)
-  resumed = loop.train(config, resume_dir, progress=False)
-  assert int(resumed["state"].step) == 4
-  assert [row["step"] for row in resumed["history"]] == [3, 4]
-  np.testing.assert_allclose([h["loss"] for h in resumed["history"]], [want[3], want[4]],
-                             rtol=1e-5)
