@@ -16,6 +16,10 @@ measured in the same run.
         the same base LLM with frozen weights, backpropagating to its input embeddings:
         the same backward through every layer, without the (tiny) LoRA experts.
   reducer: CoTR over the two experts' tokens (no PyTorch reference: JAX only).
+  step2, step3: the whole train step of LEO-MINI (both experts, reducer, projector, LLM,
+        loss, gradients of the stage's trainable set, AdamW update) beside the same model
+        in torch eager (benchmarks/steps.py says what each side runs); also prints the
+        examples/s of each and their ratio (above 1: JAX faster). Not in the default list.
 
 Sizes: 'tiny' is configs/tiny.py's model (batch 32, as the demo trains); 'small' is
 ConvNeXt dims 64–512 depths 1,1,1,1 at 128 px, CLIP d256×4 patch 16 at 128 px, and an LLM
@@ -24,6 +28,7 @@ are skipped when torch / timm / transformers are absent.
 """
 
 import bench_utils  # puts the repository root on sys.path
+import steps
 
 from absl import app
 from absl import flags
@@ -250,6 +255,8 @@ COMPONENTS = {
     "convnext": convnext, "clip": clip, "projector": projector, "reducer": reducer,
     "llm2": lambda *a: _llm(*a, frozen_base=False),
     "llm3": lambda *a: _llm(*a, frozen_base=True),
+    "step2": steps.step_entry(2),
+    "step3": steps.step_entry(3),
 }
 
 
@@ -273,6 +280,9 @@ def main(argv):
     print(f"{name:<10}{1e3 * j:>9.1f}{1e3 * t:>10.1f}{j / t:>10.2f}{flops / 1e9:>8.2f}"
           f"{flops / j / 1e9:>12.1f}{flops / j / peak:>8.0%}{flops / t / 1e9:>14.1f}",
           flush=True)
+    if name.startswith("step"):
+      print(f"{'':<10}examples/s: JAX {batch / j:.1f}, torch {batch / t:.1f}, "
+            f"JAX/torch {t / j:.2f}", flush=True)
 
 
 if __name__ == "__main__":
