@@ -1,4 +1,4 @@
-"""The ask CLI on a tiny model trained for two steps: answers, visual tokens, routing,
+"""The ask CLI on a tiny model trained for a few steps: answers, visual tokens, routing,
 multi-turn conversations, sampling, params-only checkpoints and one-line errors."""
 
 import io
@@ -16,30 +16,16 @@ from PIL import Image
 from configs import tiny
 from leo_mini_jax.evaluation import ask
 from leo_mini_jax.evaluation import generate as generate_lib
-from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
-from leo_mini_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/tiny.py:stage=3"
 
 
-def _config():
-  config = tiny.get_config("stage=3,steps=2")
-  config.data.batch_size = 8
-  config.data.num_train = 64
-  config.data.num_eval = 8
-  config.optimizer.warmup_steps = 1
-  config.log_every = 1
-  return config
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("ask") / "run")
-  mesh = mesh_lib.make_mesh(dict(data=1), devices=jax.devices()[:1])
-  loop.train(_config(), workdir, progress=False, mesh=mesh)
-  return workdir
+@pytest.fixture
+def run_dir(stage3_run):
+  """The session's tiny stage-3 run (tests/conftest.py): a real workdir to answer from."""
+  return stage3_run.workdir
 
 
 @pytest.fixture(scope="module")

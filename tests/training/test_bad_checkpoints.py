@@ -45,17 +45,6 @@ def drop_state(step_dir):
   shutil.rmtree(os.path.join(step_dir, "state"))
 
 
-@pytest.fixture(scope="module")
-def run3(tmp_path_factory):
-  """A 3-step stage-3 run saved at every step: (config, workdir, final params)."""
-  config = small_config(3, total_steps=3, **{"checkpoint.every_steps": 1,
-                                             "checkpoint.keep": 5})
-  workdir = str(tmp_path_factory.mktemp("bad_ckpt") / "run")
-  mesh = loop.mesh_lib.make_mesh(dict(data=1), devices=jax.devices()[:1])
-  summary = loop.train(config, workdir, progress=False, mesh=mesh)
-  return config, workdir, jax.device_get(summary["state"]), mesh
-
-
 def _resume(config, workdir, mesh):
   setup = loop.TrainSetup(config, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
@@ -66,44 +55,45 @@ def _resume(config, workdir, mesh):
 
 
 @pytest.mark.parametrize("corrupt", [truncate, garble, flip_one_byte, drop_state])
-def test_broken_latest_falls_back_to_the_previous_checkpoint(run3, tmp_path, corrupt, caplog):
-  config, workdir, _, mesh = run3
+def test_broken_latest_falls_back_to_the_previous_checkpoint(stage3_run, tmp_path, corrupt,
+                                                              caplog):
+  config, workdir, _, mesh = stage3_run
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
-  broken = os.path.join(copy, "checkpoints", "3")
+  broken = os.path.join(copy, "checkpoints", "4")
   corrupt(broken)
   with caplog.at_level(logging.ERROR):
     state, how, steps = _resume(config, copy, mesh)
-  assert how == "resumed from step 2"
-  assert int(state.step) == 2 and steps == [1, 2]
+  assert how == "resumed from step 3"
+  assert int(state.step) == 3 and steps == [1, 2, 3]
   assert any(broken in r.getMessage() and "broken" in r.getMessage() for r in caplog.records)
   assert glob.glob(broken + ".broken-*")  # kept for inspection, out of the way
 
-  # Training on resumes from step 2 and, data order and all, reaches the same step 3.
+  # Training on resumes from step 3 and, data order and all, reaches the same step 4.
   summary = loop.train(config, copy, progress=False, mesh=mesh) if corrupt is truncate \
       else None
   if summary is not None:
     for a, b in zip(jax.tree.leaves(jax.device_get(summary["state"].params)),
-                    jax.tree.leaves(run3[2].params)):
+                    jax.tree.leaves(stage3_run.state.params)):
       np.testing.assert_array_equal(a, b)
-    assert recovery.read_metrics(copy).keys() == {1, 2, 3}
+    assert recovery.read_metrics(copy).keys() == {1, 2, 3, 4}
 
 
-def test_no_complete_checkpoint_stops_naming_the_directory(run3, tmp_path):
-  config, workdir, _, mesh = run3
+def test_no_complete_checkpoint_stops_naming_the_directory(stage3_run, tmp_path):
+  config, workdir, _, mesh = stage3_run
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
-  for step in (1, 2, 3):
+  for step in (1, 2, 3, 4):
     truncate(os.path.join(copy, "checkpoints", str(step)))
   directory = os.path.join(copy, "checkpoints")
   with pytest.raises(recovery.BrokenCheckpointError,
-                     match=f"no complete checkpoint in {directory}.*step 3.*step 1"):
+                     match=f"no complete checkpoint in {directory}.*step 4.*step 1"):
     _resume(config, copy, mesh)
-  assert sorted(os.listdir(directory)) == ["1", "2", "3"]  # nothing renamed
+  assert sorted(os.listdir(directory)) == ["1", "2", "3", "4"]  # nothing renamed
 
 
-def test_a_checkpoint_of_another_step_or_tree_is_rejected(run3):
-  config, workdir, final, mesh = run3
+def test_a_checkpoint_of_another_step_or_tree_is_rejected(stage3_run):
+  config, workdir, final, mesh = stage3_run
   setup = loop.TrainSetup(config, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   try:
