@@ -107,10 +107,11 @@ def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: st
   """
   cotr_stage = stage == 3
   return dict(
-      # Stage 2 trains the whole LLM: full remat is what fits 8-way FSDP on 80 GB
-      # (benchmarks/scale.py: 66 GiB/device at grad_accum_steps=16; dots_no_batch: 308).
-      llm=dict(llm, dtype="bfloat16", param_dtype="float32",
-               remat_policy="full" if stage == 2 else "dots_no_batch",
+      # Full remat (each layer keeps only its input for the backward pass) is what fits
+      # 8-way FSDP on an 80 GB H100 in stage 2 and 256-way on a 16 GiB v5e in stage 3;
+      # 'dots_no_batch' keeps every projection's output, ~4x the per-row activations
+      # (benchmarks/scale.py; README "Memory at paper scale").
+      llm=dict(llm, dtype="bfloat16", param_dtype="float32", remat_policy="full",
                mmoe=mmoe_config(cotr_stage, router)),
       experts=full_size_experts(variant, stage),
       reducer=dict(kind=reducer if cotr_stage else "none", num_visual_tokens=tokens,

@@ -171,8 +171,8 @@ class BatchGenerator:
     tokens: list[np.ndarray | None] = [None] * len(prompts)
     failed: list[tuple[int, str]] = []
     routed = None
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool, setup.mesh, \
-        mesh_lib.logical_axis_rules(setup.rules):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool, \
+        mesh_lib.activate(setup.mesh, setup.rules):
       for step, indices in enumerate(batches):
         length = bucket_length(max(len(prompts[i].tokens) for i in indices))
         rows = indices[process * local:(process + 1) * local]

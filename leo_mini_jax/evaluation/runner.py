@@ -55,7 +55,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
                                                 template.end_of_turn_id(tokenizer)))
   limit = config.eval.get("num_examples") or None
   records, prompt_lengths = [], []
-  with setup.mesh, mesh_lib.logical_axis_rules(setup.rules):
+  with mesh_lib.activate(setup.mesh, setup.rules):
     for batch, meta in data:
       tokens = generate(params, setup.global_batch(batch))
       answers = generate_lib.decode_answers(jax.device_get(tokens), tokenizer, stop_ids)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models import mmoe as mmoe_lib
+from leo_mini_jax.parallel import mesh as mesh_lib
 
 Array = jax.Array
 
@@ -185,8 +186,8 @@ class Projection(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", _kernel(self.axes), (x.shape[-1], self.features),
                         self.param_dtype)
-    return jnp.dot(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
-                   preferred_element_type=self.out_dtype)
+    kernel = mesh_lib.gathered(jnp.asarray(kernel, self.dtype), self.axes)
+    return jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=self.out_dtype)
 
 
 class Attention(nn.Module):

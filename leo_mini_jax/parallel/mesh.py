@@ -7,9 +7,11 @@ arrays, and a mesh axis that does not divide a dimension is dropped for that arr
 (a 3-expert LoRA bank stays replicated on a 2-way 'tensor' axis instead of failing).
 """
 
+import contextlib
 import math
 from typing import Any, Sequence
 
+import flax.core.meta
 import flax.linen as nn
 import jax
 import ml_collections
@@ -162,6 +164,31 @@ def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mes
   return P(*spec)
 
 
+def gathered(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """`weight` (logical axis `names`) constrained to its sharding minus the FSDP axis.
+
+  FSDP stores each weight split over 'fsdp' and must all-gather it where it is used
+  (per layer, inside the layer scan). Left to itself, XLA's sharding propagation may
+  instead keep the weight split on its contracting dimension and all-gather the
+  *activations* over the batch, then all-reduce the product: every device then computes
+  the whole global batch (seen at paper scale: the frozen LLM of stage 3 held
+  [layers, global batch, length, embed] on every device). Constraining the weight at
+  its use makes the all-gather explicit; its transpose is the gradient's reduce-scatter.
+  A no-op outside a mesh context (single-device apply, tests without a mesh).
+  """
+  mesh = flax.core.meta.get_global_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh is None or not rules or "fsdp" not in mesh.shape or mesh.shape["fsdp"] == 1:
+    return weight
+  spec = spec_for(weight.shape, names, mesh, rules)
+  def drop(entry):
+    if entry is None or isinstance(entry, str):
+      return None if entry == "fsdp" else entry
+    kept = tuple(a for a in entry if a != "fsdp")
+    return kept[0] if len(kept) == 1 else (kept or None)
+  return jax.lax.with_sharding_constraint(weight, NamedSharding(mesh, P(*map(drop, spec))))
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh,
                       rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """NamedShardings for a (boxed) abstract tree from `jax.eval_shape(model.init, ...)`.
@@ -184,6 +211,19 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
 def logical_axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
   """Context manager that lets `nn.with_logical_constraint` resolve activation names."""
   return nn.logical_axis_rules(tuple(rules))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+  """The mesh and rules every traced model call runs under.
+
+  `jax.set_mesh`, not `with mesh:`: flax's `with_logical_constraint` reads JAX's
+  abstract mesh, which `with mesh:` does not set, and without it every activation
+  constraint is silently dropped; XLA then propagates the weights' FSDP sharding into
+  the activations and each device computes the whole global batch.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+    yield
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -93,7 +93,7 @@ class TrainSetup:
     self.replicated = NamedSharding(self.mesh, P())
 
   def init_state(self, seed: int) -> step_lib.TrainState:
-    with self.mesh, mesh_lib.logical_axis_rules(self.rules):
+    with mesh_lib.activate(self.mesh, self.rules):
       init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
                      out_shardings=self.state_shardings)
       return init(jax.random.PRNGKey(seed))
@@ -112,13 +112,13 @@ class TrainSetup:
       flat = traverse_util.flatten_dict(params, sep="/")
       return {p: flat[p] for p in paths}
 
-    with self.mesh, mesh_lib.logical_axis_rules(self.rules):
+    with mesh_lib.activate(self.mesh, self.rules):
       return jax.jit(init, out_shardings={p: shardings[p] for p in paths})(
           jax.random.PRNGKey(seed))
 
   def state_from_params(self, params) -> step_lib.TrainState:
     """Step 0 and a fresh optimizer state around `params` (already sharded)."""
-    with self.mesh, mesh_lib.logical_axis_rules(self.rules):
+    with mesh_lib.activate(self.mesh, self.rules):
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
       step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
     return step_lib.TrainState(step, params, opt_state)
@@ -134,7 +134,7 @@ class TrainSetup:
                      donate_argnums=0)
 
     def run(state, batch):
-      with self.mesh, mesh_lib.logical_axis_rules(self.rules):
+      with mesh_lib.activate(self.mesh, self.rules):
         return jitted(state, batch)
     run.lower = lambda state, batch: _lower(jitted, self, state, batch)
     return run
@@ -148,7 +148,7 @@ class TrainSetup:
 
 
 def _lower(jitted, setup, state, batch):
-  with setup.mesh, mesh_lib.logical_axis_rules(setup.rules):
+  with mesh_lib.activate(setup.mesh, setup.rules):
     return jitted.lower(state, batch)
 
 
