@@ -16,6 +16,7 @@ from configs import leo_mini_llama3_8b
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import loop
+from leo_mini_jax.training import preemption as preemption_lib
 from tests.training.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,6 +64,26 @@ def test_preemption_saves_the_step_reached_and_the_next_run_resumes(tmp_path,
   second = loop.train(config, str(tmp_path), progress=False, mesh=one_device_mesh)
   assert second["stopped"] == "done"
   assert [row["step"] for row in second["history"]] == [3, 4, 5]
+
+
+def test_multi_process_watcher_without_jax_preemption_service(monkeypatch):
+  # jax_enable_preemption_service=False leaves no sync manager: asking it would stop
+  # the run at its first step, so the watcher reports no notice and never asks.
+  def ask(step):
+    raise AssertionError(f"asked the sync manager at step {step}")
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption_lib.multihost_utils, "reached_preemption_sync_point",
+                      ask)
+  previous = jax.config.jax_enable_preemption_service
+  jax.config.update("jax_enable_preemption_service", False)
+  try:
+    watcher = preemption_lib.PreemptionWatcher()
+  finally:
+    jax.config.update("jax_enable_preemption_service", previous)
+  assert watcher.distributed and not watcher.reached(1)
+  watcher.close()
+  with pytest.raises(AssertionError, match="at step 1"):  # with the service: it asks
+    preemption_lib.PreemptionWatcher().reached(1)
 
 
 def test_save_policy_steps_seconds_final_preempted():
