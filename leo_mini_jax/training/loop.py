@@ -6,6 +6,7 @@ checkpoint restores on any mesh and process count, and a preemption notice (SIGT
 saves the step reached before a clean exit.
 """
 
+import concurrent.futures
 import logging
 import time
 from typing import Any
@@ -33,6 +34,17 @@ from leo_mini_jax.training import step as step_lib
 
 # On a 2-core CPU, collectives stall when dozens of steps are queued: block at least this often.
 MAX_QUEUED_STEPS = 8
+# Programs that run once (initialisers, optimizer-state init) compile on CPU without LLVM
+# optimisation: XLA:CPU spends most of their compile time optimising code that then runs
+# for milliseconds (tiny stage-1 init: 38 → 13 s compile, run 41 → 147 ms, loaded machine).
+# The train step keeps the default: at level 0 it runs ~40% slower.
+ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def one_shot_jit(fn, **kwargs):
+  """`jax.jit` for a function called once per run (see ONE_SHOT_CPU_OPTIONS)."""
+  options = ONE_SHOT_CPU_OPTIONS if jax.default_backend() == "cpu" else None
+  return jax.jit(fn, compiler_options=options, **kwargs)
 
 
 def build_model(config: ml_collections.ConfigDict) -> leo_mini_lib.LeoMini:
@@ -84,7 +96,10 @@ class TrainSetup:
       return step_lib.TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
     self._init_boxed = init_boxed
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    # The optimizer state's shapes from the abstract params: tracing the model once more
+    # (eval_shape of init_boxed) costs seconds per stage and gives the same tree.
+    abstract_boxed = step_lib.TrainState(jax.ShapeDtypeStruct((), jnp.int32), boxed,
+                                         jax.eval_shape(self.tx.init, boxed))
     self.state_shardings = mesh_lib.logical_shardings(abstract_boxed, self.mesh, self.rules)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -94,8 +109,8 @@ class TrainSetup:
 
   def init_state(self, seed: int) -> step_lib.TrainState:
     with mesh_lib.activate(self.mesh, self.rules):
-      init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
-                     out_shardings=self.state_shardings)
+      init = one_shot_jit(lambda rng: nn.unbox(self._init_boxed(rng)),
+                          out_shardings=self.state_shardings)
       return init(jax.random.PRNGKey(seed))
 
   def init_params_subset(self, paths: list[str], seed: int) -> dict[str, jax.Array]:
@@ -113,13 +128,14 @@ class TrainSetup:
       return {p: flat[p] for p in paths}
 
     with mesh_lib.activate(self.mesh, self.rules):
-      return jax.jit(init, out_shardings={p: shardings[p] for p in paths})(
+      return one_shot_jit(init, out_shardings={p: shardings[p] for p in paths})(
           jax.random.PRNGKey(seed))
 
   def state_from_params(self, params) -> step_lib.TrainState:
     """Step 0 and a fresh optimizer state around `params` (already sharded)."""
     with mesh_lib.activate(self.mesh, self.rules):
-      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+      opt_state = one_shot_jit(self.tx.init,
+                               out_shardings=self.state_shardings.opt_state)(params)
       step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
     return step_lib.TrainState(step, params, opt_state)
 
@@ -138,6 +154,13 @@ class TrainSetup:
         return jitted(state, batch)
     run.lower = lambda state, batch: _lower(jitted, self, state, batch)
     return run
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global train batch's shapes, dtypes and sharding (to compile ahead of data)."""
+    local = dummy_batch(self.config, int(self.config.data.batch_size) // jax.process_count())
+    return {k: jax.ShapeDtypeStruct((int(self.config.data.batch_size),) + v.shape[1:],
+                                    v.dtype, sharding=self.batch_sharding)
+            for k, v in local.items() if k in pipeline_lib.BATCH_KEYS}
 
   def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     local = {k: local_batch[k] for k in pipeline_lib.BATCH_KEYS}
@@ -241,6 +264,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   setup = TrainSetup(config, mesh)
   check_batch(config, setup.mesh)
   logging.info("%s", mesh_lib.process_summary(setup.mesh))
+  # XLA compiles the step from abstract shapes on a worker thread (compilation releases
+  # the GIL) while this one initialises or restores the state and starts the data.
+  compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+  compiling = compiler.submit(
+      lambda: setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch())
+      .compile())
+  compiler.shutdown(wait=False)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   latest = checkpointer.latest_step()
   state, how = initial_state(setup, checkpointer, latest)
@@ -257,11 +287,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   data_iter = data.iterator()
   watcher = preemption or preemption_lib.PreemptionWatcher()
   policy = checkpoint_lib.SavePolicy(config.checkpoint)
-  train_step = setup.jit_train_step()
-  recovery_lib.truncate_metrics(workdir, int(state.step))  # rows a killed run wrote
-  writer = metrics_lib.MetricsWriter(workdir)
-  nonfinite = guards_lib.NonFiniteTracker(guards_lib.max_bad_steps(config))
   start_step = int(state.step)
+  recovery_lib.truncate_metrics(workdir, start_step)  # rows a killed run wrote
+  # TensorBoard hides the events a killed run logged after the step resumed from.
+  writer = metrics_lib.MetricsWriter(workdir, purge_step=start_step + 1 if start_step else None)
+  nonfinite = guards_lib.NonFiniteTracker(guards_lib.max_bad_steps(config))
   total = int(config.total_steps) if stop_at is None else min(stop_at, config.total_steps)
   bar = None
   if progress and jax.process_index() == 0:
@@ -271,9 +301,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   timer_start, timer_steps, timer_tokens, timer_examples = None, 0, 0.0, 0
   last_metrics: dict[str, float] = {}
   stopped = "done" if total == config.total_steps else "stop_at"
+  train_step = compiling.result()  # donates the state: only the returned one is read
+  batch = setup.global_batch(next(data_iter)) if start_step < total else None
   for step in range(start_step, total):
-    batch = setup.global_batch(next(data_iter))
     state, metrics = train_step(state, batch)
+    # The next batch is assembled and sent while the step runs (dispatch is asynchronous),
+    # so the metrics fetch below never waits on the host pipeline as well.
+    batch = setup.global_batch(next(data_iter)) if step + 1 < total else None
     examples_seen += int(config.data.batch_size)
     pending.append(metrics)
     done = step + 1

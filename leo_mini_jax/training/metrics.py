@@ -19,9 +19,14 @@ class MetricsWriter:
 
   Object stores cannot append: a remote metrics.jsonl is rewritten whole at each write
   (it holds one short line per logged step).
+
+  `purge_step`: a resumed run passes the first step it will run. A killed run may have
+  logged steps past its last checkpoint, which the resumed run logs again; the new
+  events file then starts with a SessionLog START at `purge_step`, and TensorBoard drops
+  the older events at steps >= it (its "orphaned data" purge), so each step shows once.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, purge_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.lines: list[str] = []
@@ -37,7 +42,8 @@ class MetricsWriter:
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       # tensorboardX writes gs:// itself (google-cloud-storage).
-      self.tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+      self.tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
+                                       purge_step=purge_step)
     except ImportError:
       logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
 

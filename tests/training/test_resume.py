@@ -106,3 +106,55 @@ def test_init_from_restores_what_exists_and_names_what_does_not(tmp_path, one_de
     checkpointer.close()
   assert "unexpected" in message and "reducer/cotr/clip_queries" in message
   assert "llm/layers/mlp/mmoe_router/out_proj/kernel" in message
+
+
+def _scalar_events(workdir):
+  """(kind, step, tag, value) of every event, files in write order: 'start' rows are
+  SessionLog START markers (tag and value None)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  rows = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.*")),
+                     key=os.path.getmtime):
+    data = open(path, "rb").read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == 1:
+        rows.append(("start", event.step, None, None))
+      for value in event.summary.value:
+        rows.append(("scalar", event.step, value.tag, value.simple_value))
+  return rows
+
+
+def test_resumed_run_purges_tensorboard_steps_a_killed_run_logged(tmp_path,
+                                                                  one_device_mesh):
+  """A run killed after logging steps 3–4 but before saving them resumes from step 2 and
+  logs 3–4 again; TensorBoard's rule (a SessionLog START at step s hides earlier events
+  at steps >= s) leaves each step once, with the resumed run's values."""
+  pytest = __import__("pytest")
+  pytest.importorskip("tensorboardX")
+  import shutil  # pylint: disable=g-import-not-at-top
+  config = small_config(3, total_steps=4)
+  config.checkpoint.every_steps = 2
+  workdir = str(tmp_path / "run")
+  loop.train(config, workdir, progress=False, mesh=one_device_mesh)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # the kill before its save
+  first = _scalar_events(workdir)
+  assert not [r for r in first if r[0] == "start"]  # a fresh run purges nothing
+  loop.train(config, workdir, progress=False, mesh=one_device_mesh)
+  shown = {}
+  for kind, step, tag, value in _scalar_events(workdir):
+    if kind == "start":
+      assert step == 3
+      shown = {k: v for k, v in shown.items() if k[0] < step}
+    else:
+      assert (step, tag) not in shown, f"step {step} {tag} shown twice"
+      shown[(step, tag)] = value
+  assert sorted({s for s, _ in shown}) == [1, 2, 3, 4]
+  resumed = _losses(workdir)
+  for step in (3, 4):
+    assert shown[(step, "loss")] == pytest.approx(resumed[step])

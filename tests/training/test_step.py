@@ -62,3 +62,23 @@ def test_micro_batches_are_strided_and_stay_on_every_device():
   # ... and getting there moves no data between devices.
   hlo = split.lower(rows).compile().as_text()
   assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute"))
+
+
+def test_train_step_donates_the_state_and_compiles_ahead_from_abstract_shapes(
+    one_device_mesh):
+  """The step reuses the state's buffers (no second copy of params and Adam moments),
+  and the program compiled from abstract shapes (as the loop does on a worker thread)
+  takes the pipeline's real batch."""
+  config = small_config(2)
+  setup = loop.TrainSetup(config, one_device_mesh)
+  state = setup.init_state(0)
+  compiled = setup.jit_train_step().lower(setup.abstract_state,
+                                          setup.abstract_batch()).compile()
+  batch = next(pipeline_lib.make_dataset(config.data, split="train").iterator())
+  old_leaves = jax.tree.leaves(state)
+  # The abstract state (built from one model trace) is that of a real init.
+  assert (jax.tree.map(lambda x: (x.shape, x.dtype), state)
+          == jax.tree.map(lambda x: (x.shape, x.dtype), setup.abstract_state))
+  new_state, metrics = compiled(state, setup.global_batch(batch))
+  assert all(x.is_deleted() for x in old_leaves)
+  assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
