@@ -128,31 +128,40 @@ def test_mesh_from_topology_and_dcn_slices():
   assert mesh_lib.make_mesh(config.mesh).shape["data"] == 4
 
 
-@pytest.mark.slow
 def test_sigterm_during_train_py_saves_and_resumes(tmp_path):
-  """The real signal path: SIGTERM to train.py → checkpoint at the step reached, exit 0."""
+  """The real signal path: SIGTERM to train.py → checkpoint at the step reached, exit 0.
+
+  In the default suite (one compilation: 211 s on 2 cores under load ~11, 88 s of CPU).
+  The 2-process path is tests/parallel/test_multiprocess.py.
+  """
   workdir = tmp_path / "run"
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
+  # A constant learning rate keeps total_steps out of the compiled step, so the rerun
+  # (another steps=) loads the first run's program from the session's compilation cache.
   small = ["--config.data.batch_size=8", "--config.data.num_train=64",
            "--config.log_every=1", "--config.checkpoint.every_steps=0",
-           "--config.optimizer.warmup_steps=1", "--config.data.read_threads=1"]
+           "--config.optimizer.warmup_steps=1", "--config.optimizer.decay=constant",
+           "--config.data.read_threads=1"]
   cmd = [sys.executable, "train.py", "--config=configs/tiny.py:stage=2,steps=500",
          f"--workdir={workdir}", *small]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   metrics = workdir / "metrics.jsonl"
   try:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-      if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-        break
-      time.sleep(0.5)
+    # Signal only once step 2 is logged (the handler is in place by then); on a loaded
+    # machine compiling the step alone can take minutes.
+    deadline = time.monotonic() + 900
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+      assert proc.poll() is None, proc.communicate()[0][-3000:]
+      assert time.monotonic() < deadline, "step 2 not logged in 900 s"
+      time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=300)
   finally:
-    if proc.poll() is None:
+    if proc.poll() is None:  # hung: SIGKILL
       proc.kill()
+      proc.wait()
   assert proc.returncode == 0, out[-3000:]
   assert "preempted; saved step" in out, out[-3000:]
   rows = [json.loads(line) for line in metrics.read_text().splitlines()]
