@@ -2,10 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
-import pytest
 
 from leo_mini_jax.evaluation import benchmarks
 from tests.evaluation import benchmark_fixtures
@@ -13,10 +13,10 @@ from tests.evaluation import benchmark_fixtures
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(script, workdir, *flags):
+def _eval_py(workdir, *flags):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one device: no collectives queued on 2 cores
-  cmd = [sys.executable, script, "--config=configs/tiny.py:stage=3,steps=2",
+  cmd = [sys.executable, "eval.py", "--config=configs/tiny.py:stage=3,steps=2",
          f"--workdir={workdir}", "--config.data.batch_size=4", "--config.data.num_train=8",
          "--config.data.num_eval=4", "--config.eval.max_new_tokens=4", *flags]
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -25,18 +25,19 @@ def _run(script, workdir, *flags):
   return result.stdout + result.stderr
 
 
-def test_eval_py_runs_every_benchmark_in_both_layouts(tmp_path):
+def test_eval_py_runs_every_benchmark_in_both_layouts(stage3_run, tmp_path):
+  # The session's trained run (tests/conftest.py; train.py itself runs in the kill/resume
+  # test), copied: eval.py writes into the workdir.
   run = str(tmp_path / "run")
-  _run("train.py", run)
+  shutil.copytree(stage3_run.workdir, run)
   for layout in ("llava", "parquet"):
     data = tmp_path / layout
     for name in benchmarks.ORDER:
       benchmark_fixtures.write(str(data), name, layout)
     if layout == "llava":
       os.remove(data / "GQA" / "images" / "img2.jpg")
-    out = _run("eval.py", run, "--config.eval.benchmark=all",
-               f"--config.eval.data_dir={data}", "--config.eval.skip_bad=True",
-               "--config.eval.batch_size=4")
+    out = _eval_py(run, "--config.eval.benchmark=all", f"--config.eval.data_dir={data}",
+                   "--config.eval.skip_bad=True", "--config.eval.batch_size=4")
     eval_dir = os.path.join(run, "eval")
     titles = [benchmarks.REGISTRY[n].title for n in benchmarks.ORDER]
     with open(os.path.join(eval_dir, "summary.md")) as f:
