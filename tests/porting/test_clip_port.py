@@ -3,38 +3,21 @@
 import inspect
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+from tests.porting.conftest import randomize_, reference_libraries
+
+torch, transformers, safetensors_torch = reference_libraries(
+    "torch", "transformers", "safetensors.torch")
 
 from leo_mini_jax.porting import clip as clip_port  # noqa: E402
 from leo_mini_jax.porting.mapping import PortError  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _highest_matmul_precision():
-  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
             num_hidden_layers=2, num_attention_heads=4)
-
-
-def randomize_(model, seed=0):
-  """Every parameter to noise (HF inits LayerNorms to 1/0 and biases to 0)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-      p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
-  return model.eval()
 
 
 def tiny_vision_model(hidden_act="quick_gelu", seed=0):

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-timm = pytest.importorskip("timm")
+from tests.porting.conftest import randomize_, reference_libraries
+
+torch, transformers, timm = reference_libraries("torch", "transformers", "timm")
 
 from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 from leo_mini_jax.models import llama as llama_lib  # noqa: E402
@@ -37,19 +37,8 @@ CONVNEXT = dict(depths=tuple(_CONVNEXT["depths"]), dims=tuple(_CONVNEXT["dims"])
 IDS = np.random.default_rng(0).integers(0, 320, size=(2, 9)).astype(np.int32)
 
 
-@pytest.fixture(autouse=True)
-def _highest_matmul_precision():
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 def _randomize(model, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-      p.copy_(base + 0.15 * torch.randn(p.shape, generator=gen))
-  return model.eval()
+  return randomize_(model, seed, scale=0.15)
 
 
 def write_checkpoints(root, llm=None, clip=None):

@@ -1,24 +1,16 @@
 """timm / open_clip ConvNeXt → ConvNextTower: parity with timm `forward_features`."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+from tests.porting.conftest import randomize_, reference_libraries
+
+torch, timm, safetensors_torch = reference_libraries("torch", "timm", "safetensors.torch")
 from timm.models.convnext import ConvNeXt  # noqa: E402
 
 from leo_mini_jax.porting import convnext as convnext_port  # noqa: E402
 from leo_mini_jax.porting.mapping import PortError  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _highest_matmul_precision():
-  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
-  with jax.default_matmul_precision("highest"):
-    yield
 
 
 DIMS, DEPTHS = (8, 16, 32, 64), (1, 1, 2, 1)
@@ -27,13 +19,7 @@ DIMS, DEPTHS = (8, 16, 32, 64), (1, 1, 2, 1)
 def tiny_timm(seed=0, **kwargs):
   """A timm ConvNeXt with every parameter random (gamma starts at 1e-6 otherwise)."""
   torch.manual_seed(seed)
-  model = ConvNeXt(depths=DEPTHS, dims=DIMS, num_classes=10, **kwargs)
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-      p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
-  return model.eval()
+  return randomize_(ConvNeXt(depths=DEPTHS, dims=DIMS, num_classes=10, **kwargs), seed)
 
 
 def save(state, path):

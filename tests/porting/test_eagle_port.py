@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-timm = pytest.importorskip("timm")
+from tests.porting.conftest import reference_libraries
+
+torch, transformers, timm = reference_libraries("torch", "transformers", "timm")
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -33,8 +33,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 RESOLUTION = 64
 
 
-# The converter tests' helpers: every parameter perturbed, references at highest precision.
-from test_convert import _highest_matmul_precision, _randomize  # noqa: E402,F401
+# The converter tests' randomiser (scale 0.15); tests/porting/conftest.py sets the precision.
+from test_convert import _randomize  # noqa: E402
 
 
 def run_config(stage: int, experts=None):

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.porting.conftest import reference_libraries
+
+torch, = reference_libraries("torch")
 nn = torch.nn
 F = torch.nn.functional
 
@@ -23,13 +25,6 @@ from leo_mini_jax.models.vision.eva02 import Eva02Config, Eva02Tower  # noqa: E4
 from leo_mini_jax.porting import eva02 as eva02_port  # noqa: E402
 from leo_mini_jax.porting import mapping  # noqa: E402
 from leo_mini_jax.porting.mapping import PortError  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _highest_matmul_precision():
-  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
-  with jax.default_matmul_precision("highest"):
-    yield
 
 
 # ------------------------------------------------------------------ the torch reference

@@ -13,11 +13,11 @@ from leo_mini_jax.models import llama as llama_lib
 from leo_mini_jax.porting import export, load_llm, open_checkpoint
 from leo_mini_jax.porting import llama as port
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.porting.conftest import reference_libraries
+
+torch, transformers = reference_libraries("torch", "transformers")
 
 from test_llama_port import IDS, LLAMA2, LLAMA3, hf_logits, make_hf  # noqa: E402  pylint: disable=g-import-not-at-top
-from test_llama_port import _highest_matmul_precision  # noqa: E402,F401  pylint: disable=unused-import
 
 
 def _all_tensors(folder):

@@ -3,7 +3,6 @@
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ from leo_mini_jax.models import llama as llama_lib
 from leo_mini_jax.porting import PortError, load_llm
 from leo_mini_jax.porting import llama as port
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.porting.conftest import reference_libraries
+
+torch, transformers = reference_libraries("torch", "transformers")
 
 LLAMA2 = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5,
@@ -44,13 +44,6 @@ def make_hf(fields, tie=False, seed=0):
 def hf_logits(model, ids):
   with torch.no_grad():
     return model(torch.from_numpy(ids).long()).logits.float().numpy()
-
-
-@pytest.fixture(autouse=True)
-def _highest_matmul_precision():
-  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
-  with jax.default_matmul_precision("highest"):
-    yield
 
 
 IDS = np.random.default_rng(0).integers(0, 128, size=(2, 12)).astype(np.int32)

@@ -7,22 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+from tests.porting.conftest import randomize_ as _randomize_all, reference_libraries
+
+torch, transformers, safetensors_torch = reference_libraries(
+    "torch", "transformers", "safetensors.torch")
 
 from leo_mini_jax import porting  # noqa: E402
 from leo_mini_jax.models.vision import pix2struct as p2s  # noqa: E402
 from leo_mini_jax.porting import mapping  # noqa: E402
 from leo_mini_jax.porting import pix2struct as p2s_port  # noqa: E402
 from leo_mini_jax.porting.mapping import PortError  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _highest_matmul_precision():
-  """float32 references: keep GPUs/TPUs from running f32 matmuls in TF32/bfloat16."""
-  with jax.default_matmul_precision("highest"):
-    yield
 
 
 # 4-px patches (48 values), heads·d_kv = 24 ≠ hidden 32; max_patches 27 → a 5×5 grid + 2 pads.
@@ -38,13 +32,9 @@ LARGE_VISION = dict(hidden_size=1536, d_ff=3968, num_attention_heads=24, num_hid
 
 
 def randomize_(model, seed=0):
-  """Every parameter to noise (HF inits norms to 1, biases to 0, linears near 0)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      base = 1.0 if "norm" in name else 0.0
-      p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
-  return model.eval()
+  """Every parameter to noise (HF inits norms to 1, biases to 0, linears near 0); every
+  norm parameter (T5-style norms have a weight only) around 1."""
+  return _randomize_all(model, seed, norm_suffix="")
 
 
 def vision_model(seed=0):

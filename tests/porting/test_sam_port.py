@@ -15,21 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+from tests.porting.conftest import reference_libraries
+
+torch, transformers, safetensors_torch = reference_libraries(
+    "torch", "transformers", "safetensors.torch")
 
 from leo_mini_jax import porting  # noqa: E402
 from leo_mini_jax.models.vision import sam as sam_lib  # noqa: E402
 from leo_mini_jax.porting import mapping  # noqa: E402
 from leo_mini_jax.porting import readers  # noqa: E402
 from leo_mini_jax.porting import sam as sam_port  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _highest_matmul_precision():
-  with jax.default_matmul_precision("highest"):
-    yield
 
 
 # Grid 10 with window 3: windowed blocks pad the grid to 12. Blocks 1 and 3 are global
