@@ -53,7 +53,9 @@ class _NoticeAt:
 
 def test_preemption_saves_the_step_reached_and_the_next_run_resumes(tmp_path,
                                                                     one_device_mesh):
-  config = small_config(2, total_steps=5)
+  # small_config(3) on one device is the session's shared stage3_run program
+  # (tests/conftest.py): in a full run both loads come from the compilation cache.
+  config = small_config(3)
   first = loop.train(config, str(tmp_path), progress=False, mesh=one_device_mesh,
                      preemption=_NoticeAt(2))
   assert first["stopped"] == "preempted" and int(first["state"].step) == 2
@@ -63,7 +65,7 @@ def test_preemption_saves_the_step_reached_and_the_next_run_resumes(tmp_path,
   checkpointer.close()
   second = loop.train(config, str(tmp_path), progress=False, mesh=one_device_mesh)
   assert second["stopped"] == "done"
-  assert [row["step"] for row in second["history"]] == [3, 4, 5]
+  assert [row["step"] for row in second["history"]] == [3, 4]
 
 
 def test_multi_process_watcher_without_jax_preemption_service(monkeypatch):
