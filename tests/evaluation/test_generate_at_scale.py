@@ -37,12 +37,15 @@ def test_four_devices_match_one_and_batching_changes_nothing():
   config.data.max_length = 64
   prompts, tokenizer, template = _prompts(7)
   load = lambda source: images.to_master_resolution(source, config.data.resolution)
-  results = {}
+  results, params = {}, None
   for devices, batch_size in ((1, 1), (1, 4), (4, 4)):
     mesh = mesh_lib.make_mesh(dict(data=devices, fsdp=1, tensor=1),
                               devices=jax.devices()[:devices])
     setup = loop.TrainSetup(config, mesh)
-    params = setup.init_state(0).params
+    # Initialised once and placed on each mesh: the same weights everywhere, and no
+    # train-state init compiled per mesh.
+    params = (setup.init_state(0).params if params is None
+              else jax.device_put(jax.device_get(params), setup.state_shardings.params))
     generator = generate.BatchGenerator(setup, max_new_tokens=3,
                                         eos_id=template.end_of_turn_id(tokenizer))
     out = generator(params, prompts, batch_size=batch_size,
