@@ -43,8 +43,10 @@ def main(argv):
     print(f"stage {stage}: {config.total_steps} steps in {time.perf_counter() - stage_start:.0f} s, "
           f"final loss {final['loss']:.3f}, token accuracy {final['token_accuracy']:.3f}")
     if stage >= 2:
+      eval_start = time.perf_counter()
       results[stage] = runner.evaluate(config, workdir, params=summary["state"].params,
                                        setup=summary["setup"])
+      print(f"stage {stage} evaluation: {time.perf_counter() - eval_start:.0f} s")
     previous = workdir
   print()
   print(f"{'':<10}{'visual tokens':>14}{'prefill MFLOPs':>16}{'accuracy':>10}"
