@@ -42,7 +42,9 @@ import numpy as np
 from configs import common
 from configs import tiny
 from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID
+from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import loop
+from leo_mini_jax.training import step as step_lib
 import train_step as train_step_bench
 
 
@@ -74,7 +76,12 @@ def jax_step(config: ml_collections.ConfigDict):
   numpy_batch = train_step_bench.synthetic_batch(config)
   batch = setup.global_batch(numpy_batch)
   step = setup.jit_train_step()
-  flops = bench_utils.model_flops(step, state, batch)
+  # FLOPs from the unjitted step traced under the mesh (the jitted wrapper enters the mesh
+  # itself, which cannot happen inside a trace).
+  step_fn = step_lib.make_train_step(setup.model, setup.tx, setup.trainable, setup.lr_schedule,
+                                     int(config.optimizer.grad_accum_steps))
+  with mesh_lib.activate(setup.mesh, setup.rules):
+    flops = bench_utils.model_flops(step_fn, state, batch)
   holder = {"state": state}
 
   def run():
