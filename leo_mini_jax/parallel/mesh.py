@@ -222,7 +222,11 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
   constraint is silently dropped; XLA then propagates the weights' FSDP sharding into
   the activations and each device computes the whole global batch.
   """
-  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+  try:
+    mesh_context = jax.set_mesh(mesh)
+  except ValueError:  # inside a trace (e.g. make_jaxpr of a step that activates itself)
+    mesh_context = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+  with mesh_context, nn.logical_axis_rules(tuple(rules)):
     yield
 
 
