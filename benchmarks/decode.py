@@ -53,12 +53,15 @@ def main(argv):
   def prefill(params, ids, lengths):
     cache_size = ids.shape[1] + new
     embeds = model.apply({"params": params}, ids, method=model.embed)
-    return model.apply({"params": params}, embeds, lengths, cache_size, method=model.prefill)
+    logits, cache, _ = model.apply({"params": params}, embeds, lengths, cache_size,
+                                   method=model.prefill)
+    return logits, cache
 
   def generate(params, first, cache):
     def body(carry, _):
       token, cache = carry
-      logits, cache = model.apply({"params": params}, token, cache, method=model.decode_step)
+      logits, cache, _ = model.apply({"params": params}, token, cache,
+                                     method=model.decode_step)
       nxt = jnp.argmax(logits, -1).astype(jnp.int32)
       return (nxt, cache), nxt
     (_, cache), tokens = jax.lax.scan(body, (first, cache), None, length=new)

@@ -80,47 +80,12 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float,
 
 def make_sampling_generate(model, max_new_tokens: int, eos_id: int, temperature: float,
                            top_p: float) -> Callable:
-  """`generate(params, batch, key) -> tokens [B, max_new_tokens]` (pure, jit-able).
-
-  The KV-cache loop of `generate.make_generate` with `sample_token` in place of argmax;
-  after a row emits `eos_id` it keeps emitting it.
-  """
-
-  def generate(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
-    text_length = batch["input_ids"].shape[1]
-    cache_size = model.sequence_length(text_length) + max_new_tokens
-    logits, cache = model.apply({"params": params}, batch, cache_size, method=model.prefill)
-    keys = jax.random.split(key, max_new_tokens + 1)
-    first = sample_token(logits, keys[0], temperature, top_p)
-
-    def body(carry, step_key):
-      token, cache, finished = carry
-      logits, cache = model.apply({"params": params}, token, cache,
-                                  method=model.decode_step)
-      finished = finished | (token == eos_id)
-      next_token = jnp.where(finished, eos_id,
-                             sample_token(logits, step_key, temperature, top_p))
-      return (next_token, cache, finished), token
-
-    init = (first, cache, jnp.zeros_like(first, dtype=bool))
-    _, tokens = jax.lax.scan(body, init, keys[1:])
-    return tokens.T
-
-  return generate
-
-
-def make_answer_routing(model) -> Callable:
-  """`routing(params, batch) -> top_expert [layers, B, T]` of the model's full forward.
-
-  Run over prompt + answer, the first-choice expert at an answer token's position is the
-  routing that token got when it was fed back during decoding (the model is causal).
-  """
-
-  def routing(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    _, aux = model.apply({"params": params}, batch)
-    return aux["routing"]["top_expert"]
-
-  return routing
+  """`generate(params, batch, key) -> dict` (pure, jit-able): `generate.make_generate`
+  (tokens and, with MMoE-LLM, routing) with `sample_token` in place of argmax."""
+  generate = generate_lib.make_generate(
+      model, max_new_tokens, eos_id,
+      choose=lambda logits, key: sample_token(logits, key, temperature, top_p))
+  return lambda params, batch, key: generate(params, batch, key=key)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -197,8 +162,6 @@ class Assistant:
     else:
       greedy = jax.jit(generate_lib.make_generate(self.model, self.max_new_tokens, eos))
       self._generate = lambda params, batch, key: greedy(params, batch)
-    self._routing = (jax.jit(make_answer_routing(self.model))
-                     if self.model.config.llm.mmoe.enabled else None)
     self._key = jax.random.PRNGKey(seed)
     self.turns: list[dict[str, str]] = []
     self.image: np.ndarray | None = None
@@ -239,30 +202,22 @@ class Assistant:
                      f"context of {context}; start a new one")
     batch = self._batch(prompt.input_ids, prompt.instruction_mask)
     self._key, key = jax.random.split(self._key)
-    tokens = np.asarray(jax.device_get(self._generate(self.params, batch, key)))[0]
+    result = jax.device_get(self._generate(self.params, batch, key))
     answer_ids = []
-    for token in tokens.tolist():
+    for token in np.asarray(result["tokens"])[0].tolist():
       if token in self.stop_ids:
         break
       answer_ids.append(token)
     answer = self.tokenizer.decode(answer_ids).strip()
-    routing = self._answer_routing(prompt, answer_ids) if self._routing else None
+    routing = None
+    if self.model.config.llm.mmoe.enabled:
+      # The routing each answer token got when generation fed it back (the stop token
+      # and what follows it are not part of the answer).
+      routing = np.asarray(result["top_expert"])[:, 0, :len(answer_ids)]
     if answer:  # an empty assistant turn is not a valid conversation turn
       self.turns = turns + [{"from": "gpt", "value": answer}]
     return Reply(answer, answer_ids, self.model.config.num_visual_tokens, routing,
                  self.model.config.llm.mmoe.num_experts)
-
-  def _answer_routing(self, prompt, answer_ids: list[int]) -> np.ndarray:
-    """[layers, len(answer_ids)] first-choice experts of the answer's tokens."""
-    if not answer_ids:
-      return np.zeros((self.model.config.llm.num_layers, 0), np.int32)
-    ids = prompt.input_ids + answer_ids
-    batch = self._batch(ids, prompt.instruction_mask + [0] * len(answer_ids))
-    top = np.asarray(jax.device_get(self._routing(self.params, batch)))[:, 0]
-    # Text after the placeholder sits N^V − 1 positions later in the LLM sequence.
-    shift = self.model.config.num_visual_tokens - 1
-    start = len(prompt.input_ids) + shift
-    return top[:, start:start + len(answer_ids)]
 
 
 def format_reply(reply: Reply, tokenizer=None) -> str:

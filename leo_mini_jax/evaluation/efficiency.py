@@ -42,8 +42,10 @@ class PrefillProgram:
   cache_size: int
 
   def fn(self, params, batch):
-    return self.model.apply({"params": params}, batch, self.cache_size,
-                            method=self.model.prefill)
+    """(logits, cache): the prefill without its routing outputs (not a cost of serving)."""
+    logits, cache, _ = self.model.apply({"params": params}, batch, self.cache_size,
+                                        method=self.model.prefill)
+    return logits, cache
 
 
 def prefill_program(config: leo_mini_lib.LeoMiniConfig, text_length: int,

@@ -12,7 +12,7 @@ runs it over any number of prompts at scale:
     runs the same batches in the same order (so all stop at the same step), and the
     generated tokens come back replicated, so process 0 can decode and write them all;
   * with MMoE-LLM, the routing of every prompt token (how many tokens each layer sends to
-    each expert) is summed on device.
+    each expert) is counted on device from the prefill that generation runs anyway.
 """
 
 import concurrent.futures
@@ -28,49 +28,70 @@ from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 
 
-def make_generate(model, max_new_tokens: int, eos_id: int) -> Callable:
-  """Builds `generate(params, batch) -> tokens [B, max_new_tokens]` (jit-able, pure).
+def make_generate(model, max_new_tokens: int, eos_id: int,
+                  choose: Callable[[jax.Array, jax.Array | None], jax.Array] | None = None
+                  ) -> Callable:
+  """Builds `generate(params, batch, valid=None, key=None) -> dict` (jit-able, pure).
 
+  The dict holds `tokens` [B, max_new_tokens]; with MMoE-LLM also the routing the
+  generation computed anyway (no extra forward):
+    `prompt_counts` [layers, E]: first-choice experts of the real prompt tokens (visual
+      and text) of the rows where `valid` [B] is true (default all), from the prefill;
+    `top_expert` [layers, B, max_new_tokens]: the first-choice expert of each generated
+      token, from the decode step that fed it back. Every generated token is fed (the
+      scan feeds token i at step i and keeps its output token only for step i + 1), so
+      the last one has its routing too.
   After a row emits `eos_id` it keeps emitting `eos_id`; callers cut at the first one.
+  `choose(logits [B, V], key) -> ids [B]` picks each token (default greedy argmax); with
+  `key`, step i gets the i-th of `max_new_tokens + 1` splits of it.
   """
+  if choose is None:
+    choose = lambda logits, key: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  mmoe = model.config.llm.mmoe.enabled
 
-  def generate(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  def generate(params: Any, batch: dict[str, jax.Array], valid: jax.Array | None = None,
+               key: jax.Array | None = None) -> dict[str, jax.Array]:
     text_length = batch["input_ids"].shape[1]
     cache_size = model.sequence_length(text_length) + max_new_tokens
-    logits, cache = model.apply({"params": params}, batch, cache_size, method=model.prefill)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits, cache, prompt_routing = model.apply({"params": params}, batch, cache_size,
+                                                method=model.prefill)
+    first_key, step_keys = None, None
+    if key is not None:
+      keys = jax.random.split(key, max_new_tokens + 1)
+      first_key, step_keys = keys[0], keys[1:]
+    first = choose(logits, first_key)
 
-    def body(carry, _):
+    def body(carry, step_key):
       token, cache, finished = carry
-      logits, cache = model.apply({"params": params}, token, cache,
-                                  method=model.decode_step)
+      logits, cache, routing = model.apply({"params": params}, token, cache,
+                                           method=model.decode_step)
       finished = finished | (token == eos_id)
-      next_token = jnp.where(finished, eos_id, jnp.argmax(logits, -1).astype(jnp.int32))
-      return (next_token, cache, finished), token
+      next_token = jnp.where(finished, eos_id, choose(logits, step_key))
+      top = routing["top_expert"][:, :, 0] if mmoe else None  # [layers, B]
+      return (next_token, cache, finished), (token, top)
 
     init = (first, cache, jnp.zeros_like(first, dtype=bool))
-    _, tokens = jax.lax.scan(body, init, None, length=max_new_tokens)
-    return tokens.T
+    _, (tokens, top) = jax.lax.scan(body, init, step_keys, length=max_new_tokens)
+    out = {"tokens": tokens.T}
+    if mmoe:
+      out["top_expert"] = jnp.transpose(top, (1, 2, 0))
+      out["prompt_counts"] = prompt_counts(prompt_routing["top_expert"], cache["lengths"],
+                                           valid, model.config.llm.mmoe.num_experts)
+    return out
 
   return generate
 
 
-def make_routing_counts(model) -> Callable:
-  """Builds `counts(params, batch, valid) -> [layers, E]` tokens routed to each expert.
-
-  Counts the first-choice expert of every real prompt token (visual and text) of the
-  valid rows, from the model's full forward over the prompt.
-  """
-
-  def counts(params: Any, batch: dict[str, jax.Array], valid: jax.Array) -> jax.Array:
-    _, aux = model.apply({"params": params}, batch)
-    top = aux["routing"]["top_expert"]  # [layers, B, T]
-    mask = (aux["attention_mask"] > 0) & valid[:, None]
-    experts = jnp.arange(model.config.llm.mmoe.num_experts)
-    hits = (top[..., None] == experts) & mask[None, :, :, None]
-    return jnp.sum(hits, axis=(1, 2)).astype(jnp.float32)
-
-  return counts
+def prompt_counts(top_expert: jax.Array, lengths: jax.Array, valid: jax.Array | None,
+                  num_experts: int) -> jax.Array:
+  """[layers, E] tokens routed to each expert: the first `lengths` [B] tokens of every
+  row of `top_expert` [layers, B, T] (prefill's real prompt tokens), valid rows only."""
+  positions = jnp.arange(top_expert.shape[-1])
+  mask = positions[None, :] < lengths[:, None]
+  if valid is not None:
+    mask = mask & valid[:, None]
+  hits = (top_expert[..., None] == jnp.arange(num_experts)) & mask[None, :, :, None]
+  return jnp.sum(hits, axis=(1, 2)).astype(jnp.float32)
 
 
 def decode_answers(tokens: np.ndarray, tokenizer, stop_ids: tuple[int, ...]) -> list[str]:
@@ -132,9 +153,7 @@ class BatchGenerator:
     model = setup.model
     self.generate = jax.jit(make_generate(model, max_new_tokens, eos_id),
                             out_shardings=setup.replicated)
-    self.count = None
-    if routing and model.config.llm.mmoe.enabled:
-      self.count = jax.jit(make_routing_counts(model), out_shardings=setup.replicated)
+    self.routing = routing and model.config.llm.mmoe.enabled
 
   def __call__(self, params: Any, prompts: Sequence[Prompt], *, batch_size: int,
                resolution: int, load_image: Callable[[Any], np.ndarray], pad_id: int = 0,
@@ -181,9 +200,10 @@ class BatchGenerator:
         failed += errors
         global_batch = setup.global_batch(batch)
         valid_global = mesh_lib.make_global_batch({"valid": valid}, setup.mesh)["valid"]
-        out = np.asarray(jax.device_get(self.generate(params, global_batch)))
-        if self.count is not None:
-          counts = np.asarray(jax.device_get(self.count(params, global_batch, valid_global)))
+        result = self.generate(params, global_batch, valid_global)
+        out = np.asarray(jax.device_get(result["tokens"]))
+        if self.routing:
+          counts = np.asarray(jax.device_get(result["prompt_counts"]))
           routed = counts if routed is None else routed + counts
         for position, index in enumerate(indices):
           tokens[index] = out[position]

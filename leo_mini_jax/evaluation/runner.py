@@ -57,7 +57,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
   records, prompt_lengths = [], []
   with mesh_lib.activate(setup.mesh, setup.rules):
     for batch, meta in data:
-      tokens = generate(params, setup.global_batch(batch))
+      tokens = generate(params, setup.global_batch(batch))["tokens"]
       answers = generate_lib.decode_answers(jax.device_get(tokens), tokenizer, stop_ids)
       for row, answer in enumerate(answers):
         if not meta["valid"][row] or not meta["id"][row]:

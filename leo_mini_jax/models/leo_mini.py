@@ -197,29 +197,35 @@ class LeoMini(nn.Module):
         "target_mask": sequence["target_mask"],
         "attention_mask": sequence["attention_mask"],
         "balance_loss": balance,
-        "routing": {k: v for k, v in layer_aux.items() if k != "balance_loss"},
+        "routing": llama_lib.routing_of(layer_aux),
         "num_visual_tokens": self.config.num_visual_tokens,
     }
     return logits, aux
 
   def prefill(self, batch: dict[str, Array], cache_size: int):
-    """Prompt batch → (logits of the next token [B, vocab], cache)."""
+    """Prompt batch → (logits of the next token [B, vocab], cache, routing).
+
+    routing: the LLM's per-layer MMoE outputs over the prompt's LLM sequence (visual and
+    text tokens; top_expert [layers, B, L + N^V − 1], real tokens first in each row,
+    cache['lengths'] of them); {} without MMoE.
+    """
     sequence, router_context = self._inputs(batch)
     lengths = jnp.sum(sequence["attention_mask"], axis=1).astype(jnp.int32)
-    logits, cache = self.llm.prefill(sequence["inputs_embeds"], lengths, cache_size,
-                                     router_context)
+    logits, cache, routing = self.llm.prefill(sequence["inputs_embeds"], lengths,
+                                              cache_size, router_context)
     if router_context is not None:
       cache["router_context"] = router_context
-    return logits, cache
+    return logits, cache, routing
 
   def decode_step(self, token_ids: Array, cache: dict):
-    """One generated token per row → (logits [B, vocab], cache)."""
+    """One generated token per row → (logits [B, vocab], cache, the token's routing:
+    top_expert [layers, B, 1]; {} without MMoE)."""
     router_context = cache.get("router_context")
     llm_cache = {k: v for k, v in cache.items() if k != "router_context"}
-    logits, new_cache = self.llm.decode_step(token_ids, llm_cache, router_context)
+    logits, new_cache, routing = self.llm.decode_step(token_ids, llm_cache, router_context)
     if router_context is not None:
       new_cache["router_context"] = router_context
-    return logits, new_cache
+    return logits, new_cache, routing
 
   def sequence_length(self, text_length: int) -> int:
     """Length of the LLM sequence for text rows of `text_length` tokens."""

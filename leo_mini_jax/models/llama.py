@@ -426,8 +426,9 @@ class LlamaForCausalLM(nn.Module):
       router_context: as in `forward`.
 
     Returns:
-      logits at each row's last real token [B, vocab], and the cache
-      {'k','v': [layers, B, S, Hkv, Dh], 'lengths': [B]}.
+      logits at each row's last real token [B, vocab], the cache
+      {'k','v': [layers, B, S, Hkv, Dh], 'lengths': [B]}, and the routing of every
+      prompt token (`routing_of`: top_expert [layers, B, T]; empty without MMoE).
     """
     cfg = self.config
     batch, length = inputs_embeds.shape[:2]
@@ -435,15 +436,17 @@ class LlamaForCausalLM(nn.Module):
     hidden, positions, token_mask = self._prepare(inputs_embeds, None, token_mask)
     shape = (cfg.num_layers, batch, cache_size, cfg.kv_heads, cfg.dim_per_head)
     empty = {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-    hidden, cache, _ = self.decoder(hidden, positions, router_context, token_mask, None, empty)
+    hidden, cache, aux = self.decoder(hidden, positions, router_context, token_mask, None,
+                                      empty)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
     cache["lengths"] = lengths.astype(jnp.int32)
-    return self.logits(last)[:, 0], cache
+    return self.logits(last)[:, 0], cache, routing_of(aux)
 
   def decode_step(self, token_ids: Array, cache: dict, router_context: Array | None = None):
     """Feeds one token per row at position cache['lengths'].
 
-    Returns logits [B, vocab] and the cache with the token appended.
+    Returns logits [B, vocab], the cache with the token appended, and the token's
+    routing (`routing_of`: top_expert [layers, B, 1]; empty without MMoE).
     """
     lengths = cache["lengths"]
     hidden = self.embed(token_ids[:, None])
@@ -451,10 +454,16 @@ class LlamaForCausalLM(nn.Module):
     token_mask = jnp.ones_like(positions)
     hidden, _, _ = self._prepare(hidden, positions, token_mask)
     layer_cache = {"k": cache["k"], "v": cache["v"]}
-    hidden, new_cache, _ = self.decoder(hidden, positions, router_context, token_mask,
-                                        lengths, layer_cache)
+    hidden, new_cache, aux = self.decoder(hidden, positions, router_context, token_mask,
+                                          lengths, layer_cache)
     new_cache["lengths"] = lengths + 1
-    return self.logits(hidden)[:, 0], new_cache
+    return self.logits(hidden)[:, 0], new_cache, routing_of(aux)
+
+
+def routing_of(layer_aux: dict[str, Array]) -> dict[str, Array]:
+  """The decoder's per-layer MMoE outputs without the balance loss (a training term):
+  top_expert [layers, B, T] and expert_fraction [layers, E]; {} without MMoE."""
+  return {k: v for k, v in layer_aux.items() if k != "balance_loss"}
 
 
 def count_params(tree) -> int:

@@ -95,7 +95,9 @@ def test_second_turn_prompt_holds_the_first_exchange(run_dir, image_path, monkey
     del params, key
     prompts.append(np.asarray(batch["input_ids"][0]))
     ids = tokenizer.encode(" red") + [tokenizer.eos_id]
-    return jnp.asarray([ids + [tokenizer.eos_id] * (12 - len(ids))])
+    layers = assistant.model.config.llm.num_layers
+    return {"tokens": jnp.asarray([ids + [tokenizer.eos_id] * (12 - len(ids))]),
+            "top_expert": jnp.zeros((layers, 1, 12), jnp.int32)}
 
   monkeypatch.setattr(assistant, "_generate", fake_generate)
   assistant.reset(ask.load_image(image_path, config.data))
@@ -133,7 +135,9 @@ def test_sampling_at_zero_temperature_is_greedy_generation(run_dir):
   greedy = generate_lib.make_generate(assistant.model, 5, eos)(assistant.params, batch)
   sampled = ask.make_sampling_generate(assistant.model, 5, eos, 0.0, 1.0)(
       assistant.params, batch, jax.random.PRNGKey(3))
-  np.testing.assert_array_equal(greedy, sampled)
+  assert greedy.keys() == sampled.keys() == {"tokens", "top_expert", "prompt_counts"}
+  for key in greedy:
+    np.testing.assert_array_equal(greedy[key], sampled[key])
 
 
 def test_sample_token_temperature_and_top_p():

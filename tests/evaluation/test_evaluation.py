@@ -25,7 +25,7 @@ def test_greedy_generation_matches_step_by_step_full_forward():
   batch["attention_mask"][1, 8:] = 0
   batch["instruction_mask"][:, 2:6] = 1
   params = nn.unbox(model.init(jax.random.PRNGKey(0), batch))["params"]
-  tokens = np.asarray(generate.make_generate(model, 4, eos_id=-1)(params, batch))
+  tokens = np.asarray(generate.make_generate(model, 4, eos_id=-1)(params, batch)["tokens"])
   # One compiled forward: every prefix right-padded to the same width.
   width = batch["input_ids"].shape[1] + 4
   forward = jax.jit(model.apply)
@@ -47,6 +47,63 @@ def test_greedy_generation_matches_step_by_step_full_forward():
       next_token = int(np.argmax(logits[0, last]))
       assert tokens[row, step] == next_token, (row, step)
       ids.append(next_token)
+
+
+def _reference_counts(model, params, batch, valid):
+  """The routing counts of one full forward over the prompts (what evaluation ran as an
+  extra pass before generation returned them): first-choice experts of the real prompt
+  tokens of the valid rows."""
+  _, aux = model.apply({"params": params}, batch)
+  top = aux["routing"]["top_expert"]  # [layers, B, T]
+  mask = (aux["attention_mask"] > 0) & valid[:, None]
+  experts = jnp.arange(model.config.llm.mmoe.num_experts)
+  hits = (top[..., None] == experts) & mask[None, :, :, None]
+  return np.asarray(jnp.sum(hits, axis=(1, 2)), np.float32)
+
+
+def test_generation_returns_the_routing_of_a_full_forward():
+  """Prompt counts from the prefill equal a full forward's over the same prompts (padding
+  and invalid rows left out); each generated token's expert equals the full forward's over
+  prompt + generated tokens at that token's position (what ask prints)."""
+  config = tiny.get_config("stage=3,tokens=4")
+  model = leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(config.model))
+  batch = dummy_batch(config, 3)
+  width = 16
+  rng = np.random.default_rng(1)
+  batch["input_ids"] = np.zeros((3, width), np.int32)
+  batch["input_ids"][:, 0], batch["input_ids"][:, 1] = 1, leo_mini_lib.IMAGE_PLACEHOLDER_ID
+  batch["input_ids"][:, 2:] = rng.integers(3, 200, (3, width - 2))
+  batch["input_ids"][2, 1] = 5  # a text-only row
+  lengths = np.array([16, 9, 12])
+  batch["attention_mask"] = (np.arange(width) < lengths[:, None]).astype(np.int32)
+  batch["instruction_mask"] = np.zeros((3, width), np.int32)
+  batch["instruction_mask"][:, 2:7] = 1
+  batch["loss_mask"] = np.zeros((3, width), np.int32)
+  batch["has_image"] = np.array([True, True, False])
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch))["params"]
+  valid = np.array([True, False, True])
+  new = 5
+  out = jax.jit(generate.make_generate(model, new, eos_id=-1))(params, batch, valid)
+  reference = _reference_counts(model, params, batch, valid)
+  assert (reference > 0).sum() > reference.shape[0], reference  # more than one expert used
+  np.testing.assert_array_equal(np.asarray(out["prompt_counts"]), reference)
+  visual = model.config.num_visual_tokens
+  assert reference.sum() == model.config.llm.num_layers * (
+      lengths[valid].sum() + (visual - 1) * batch["has_image"][valid].sum())
+  # The generated tokens, appended to each prompt and run through one full forward.
+  tokens = np.asarray(out["tokens"])
+  full = {k: np.asarray(v) for k, v in batch.items()}
+  for key in ("input_ids", "attention_mask", "instruction_mask", "loss_mask"):
+    full[key] = np.concatenate([full[key], np.zeros((3, new), np.int32)], axis=1)
+  for row, n in enumerate(lengths):
+    full["input_ids"][row, n:n + new] = tokens[row]
+    full["attention_mask"][row, :n + new] = 1
+  _, aux = jax.jit(model.apply)({"params": params}, full)
+  top = np.asarray(aux["routing"]["top_expert"])
+  for row, n in enumerate(lengths):
+    start = n + (visual - 1 if batch["has_image"][row] else 0)
+    np.testing.assert_array_equal(np.asarray(out["top_expert"])[:, row],
+                                  top[:, row, start:start + new])
 
 
 def test_decode_answers_cuts_at_the_stop_token():

@@ -110,11 +110,11 @@ def test_prefill_and_decode_match_the_full_forward():
   batch = _batch()
   logits, aux = model.apply({"params": params}, batch)
   lengths = np.asarray(aux["attention_mask"]).sum(1)
-  next_logits, cache = model.apply({"params": params}, batch, 20, method=model.prefill)
+  next_logits, cache, _ = model.apply({"params": params}, batch, 20, method=model.prefill)
   np.testing.assert_allclose(np.asarray(next_logits),
                              np.asarray(logits)[np.arange(3), lengths - 1], atol=1e-5)
-  step_logits, cache = model.apply({"params": params}, jnp.array([5, 6, 7]), cache,
-                                   method=model.decode_step)
+  step_logits, cache, _ = model.apply({"params": params}, jnp.array([5, 6, 7]), cache,
+                                      method=model.decode_step)
   assert step_logits.shape == (3, model.config.llm.vocab_size)
   np.testing.assert_array_equal(np.asarray(cache["lengths"]), lengths + 1)
 

@@ -38,8 +38,8 @@ def test_kv_cache_decoding_reproduces_full_forward(overrides):
   # Right-padded prompts: rows hold garbage after their length.
   prompts = jnp.where(jnp.arange(9)[None, :, None] < prompt_lengths[:, None, None],
                       embeds, 7.0)
-  logits, cache = model.apply({"params": params}, prompts, jnp.asarray(prompt_lengths), 12,
-                              method=model.prefill)
+  logits, cache, _ = model.apply({"params": params}, prompts, jnp.asarray(prompt_lengths),
+                                 12, method=model.prefill)
   rows = np.arange(3)
   np.testing.assert_allclose(np.asarray(logits), full[rows, prompt_lengths - 1], atol=1e-5)
   positions = prompt_lengths.copy()
@@ -47,7 +47,7 @@ def test_kv_cache_decoding_reproduces_full_forward(overrides):
                                                method=model.decode_step))
   while positions.max() < 9:
     tokens = ids[rows, np.minimum(positions, 8)]
-    logits, cache = decode(params, tokens, cache)
+    logits, cache, _ = decode(params, tokens, cache)
     for row in rows:
       if positions[row] < 9:
         np.testing.assert_allclose(np.asarray(logits[row]), full[row, positions[row]],
@@ -163,8 +163,8 @@ def test_decode_step_updates_the_cache_in_place():
   no full-cache copy, zero-filled buffer or dynamic-update-slice of a stacked cache."""
   model, params, ids = _model()
   embeds = model.apply({"params": params}, ids, method=model.embed)
-  _, cache = model.apply({"params": params}, embeds, jnp.asarray([2, 4, 5]), 16,
-                         method=model.prefill)
+  _, cache, _ = model.apply({"params": params}, embeds, jnp.asarray([2, 4, 5]), 16,
+                            method=model.prefill)
   step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode_step),
                  donate_argnums=2)
   hlo = step.lower(params, ids[:, 0], cache).compile().as_text()
