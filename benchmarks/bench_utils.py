@@ -18,6 +18,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from leo_mini_jax.training import loop  # noqa: E402
+
 
 def block(x):
   return jax.block_until_ready(x)
@@ -114,3 +116,14 @@ def matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
   block(dot(a, a))
   best = min(timed(lambda: dot(a, a)) for _ in range(repeats))
   return 2.0 * size ** 3 / best
+
+
+def synthetic_batch(config) -> dict[str, np.ndarray]:
+  """A full-length batch: every row an image example with a supervised answer."""
+  batch = loop.dummy_batch(config, config.data.batch_size)
+  rng = np.random.default_rng(0)
+  batch["input_ids"][:, 2:] = rng.integers(1, 200, batch["input_ids"][:, 2:].shape)
+  batch["loss_mask"][:, config.data.max_length // 2:] = 1
+  batch["instruction_mask"][:, 2:config.data.max_length // 2] = 1
+  batch["image"] = rng.integers(0, 256, batch["image"].shape).astype(np.uint8)
+  return batch

@@ -6,7 +6,7 @@ Used by `components.py` as its `step2` / `step3` entries:
 
 JAX side: the real train step — `loop.TrainSetup` on a config built from the size's
 dimensions (`model_config`), jitted as training runs it (donated state, non-finite guard),
-on `train_step.synthetic_batch` (a full-length batch: an image per row, instruction tokens
+on `bench_utils.synthetic_batch` (a full-length batch: an image per row, instruction tokens
 in the first half, supervised answer tokens in the second). Loss, gradients of the stage's
 trainable set (Table 6, `optimizer.STAGE_SCHEDULES`) and the clipped AdamW update.
 
@@ -45,7 +45,6 @@ from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import step as step_lib
-import train_step as train_step_bench
 
 
 def model_config(size: dict, stage: int, batch: int) -> ml_collections.ConfigDict:
@@ -73,7 +72,7 @@ def jax_step(config: ml_collections.ConfigDict):
   """(zero-argument callable running one real train step, its model FLOPs, the batch)."""
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
-  numpy_batch = train_step_bench.synthetic_batch(config)
+  numpy_batch = bench_utils.synthetic_batch(config)
   batch = setup.global_batch(numpy_batch)
   step = setup.jit_train_step()
   # FLOPs from the unjitted step traced under the mesh (the jitted wrapper enters the mesh

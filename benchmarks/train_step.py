@@ -14,7 +14,7 @@ bytes. Every step is blocked on, so the time is the step's own.
 import importlib.util
 import time
 
-import bench_utils  # noqa: F401  (puts the repository root on sys.path)
+import bench_utils  # puts the repository root on sys.path
 from absl import app
 from absl import flags
 from absl import logging
@@ -38,23 +38,12 @@ def load_config_module(path: str):
   return module
 
 
-def synthetic_batch(config) -> dict[str, np.ndarray]:
-  """A full-length batch: every row an image example with a supervised answer."""
-  batch = loop.dummy_batch(config, config.data.batch_size)
-  rng = np.random.default_rng(0)
-  batch["input_ids"][:, 2:] = rng.integers(1, 200, batch["input_ids"][:, 2:].shape)
-  batch["loss_mask"][:, config.data.max_length // 2:] = 1
-  batch["instruction_mask"][:, 2:config.data.max_length // 2] = 1
-  batch["image"] = rng.integers(0, 256, batch["image"].shape).astype(np.uint8)
-  return batch
-
-
 def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict[str, float]:
   config = module.get_config(f"stage={stage}")
   config_validation.validate_config(config, trace_model=False, init_from=False)
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
-  batch = setup.global_batch(synthetic_batch(config))
+  batch = setup.global_batch(bench_utils.synthetic_batch(config))
   train_step = setup.jit_train_step()
   start = time.perf_counter()
   state, metrics = train_step(state, batch)

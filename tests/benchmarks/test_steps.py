@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import components  # noqa: E402
 import steps  # noqa: E402
-import train_step as train_step_bench  # noqa: E402
+import bench_utils  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from leo_mini_jax.training import loop  # noqa: E402
@@ -41,7 +41,7 @@ def test_torch_side_trains_what_the_stage_trains(stage):
   jax_trained = sum(p.size for p, m in zip(jax.tree.leaves(abstract),
                                           jax.tree.leaves(setup_mask)) if m)
   torch.manual_seed(0)
-  model = steps.TorchLeoMini(torch, config, train_step_bench.synthetic_batch(config))
+  model = steps.TorchLeoMini(torch, config, bench_utils.synthetic_batch(config))
   assert sum(p.numel() for p in model.params) == jax_trained
   before = [p.detach().clone() for p in model.params]
   loss = float(model.step())
