@@ -72,12 +72,6 @@ def shard_bytes(tree) -> int:
   return total
 
 
-def abstract_batch(config, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  one = loop.dummy_batch(config, 1)
-  return {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype,
-                                  sharding=sharding) for k, v in one.items()}
-
-
 def _path(path) -> str:
   parts = []
   for key in path:
@@ -115,7 +109,7 @@ def measure(config, mesh, top: int = 6) -> dict:
                                     init_from=False)  # the mesh is --mesh's
   setup = loop.TrainSetup(config, mesh)
   loop.check_batch(config, mesh, process_count=1)
-  batch = abstract_batch(config, setup.batch_sharding)
+  batch = setup.abstract_batch()
   lowered = setup.jit_train_step().lower(setup.abstract_state, batch)
   compiled = lowered.compile()
   seconds = time.perf_counter() - start

@@ -32,9 +32,7 @@ def test_llm_hidden_states_hold_only_this_devices_rows(stage):
   config.model.llm.num_layers = 1
   mesh = mesh_lib.make_mesh(dict(data=1, fsdp=4, tensor=1))
   setup = loop.TrainSetup(config, mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-           for k, v in loop.dummy_batch(config, 8).items()}
-  lowered = setup.jit_train_step().lower(setup.abstract_state, batch)
+  lowered = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch())
   assert "sharding_constraint" in lowered.as_text(), "activation constraints were dropped"
   shapes = _buffer_shapes(lowered.compile().as_text())
 
