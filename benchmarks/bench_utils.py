@@ -5,6 +5,7 @@ Python puts `benchmarks/` (not the root) on sys.path; `ROOT` is added so `leo_mi
 and `configs` import without installing anything.
 """
 
+import importlib.util
 import os
 import sys
 import time
@@ -127,3 +128,13 @@ def synthetic_batch(config) -> dict[str, np.ndarray]:
   batch["instruction_mask"][:, 2:config.data.max_length // 2] = 1
   batch["image"] = rng.integers(0, 256, batch["image"].shape).astype(np.uint8)
   return batch
+
+
+def load_config_module(path: str):
+  """The config module at `path` (a file; `get_config(arg)` is called by the caller)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config: no such file {path}")
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -16,10 +16,8 @@ The prompt goes through the config's template (data.template) and tokenizer
 says so. Extra config knobs pass through: --config path.py:reducer=mqt.
 """
 
-import importlib.util
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -27,7 +25,7 @@ from absl import flags
 from absl import logging
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_utils  # puts the repository root on sys.path
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from leo_mini_jax import config_validation
@@ -62,14 +60,6 @@ def define_flags():
       "inference server holds them), 'config' (the config's parameter dtypes) or a dtype.")
 
 
-def load_config_module(path: str):
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config: no such file {path}")
-  spec = importlib.util.spec_from_file_location("efficiency_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
 
 def row_configs(config_arg: str, tokens: list[int]) -> list[tuple[str, object]]:
   """[(row name, run config)]: stage 3 at each N^V, then stage 2 (no reduction)."""
@@ -78,7 +68,7 @@ def row_configs(config_arg: str, tokens: list[int]) -> list[tuple[str, object]]:
   for item in items:
     if item.split("=")[0].strip() in ("stage", "tokens"):
       raise ValueError(f"--config {config_arg}: stage and tokens are set per row")
-  module = load_config_module(path)
+  module = bench_utils.load_config_module(path)
   join = lambda *xs: ",".join(list(xs) + items)
   rows = [(f"N^V={n}", module.get_config(join("stage=3", f"tokens={n}"))) for n in tokens]
   rows.append(("no reduction", module.get_config(join("stage=2"))))

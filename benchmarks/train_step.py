@@ -11,7 +11,6 @@ the config's compute dtype), plus trainable / total parameter counts and optimiz
 bytes. Every step is blocked on, so the time is the step's own.
 """
 
-import importlib.util
 import time
 
 import bench_utils  # puts the repository root on sys.path
@@ -30,12 +29,6 @@ _CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config file (no :arg
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per stage.")
 _STAGES = flags.DEFINE_list("stages", ["1", "2", "3"], "Stages to run.")
 
-
-def load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict[str, float]:
@@ -78,7 +71,7 @@ def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  module = load_config_module(_CONFIG.value)
+  module = bench_utils.load_config_module(_CONFIG.value)
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {_CONFIG.value}")
   peaks = {"float32": bench_utils.matmul_peak(jnp.float32),
            "bfloat16": bench_utils.matmul_peak(jnp.bfloat16)}

@@ -1,0 +1,139 @@
+"""Where a train step's time goes: a `jax.profiler` trace, summed per model component.
+
+  python benchmarks/profile_step.py [--config configs/tiny.py] [--stage 2] [--steps 5]
+      [--depth 3] [--top 15] [--trace_dir /tmp/leo_mini_profile]
+
+Traces --steps steady-state steps on a device-resident synthetic batch, then attributes
+every executed XLA op (thunk on CPU, kernel on GPU) to the source of the HLO instruction
+it ran: the instruction's `op_name` metadata, cut to --depth module levels after the
+transformation prefix (e.g. `LeoMini/vision/convnext`). Prints per component the ms per
+step, its share of the ops' total, the op count, and how many ops were
+"memory-bound" (fusions and copies, not matmuls or convolutions); ops outside the model
+(loss, optimizer update, non-finite guard) form one group, and ops XLA added without a
+source (copies, broadcasts) another. Then the --top individual ops. The trace stays in --trace_dir for TensorBoard / Perfetto.
+
+Control-flow ops (while, call, conditional) contain the ops they run, so only the ops
+inside them are counted. On CPU, ops of one step can run on two threads at once, so the
+per-step total may exceed the step's wall time.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+import bench_utils  # puts the repository root on sys.path
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+from leo_mini_jax.training import loop
+
+_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config file (no :arg).")
+_STAGE = flags.DEFINE_integer("stage", 2, "Training stage.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Traced steps.")
+_DEPTH = flags.DEFINE_integer("depth", 3, "Module levels of the op_name to group by.")
+_TOP = flags.DEFINE_integer("top", 15, "Individual ops to list.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/leo_mini_profile", "Trace output.")
+
+CONTAINERS = ("while", "call", "conditional", "ThunkExecutor", "PjitFunction", "$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]+)\"")
+# jit(guarded)/jvp(LeoMini)/vision/... and transpose(jvp(LeoMini))/...: keep the modules.
+_TRANSFORM = re.compile(r"^(?:[\w\-]+\()+([\w\-]+)\)+")
+# Ops that are matmuls / convolutions on XLA:CPU and GPU (the rest is memory-bound work).
+_COMPUTE = re.compile(r"dot|conv|gemm|cublas|cudnn|matmul|ynn_fusion|onednn")
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name → op_name metadata, for every instruction that has one."""
+  sources = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      sources[match.group(1)] = match.group(2)
+  return sources
+
+
+# Wrappers that say nothing about which module ran.
+_SKIP = {"LeoMini", "LeoMini._inputs", "llm.forward", "while", "body", "cond", "closed_call",
+         "checkpoint", "remat", "rematted_computation"}
+OUTSIDE_MODEL = "(loss, optimizer, guard)"
+
+
+def component(op_name: str, depth: int) -> str:
+  """The module path of an op, `depth` levels deep; the backward pass of a module counts
+  with its forward. 'jit(guarded)/transpose(jvp(LeoMini))/llm.forward/llm.decoder/while/
+  body/closed_call/layers/mlp/dot_general' → 'llm.decoder/layers/mlp' at depth 3."""
+  modules = []
+  for part in op_name.split("/")[1:-1]:  # [0]: the jitted function; [-1]: the primitive
+    match = _TRANSFORM.match(part)
+    part = match.group(1) if match else part
+    if part in _SKIP or "(" in part or not part:
+      continue
+    modules.append(part.removeprefix("LeoMini."))
+  return "/".join(modules[:depth]) if modules else OUTSIDE_MODEL
+
+
+def leaf_events(trace_dir: str) -> list[dict]:
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+  if not path:
+    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+  with gzip.open(path[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return [e for e in events if e.get("ph") == "X" and not e["name"].startswith(CONTAINERS)]
+
+
+def profile(config, steps: int, trace_dir: str):
+  setup = loop.TrainSetup(config)
+  state = setup.init_state(0)
+  batch = setup.global_batch(bench_utils.synthetic_batch(config))
+  train_step = setup.jit_train_step()
+  compiled = train_step.lower(state, batch).compile()
+  sources = op_sources(compiled.as_text())
+  for _ in range(3):
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+  jax.profiler.stop_trace()
+  return leaf_events(trace_dir), sources
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = bench_utils.load_config_module(_CONFIG.value).get_config(
+      f"stage={_STAGE.value}")
+  events, sources = profile(config, _STEPS.value, _TRACE_DIR.value)
+  steps = _STEPS.value
+  per_component = collections.defaultdict(lambda: [0.0, 0, 0])
+  per_op = collections.Counter()
+  for event in events:
+    name = event["name"]
+    source = sources.get(name, "")
+    group = component(source, _DEPTH.value) if source else "(no source)"
+    entry = per_component[group]
+    entry[0] += event.get("dur", 0) / 1e3 / steps
+    entry[1] += 1
+    entry[2] += 0 if _COMPUTE.search(name) else 1
+    per_op[(name, source)] += event.get("dur", 0) / 1e3 / steps
+  total = sum(v[0] for v in per_component.values())
+  print(f"{_CONFIG.value} stage {_STAGE.value}: {total:.1f} ms of ops per step "
+        f"({jax.devices()[0].device_kind})")
+  print(f"{'component':<48}{'ms/step':>9}{'share':>7}{'ops':>7}{'memory-bound':>14}")
+  for group, (ms, count, memory) in sorted(per_component.items(), key=lambda kv: -kv[1][0]):
+    print(f"{group[:47]:<48}{ms:>9.2f}{ms / total:>7.1%}{count // steps:>7}"
+          f"{memory // steps:>14}")
+  print(f"\ntop {_TOP.value} ops")
+  for (name, source), ms in per_op.most_common(_TOP.value):
+    print(f"{ms:>8.2f} ms  {name:<32} {source[-90:]}")
+
+
+if __name__ == "__main__":
+  app.run(main)
