@@ -53,24 +53,7 @@ _COMPONENTS = flags.DEFINE_list("components",
 _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype.")
 
-SIZES = {
-    "tiny": dict(
-        batch=32,
-        convnext=dict(image_size=64, dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)),
-        clip=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                  num_layers=2, num_heads=2),
-        llm=dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=2,
-                 num_heads=4, num_kv_heads=2),
-        seq=64, visual_tokens=4, mmoe=dict(rank=8, router_hidden_dim=32), cotr_dim=32),
-    "small": dict(
-        batch=8,
-        convnext=dict(image_size=128, dims=(64, 128, 256, 512), depths=(1, 1, 1, 1)),
-        clip=dict(image_size=128, patch_size=16, hidden_size=256, intermediate_size=1024,
-                  num_layers=4, num_heads=4),
-        llm=dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_layers=8,
-                 num_heads=8, num_kv_heads=8),
-        seq=144, visual_tokens=16, mmoe=dict(rank=16, router_hidden_dim=128), cotr_dim=256),
-}
+SIZES = steps.SIZES
 
 
 def _rng(seed=0):

@@ -1,6 +1,7 @@
 """Where a train step's time goes: a `jax.profiler` trace, summed per model component.
 
-  python benchmarks/profile_step.py [--config configs/tiny.py] [--stage 2] [--steps 5]
+  python benchmarks/profile_step.py [--config configs/tiny.py | --size small] [--stage 2]
+      [--steps 5]
       [--depth 3] [--top 15] [--trace_dir /tmp/leo_mini_profile]
 
 Traces --steps steady-state steps on a device-resident synthetic batch, then attributes
@@ -17,6 +18,7 @@ inside them are counted. On CPU, ops of one step can run on two threads at once,
 per-step total may exceed the step's wall time.
 """
 
+import argparse
 import collections
 import glob
 import gzip
@@ -25,19 +27,11 @@ import os
 import re
 
 import bench_utils  # puts the repository root on sys.path
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 
 from leo_mini_jax.training import loop
-
-_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config file (no :arg).")
-_STAGE = flags.DEFINE_integer("stage", 2, "Training stage.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Traced steps.")
-_DEPTH = flags.DEFINE_integer("depth", 3, "Module levels of the op_name to group by.")
-_TOP = flags.DEFINE_integer("top", 15, "Individual ops to list.")
-_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/leo_mini_profile", "Trace output.")
+import steps as steps_bench
 
 CONTAINERS = ("while", "call", "conditional", "ThunkExecutor", "PjitFunction", "$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]+)\"")
@@ -105,35 +99,47 @@ def profile(config, steps: int, trace_dir: str):
   return leaf_events(trace_dir), sources
 
 
-def main(argv):
-  del argv
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/tiny.py", help="Config file (no :arg).")
+  parser.add_argument("--size", choices=("tiny", "small"),
+                      help="Instead of --config: the model of benchmarks/components.py's size.")
+  parser.add_argument("--stage", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5, help="Traced steps.")
+  parser.add_argument("--depth", type=int, default=3, help="Module levels to group by.")
+  parser.add_argument("--top", type=int, default=15, help="Individual ops to list.")
+  parser.add_argument("--trace_dir", default="/tmp/leo_mini_profile")
+  args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
-  config = bench_utils.load_config_module(_CONFIG.value).get_config(
-      f"stage={_STAGE.value}")
-  events, sources = profile(config, _STEPS.value, _TRACE_DIR.value)
-  steps = _STEPS.value
+  if args.size:
+    size = steps_bench.SIZES[args.size]
+    config = steps_bench.model_config(size, args.stage, size["batch"])
+  else:
+    config = bench_utils.load_config_module(args.config).get_config(f"stage={args.stage}")
+  events, sources = profile(config, args.steps, args.trace_dir)
+  steps = args.steps
   per_component = collections.defaultdict(lambda: [0.0, 0, 0])
   per_op = collections.Counter()
   for event in events:
     name = event["name"]
     source = sources.get(name, "")
-    group = component(source, _DEPTH.value) if source else "(no source)"
+    group = component(source, args.depth) if source else "(no source)"
     entry = per_component[group]
     entry[0] += event.get("dur", 0) / 1e3 / steps
     entry[1] += 1
     entry[2] += 0 if _COMPUTE.search(name) else 1
     per_op[(name, source)] += event.get("dur", 0) / 1e3 / steps
   total = sum(v[0] for v in per_component.values())
-  print(f"{_CONFIG.value} stage {_STAGE.value}: {total:.1f} ms of ops per step "
+  print(f"{args.size or args.config} stage {args.stage}: {total:.1f} ms of ops per step "
         f"({jax.devices()[0].device_kind})")
   print(f"{'component':<48}{'ms/step':>9}{'share':>7}{'ops':>7}{'memory-bound':>14}")
   for group, (ms, count, memory) in sorted(per_component.items(), key=lambda kv: -kv[1][0]):
     print(f"{group[:47]:<48}{ms:>9.2f}{ms / total:>7.1%}{count // steps:>7}"
           f"{memory // steps:>14}")
-  print(f"\ntop {_TOP.value} ops")
-  for (name, source), ms in per_op.most_common(_TOP.value):
+  print(f"\ntop {args.top} ops")
+  for (name, source), ms in per_op.most_common(args.top):
     print(f"{ms:>8.2f} ms  {name:<32} {source[-90:]}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

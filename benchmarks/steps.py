@@ -46,6 +46,25 @@ from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import step as step_lib
 
+# Model dimensions of the benchmarks' 'tiny' (configs/tiny.py) and 'small' sizes.
+SIZES = {
+    "tiny": dict(
+        batch=32,
+        convnext=dict(image_size=64, dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)),
+        clip=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                  num_layers=2, num_heads=2),
+        llm=dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=2,
+                 num_heads=4, num_kv_heads=2),
+        seq=64, visual_tokens=4, mmoe=dict(rank=8, router_hidden_dim=32), cotr_dim=32),
+    "small": dict(
+        batch=8,
+        convnext=dict(image_size=128, dims=(64, 128, 256, 512), depths=(1, 1, 1, 1)),
+        clip=dict(image_size=128, patch_size=16, hidden_size=256, intermediate_size=1024,
+                  num_layers=4, num_heads=4),
+        llm=dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_layers=8,
+                 num_heads=8, num_kv_heads=8),
+        seq=144, visual_tokens=16, mmoe=dict(rank=16, router_hidden_dim=128), cotr_dim=256),
+}
 
 def model_config(size: dict, stage: int, batch: int) -> ml_collections.ConfigDict:
   """The tiny config's run settings with the model dimensions of `size` (components.SIZES).
@@ -67,7 +86,6 @@ def model_config(size: dict, stage: int, batch: int) -> ml_collections.ConfigDic
   config.data.batch_size = batch
   return config
 
-
 def jax_step(config: ml_collections.ConfigDict):
   """(zero-argument callable running one real train step, its model FLOPs, the batch)."""
   setup = loop.TrainSetup(config)
@@ -88,9 +106,7 @@ def jax_step(config: ml_collections.ConfigDict):
     return metrics
   return run, flops, numpy_batch
 
-
 # ------------------------------------------------------------------------ PyTorch side
-
 
 def torch_modules(torch):
   """The torch-only modules, defined once torch is importable."""
@@ -172,7 +188,6 @@ def torch_modules(torch):
       return proj("down_proj", act)
 
   return TorchCoTR, TorchMMoEMLP
-
 
 class TorchLeoMini:
   """The JAX model of `config` composed in torch eager; `step()` is one optimizer step."""
@@ -297,7 +312,6 @@ class TorchLeoMini:
     self.torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
     self.optimizer.step()
     return loss.detach()
-
 
 def step_entry(stage: int):
   """A components.py entry: (size, batch, dtype, torch) → (jax_fn, torch_fn, flops)."""
