@@ -60,7 +60,6 @@ def define_flags():
       "inference server holds them), 'config' (the config's parameter dtypes) or a dtype.")
 
 
-
 def row_configs(config_arg: str, tokens: list[int]) -> list[tuple[str, object]]:
   """[(row name, run config)]: stage 3 at each N^V, then stage 2 (no reduction)."""
   path, _, extra = config_arg.partition(":")

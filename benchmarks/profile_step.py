@@ -1,17 +1,17 @@
 """Where a train step's time goes: a `jax.profiler` trace, summed per model component.
 
   python benchmarks/profile_step.py [--config configs/tiny.py | --size small] [--stage 2]
-      [--steps 5]
-      [--depth 3] [--top 15] [--trace_dir /tmp/leo_mini_profile]
+      [--steps 5] [--depth 3] [--top 15] [--trace_dir /tmp/leo_mini_profile]
 
 Traces --steps steady-state steps on a device-resident synthetic batch, then attributes
 every executed XLA op (thunk on CPU, kernel on GPU) to the source of the HLO instruction
-it ran: the instruction's `op_name` metadata, cut to --depth module levels after the
-transformation prefix (e.g. `LeoMini/vision/convnext`). Prints per component the ms per
-step, its share of the ops' total, the op count, and how many ops were
-"memory-bound" (fusions and copies, not matmuls or convolutions); ops outside the model
-(loss, optimizer update, non-finite guard) form one group, and ops XLA added without a
-source (copies, broadcasts) another. Then the --top individual ops. The trace stays in --trace_dir for TensorBoard / Perfetto.
+it ran: the instruction's `op_name` metadata, cut to --depth module levels with the
+transformations and wrappers removed (e.g. `encode_images/vision/convnext`). Prints per
+component the ms per step, its share of the ops' total, the op count, and how many ops
+were "memory-bound" (fusions and copies, not matmuls or convolutions); ops outside the
+model (loss, optimizer update, non-finite guard) form one group, and ops XLA added
+without a source (copies, broadcasts) another. Then the --top individual ops. The trace
+stays in --trace_dir for TensorBoard / Perfetto.
 
 Control-flow ops (while, call, conditional) contain the ops they run, so only the ops
 inside them are counted. On CPU, ops of one step can run on two threads at once, so the
@@ -55,6 +55,7 @@ def op_sources(hlo_text: str) -> dict[str, str]:
 _SKIP = {"LeoMini", "LeoMini._inputs", "llm.forward", "while", "body", "cond", "closed_call",
          "checkpoint", "remat", "rematted_computation"}
 OUTSIDE_MODEL = "(loss, optimizer, guard)"
+NO_SOURCE = "(no source)"
 
 
 def component(op_name: str, depth: int) -> str:
@@ -99,6 +100,22 @@ def profile(config, steps: int, trace_dir: str):
   return leaf_events(trace_dir), sources
 
 
+def summarize(events: list[dict], sources: dict[str, str], depth: int, steps: int):
+  """Per component [ms per step, ops, memory-bound ops], and ms per step per (op, source)."""
+  per_component = collections.defaultdict(lambda: [0.0, 0, 0])
+  per_op = collections.Counter()
+  for event in events:
+    name = event["name"]
+    source = sources.get(name, "")
+    ms = event.get("dur", 0) / 1e3 / steps
+    entry = per_component[component(source, depth) if source else NO_SOURCE]
+    entry[0] += ms
+    entry[1] += 1
+    entry[2] += 0 if _COMPUTE.search(name) else 1
+    per_op[(name, source)] += ms
+  return dict(per_component), per_op
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/tiny.py", help="Config file (no :arg).")
@@ -118,17 +135,7 @@ def main():
     config = bench_utils.load_config_module(args.config).get_config(f"stage={args.stage}")
   events, sources = profile(config, args.steps, args.trace_dir)
   steps = args.steps
-  per_component = collections.defaultdict(lambda: [0.0, 0, 0])
-  per_op = collections.Counter()
-  for event in events:
-    name = event["name"]
-    source = sources.get(name, "")
-    group = component(source, args.depth) if source else "(no source)"
-    entry = per_component[group]
-    entry[0] += event.get("dur", 0) / 1e3 / steps
-    entry[1] += 1
-    entry[2] += 0 if _COMPUTE.search(name) else 1
-    per_op[(name, source)] += event.get("dur", 0) / 1e3 / steps
+  per_component, per_op = summarize(events, sources, args.depth, steps)
   total = sum(v[0] for v in per_component.values())
   print(f"{args.size or args.config} stage {args.stage}: {total:.1f} ms of ops per step "
         f"({jax.devices()[0].device_kind})")

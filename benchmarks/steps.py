@@ -66,8 +66,9 @@ SIZES = {
         seq=144, visual_tokens=16, mmoe=dict(rank=16, router_hidden_dim=128), cotr_dim=256),
 }
 
+
 def model_config(size: dict, stage: int, batch: int) -> ml_collections.ConfigDict:
-  """The tiny config's run settings with the model dimensions of `size` (components.SIZES).
+  """The tiny config's run settings with the model dimensions of `size` (SIZES).
 
   Text rows are `size['seq']` tokens; the LLM sees seq + N^V − 1 (N^V: the CLIP grid² in
   stage 2, `visual_tokens` in stage 3). At size 'tiny' this is configs/tiny.py itself.
@@ -85,6 +86,7 @@ def model_config(size: dict, stage: int, batch: int) -> ml_collections.ConfigDic
   config.data.max_length = size["seq"]
   config.data.batch_size = batch
   return config
+
 
 def jax_step(config: ml_collections.ConfigDict):
   """(zero-argument callable running one real train step, its model FLOPs, the batch)."""
@@ -106,7 +108,9 @@ def jax_step(config: ml_collections.ConfigDict):
     return metrics
   return run, flops, numpy_batch
 
+
 # ------------------------------------------------------------------------ PyTorch side
+
 
 def torch_modules(torch):
   """The torch-only modules, defined once torch is importable."""
@@ -188,6 +192,7 @@ def torch_modules(torch):
       return proj("down_proj", act)
 
   return TorchCoTR, TorchMMoEMLP
+
 
 class TorchLeoMini:
   """The JAX model of `config` composed in torch eager; `step()` is one optimizer step."""
@@ -312,6 +317,7 @@ class TorchLeoMini:
     self.torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
     self.optimizer.step()
     return loss.detach()
+
 
 def step_entry(stage: int):
   """A components.py entry: (size, batch, dtype, torch) → (jax_fn, torch_fn, flops)."""

@@ -30,7 +30,6 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per stage.")
 _STAGES = flags.DEFINE_list("stages", ["1", "2", "3"], "Stages to run.")
 
 
-
 def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict[str, float]:
   config = module.get_config(f"stage={stage}")
   config_validation.validate_config(config, trace_model=False, init_from=False)

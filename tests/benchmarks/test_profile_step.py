@@ -27,15 +27,14 @@ def test_traced_ops_of_a_step_are_attributed_to_the_model(tmp_path):
   config.model.llm.num_layers = 1
   events, sources = profile_step.profile(config, 2, str(tmp_path))
   assert events, "the trace holds no op events"
-  durations = {}
-  for event in events:
-    group = profile_step.component(sources[event["name"]], 2) if event["name"] in sources \
-        else "(no source)"
-    durations[group] = durations.get(group, 0.0) + event.get("dur", 0)
-  total = sum(durations.values())
-  # The model's forward and backward hold a good part of a stage-2 step even at a size
-  # where XLA's copies and broadcasts (no source) weigh much.
-  llm = sum(v for k, v in durations.items() if k.startswith("llm."))
-  vision = sum(v for k, v in durations.items() if k.startswith("encode_images/vision"))
-  assert llm > 0.05 * total and vision > 0.05 * total, durations
-  assert total - durations.get("(no source)", 0.0) > 0.4 * total, durations
+  per_component, _ = profile_step.summarize(events, sources, depth=2, steps=1)
+  # Op counts, not durations: shares of time move with the machine's load.
+  compute_ops = {group: ops - memory for group, (_, ops, memory) in per_component.items()}
+  llm = sum(n for group, n in compute_ops.items() if group.startswith("llm."))
+  vision = sum(n for group, n in compute_ops.items() if group.startswith("encode_images/vision"))
+  assert llm > 0 and vision > 0, per_component
+  # The matmuls and convolutions of the step all come from the model or the loss, so
+  # (nearly) every one has a source; a broken op_name parse leaves them unattributed.
+  matmuls = [e["name"] for e in events if e["name"].startswith(("ynn_fusion", "dot", "conv"))]
+  assert matmuls, "no matmul ops in the trace"
+  assert sum(name in sources for name in matmuls) >= 0.9 * len(matmuls)
