@@ -317,6 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       try:  # before any save below: a run that keeps diverging stops, naming the step
         nonfinite.observe(fetched, done - len(pending) + 1)
       except guards_lib.NonFiniteError:
+        data_iter.close()
         checkpointer.wait()
         checkpointer.close()
         writer.close()
@@ -352,6 +353,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       logging.warning("preemption notice: saved step %d, stopping", done)
       stopped = "preempted"
       break
+  # Grain worker processes and their shared memory go now, not whenever the iterator is
+  # garbage-collected (in whatever thread, during whatever the caller runs next).
+  data_iter.close()
   checkpointer.wait()
   checkpointer.close()
   writer.close()

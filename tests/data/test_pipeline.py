@@ -197,8 +197,11 @@ def test_worker_processes_give_the_same_batches():
   reference = [b for b, _ in zip(build(cfg), range(3))]
   workers = build(config(num_workers=1))
   it = workers.iterator()
-  for expected in reference:
-    got = next(it)
-    np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
-    np.testing.assert_array_equal(got["image"], expected["image"])
-  json.dumps(it.get_state())
+  try:
+    for expected in reference:
+      got = next(it)
+      np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+      np.testing.assert_array_equal(got["image"], expected["image"])
+    json.dumps(it.get_state())
+  finally:  # the worker process and its shared memory end here, not at a later GC
+    it.close()
