@@ -6,6 +6,7 @@ when `eval.benchmark` is empty; otherwise `evaluate_benchmarks` runs the named b
 metrics.json, submission files and the routing of MMoE-LLM, then RUN/eval/summary.md.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -55,8 +56,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
                                                 template.end_of_turn_id(tokenizer)))
   limit = config.eval.get("num_examples") or None
   records, prompt_lengths = [], []
-  with mesh_lib.activate(setup.mesh, setup.rules):
-    for batch, meta in data:
+  # Closed on leaving (also after `limit`'s break): grain's reader threads stop here, not
+  # in a finalizer during whatever runs next.
+  with mesh_lib.activate(setup.mesh, setup.rules), contextlib.closing(data.iterator()) as rows:
+    for batch, meta in rows:
       tokens = generate(params, setup.global_batch(batch))["tokens"]
       answers = generate_lib.decode_answers(jax.device_get(tokens), tokenizer, stop_ids)
       for row, answer in enumerate(answers):
