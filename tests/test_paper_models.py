@@ -21,7 +21,7 @@ PAPER = {
     "llama3_8b": (leo_mini_llama3_8b, ("clip", "convnext", "eva02", "pix2struct")),
     "vicuna_7b": (leo_mini_vicuna_7b, ("clip", "convnext", "sam", "eva02", "pix2struct")),
 }
-# Output tokens × channels of each paper expert (DESIGN.md §2.1).
+# Output tokens × channels of each paper expert (docs/design.md §2.1).
 PAPER_FEATURES = {"clip": (576, 1024), "convnext": (1024, 3072), "eva02": (4096, 1024),
                   "pix2struct": (2025, 1536), "sam": (1024, 1024)}
 

@@ -322,7 +322,7 @@ def llm_prefill_flops(config: llama_lib.LlamaConfig, sequence_length: int) -> fl
     m = config.mmoe
     sizes = {"gate_proj": (d, config.intermediate_size), "up_proj": (d, config.intermediate_size),
              "down_proj": (config.intermediate_size, d)}
-    # The batched bank computes all E experts plus the general one (DESIGN.md §2.3 d).
+    # The batched bank computes all E experts plus the general one (docs/design.md §2.3 d).
     mmoe = sum((i + o) * m.rank * (1 + m.num_experts) for name, (i, o) in sizes.items()
                if name in m.targets)
     mmoe += d * m.router_hidden_dim + m.router_hidden_dim * m.num_experts

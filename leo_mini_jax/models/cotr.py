@@ -1,4 +1,4 @@
-"""CoTR: conditional token reduction (paper §3.2, Eq. 2–7; DESIGN.md §2.2).
+"""CoTR: conditional token reduction (paper §3.2, Eq. 2–7; docs/design.md §2.2).
 
 For each vision expert i, with learnable queries Q_i [N^V, d_i] and expert tokens
 I_i [N_i, d_i], scores live in a common space of width c = `cotr_dim`:
@@ -13,7 +13,7 @@ I_i [N_i, d_i], scores live in a common space of width c = `cotr_dim`:
 
 and the Ī_i are concatenated on channels → [N^V, Σ d_i].
 
-Choices (DESIGN.md §2.2): the √c scale sits inside the softmax so rows sum to one;
+Choices (docs/design.md §2.2): the √c scale sits inside the softmax so rows sum to one;
 `pool` is a masked mean by default ('sum' gives the paper's literal vector of ones);
 values are the expert's own features, so Ī_i keeps width d_i and the projector trained in
 stages 1–2 still fits; T is the instruction tokens only (the first user turn by default,

@@ -168,7 +168,7 @@ class LeoMini(nn.Module):
     sequence = assemble_sequence(text_embeds, visual, batch)
     router_context = None
     if self.config.llm.mmoe.enabled:
-      # Pooled once per example from the LLM's input embeddings (DESIGN.md §2.3).
+      # Pooled once per example from the LLM's input embeddings (docs/design.md §2.3).
       has_image = batch["has_image"].astype(visual.dtype)[:, None]
       pooled_visual = jnp.mean(visual, axis=1) * has_image
       pooled_text = masked_pool(text_embeds, instruction_mask, "mean")

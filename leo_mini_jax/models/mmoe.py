@@ -6,20 +6,20 @@ Each LLM block's MLP gets, on every projection named in `targets`:
 
 with f_GEN an always-on LoRA expert, f_i the E routed LoRA experts and
 R = softmax(router([x ; pool(Ĩ) ; pool(T)])) one routing decision per token per block,
-shared by every target projection of that block (DESIGN.md §2.3 a).
+shared by every target projection of that block (docs/design.md §2.3 a).
 
 Forward values are exactly Eq. 8 (weight 1/k on the selected experts). A hard top-k with
 constant weights gives the router no gradient, so the weights carry a straight-through
 term, 1/k + p − stop_gradient(p), whose value is 1/k and whose gradient is that of p
-(§2.3 b). `gate='prob'` uses renormalised top-k probabilities instead; at k=1 the
-renormalised weight p/p is the constant 1 (no router gradient at all), so k=1 uses the
-selected probability p itself as the weight (Switch Transformer's choice).
+(docs/design.md §2.3 b). `gate='prob'` uses renormalised top-k probabilities instead; at
+k=1 the renormalised weight p/p is the constant 1 (no router gradient at all), so k=1
+uses the selected probability p itself as the weight (Switch Transformer's choice).
 
 The router's logits accumulate in float32 (`preferred_element_type`) and its softmax
 runs in float32 under bf16 compute.
 
 The expert bank is one batched low-rank product with a per-token weight mask: with r=16
-it costs under 1% of the MLP and needs no gather/scatter (§2.3 d).
+it costs under 1% of the MLP and needs no gather/scatter (docs/design.md §2.3 d).
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""CoTR against an independent NumPy implementation of Eq. 2–7 (DESIGN.md §2.2)."""
+"""CoTR against an independent NumPy implementation of Eq. 2–7 (docs/design.md §2.2)."""
 
 import flax.linen as nn
 import jax

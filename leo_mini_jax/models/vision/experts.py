@@ -1,4 +1,6 @@
-"""The vision-expert registry and the uint8 → features wrapper (MMoE-Vision, DESIGN §2.1).
+"""The vision-expert registry and the uint8 → features wrapper.
+
+MMoE-Vision: docs/design.md §2.1.
 
 An expert is registered once by name with its config dataclass and its tower module:
 
