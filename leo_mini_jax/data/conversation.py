@@ -24,11 +24,20 @@ conditions on the first user turn only (`data.instruction_turns`).
 
 Templates:
   vicuna_v1  LLaVA-1.5: "<s>SYSTEM USER: <msg> ASSISTANT: <answer></s>USER: ..."
-  llama3     Llama-3 chat: "<|begin_of_text|><|start_header_id|>system<|end_header_id|>
-             \\n\\nSYSTEM<|eot_id|><|start_header_id|>user<|end_header_id|>\\n\\n<msg>
-             <|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n<answer><|eot_id|>"
-  plain      stage-1 captions: "<s><image><caption></s>"; the human text is ignored and
-             the loss covers the caption and EOS only.
+  llama3     Llama-3 chat as EAGLE's conv_llama3: "<|begin_of_text|><|start_header_id|>
+             system<|end_header_id|>\\n\\nSYSTEM<|eot_id|><|start_header_id|>user
+             <|end_header_id|>\\n\\n<msg><|eot_id|><|start_header_id|>assistant
+             <|end_header_id|>\\n\\n<answer><|eot_id|>" with the Vicuna system text (what
+             EAGLE's Llama-3 releases were trained with)
+  llama3_llava_next  the same layout with LLaVA-NeXT's Llama-3 system text
+  plain      stage-1 captions as LLaVA/EAGLE's preprocess_plain: "<s><image><caption>\\n"
+             (the caption ends with the template's separator "\\n", not EOS); the human
+             text is ignored and the loss covers the caption and the "\\n".
+
+Image marker position (`image_position`, data.image_position): 'front' normalises the
+turn holding `<image>` the way LLaVA/EAGLE's preprocess_multimodal does,
+"<image>\\n" + text.replace("<image>", "").strip(), so the question always follows the
+image (as in evaluation prompts); 'as_is' keeps the marker where the record puts it.
 """
 
 import dataclasses
@@ -39,12 +48,14 @@ from leo_mini_jax.data import tokenizers as tokenizers_lib
 IMAGE_PLACEHOLDER_ID = -200
 IMAGE_MARKER = "<image>"
 INSTRUCTION_TURNS = ("first", "all")
+IMAGE_POSITIONS = ("front", "as_is")
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The "
     "assistant gives helpful, detailed, and polite answers to the user's questions.")
-# LLaVA-NeXT's Llama-3 system prompt.
-LLAMA3_SYSTEM = (
+# LLaVA-NeXT's Llama-3 system prompt (template 'llama3_llava_next'). EAGLE's conv_llama3,
+# which its Llama-3 releases were trained with, uses VICUNA_SYSTEM.
+LLAVA_NEXT_LLAMA3_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the "
     "visual content that the user provides, and assist the user with a variety of tasks "
     "using natural language.")
@@ -116,12 +127,28 @@ def normalize_turns(turns: Any) -> list[Turn]:
   return out
 
 
-def place_image_marker(turns: Sequence[Turn], has_image: bool) -> list[Turn]:
+def check_image_position(image_position: str) -> str:
+  if image_position not in IMAGE_POSITIONS:
+    raise ValueError(f"data.image_position must be one of {IMAGE_POSITIONS}, got "
+                     f"{image_position!r}")
+  return image_position
+
+
+def marker_to_front(text: str) -> str:
+  """LLaVA/EAGLE's preprocess_multimodal: every marker removed, one put first."""
+  return (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
+
+
+def place_image_marker(turns: Sequence[Turn], has_image: bool,
+                       image_position: str = "front") -> list[Turn]:
   """Ensures exactly one `<image>` marker, in the first human turn, iff there is an image.
 
   An image record without a marker gets "<image>\\n" prepended to its first human turn
-  (as LLaVA does).
+  (as LLaVA does). image_position='front' then moves the marker to the front of that turn
+  (several markers in it become one, as in the reference); 'as_is' leaves it in place and
+  refuses several.
   """
+  check_image_position(image_position)
   turns = list(turns)
   count = sum(value.count(IMAGE_MARKER) for _, value in turns)
   if not has_image:
@@ -130,12 +157,15 @@ def place_image_marker(turns: Sequence[Turn], has_image: bool) -> list[Turn]:
     if not turns[0][1].strip():
       raise ConversationError("turn 0 (human) is empty and the record has no image")
     return turns
+  in_first = turns[0][1].count(IMAGE_MARKER)
   if count == 0:
     turns[0] = (turns[0][0], IMAGE_MARKER + "\n" + turns[0][1])
-  elif count > 1:
-    raise ConversationError(f"{count} {IMAGE_MARKER!r} markers; one image per record")
-  elif IMAGE_MARKER not in turns[0][1]:
+  elif in_first < count:
     raise ConversationError(f"{IMAGE_MARKER!r} marker outside the first human turn")
+  elif count > 1 and image_position == "as_is":
+    raise ConversationError(f"{count} {IMAGE_MARKER!r} markers; one image per record")
+  if image_position == "front":
+    turns[0] = (turns[0][0], marker_to_front(turns[0][1]))
   return turns
 
 
@@ -160,6 +190,9 @@ class Template:
   name: str = ""
   end_of_turn: str = "eos"  # the token that ends an assistant turn (and generation)
 
+  def __init__(self, image_position: str = "front"):
+    self.image_position = check_image_position(image_position)
+
   def layout(self, turns: Sequence[Turn], prompt_only: bool,
              has_image: bool) -> list[Segment]:
     """Segments for normalized turns; with prompt_only, ends with the assistant header."""
@@ -170,14 +203,15 @@ class Template:
     return _token_id(tokenizer, self.end_of_turn)
 
   def __repr__(self):
-    return f"{type(self).__name__}()"
+    return f"{type(self).__name__}(image_position={self.image_position!r})"
 
 
 class VicunaV1(Template):
   """LLaVA-1.5's conv_vicuna_v1 (sep ' ', sep2 '</s>')."""
   name = "vicuna_v1"
 
-  def __init__(self, system: str = VICUNA_SYSTEM):
+  def __init__(self, system: str = VICUNA_SYSTEM, image_position: str = "front"):
+    super().__init__(image_position)
     self.system = system
 
   def layout(self, turns, prompt_only, has_image):
@@ -200,12 +234,14 @@ class VicunaV1(Template):
 
 
 class Llama3(Template):
-  """Llama-3 chat format with a system turn."""
+  """Llama-3 chat format with a system turn: EAGLE's conv_llama3 (Vicuna system text)."""
   name = "llama3"
   end_of_turn = "<|eot_id|>"
+  default_system = VICUNA_SYSTEM
 
-  def __init__(self, system: str = LLAMA3_SYSTEM):
-    self.system = system
+  def __init__(self, system: str | None = None, image_position: str = "front"):
+    super().__init__(image_position)
+    self.system = self.default_system if system is None else system
 
   @staticmethod
   def _header(role: str) -> list[Segment]:
@@ -232,9 +268,21 @@ class Llama3(Template):
     return segments
 
 
+class LlavaNextLlama3(Llama3):
+  """The Llama-3 layout with LLaVA-NeXT's system text."""
+  name = "llama3_llava_next"
+  default_system = LLAVA_NEXT_LLAMA3_SYSTEM
+
+
 class Plain(Template):
-  """Stage-1 captioning: BOS, the image, the first gpt turn as caption, EOS."""
+  """Stage-1 captioning: BOS, the image, the first gpt turn as caption, then "\\n".
+
+  LLaVA/EAGLE's preprocess_plain builds "<image>" + caption + sep with conv_llava_plain's
+  sep "\\n" and no EOS; the caption and the "\\n" are learned (encoded together, as the
+  reference tokenizes the whole string). Generation stops on that newline.
+  """
   name = "plain"
+  separator = "\n"
 
   def layout(self, turns, prompt_only, has_image):
     segments = [Segment("scaffold", token="bos")]
@@ -245,18 +293,25 @@ class Plain(Template):
     if len(turns) != 2:
       raise ConversationError(
           f"the 'plain' template needs one human and one gpt turn, got {len(turns)} turns")
-    segments.append(Segment("assistant", text=turns[1][1]))
-    segments.append(Segment("assistant", token="eos"))
+    segments.append(Segment("assistant", text=turns[1][1] + self.separator))
     return segments
 
+  def end_of_turn_id(self, tokenizer: tokenizers_lib.Tokenizer) -> int:
+    """The separator's id when it is one token (it is for byte-fallback and byte-level
+    vocabularies), else EOS."""
+    ids = tokenizer.encode(self.separator)
+    return ids[0] if len(ids) == 1 else tokenizer.eos_id
 
-TEMPLATES = {"vicuna_v1": VicunaV1, "llama3": Llama3, "plain": Plain}
+
+TEMPLATES = {"vicuna_v1": VicunaV1, "llama3": Llama3,
+             "llama3_llava_next": LlavaNextLlama3, "plain": Plain}
 
 
-def get_template(template: "str | Template",
-                 system_prompt: str | None = None) -> Template:
+def get_template(template: "str | Template", system_prompt: str | None = None,
+                 image_position: str = "front") -> Template:
   """A template by name. `system_prompt`, if not None, replaces the default system text
   ('' drops it: short sequences for tiny models); 'plain' has no system text.
+  `image_position`: 'front' | 'as_is' (see the module docstring).
   """
   if isinstance(template, Template):
     return template
@@ -265,8 +320,8 @@ def get_template(template: "str | Template",
                      f"{sorted(TEMPLATES)}")
   cls = TEMPLATES[template]
   if system_prompt is None or cls is Plain:
-    return cls()
-  return cls(system=system_prompt)
+    return cls(image_position=image_position)
+  return cls(system=system_prompt, image_position=image_position)
 
 
 def _token_id(tokenizer: tokenizers_lib.Tokenizer, token: str) -> int:
@@ -319,7 +374,7 @@ def tokenize_conversation(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
   Raises ConversationError when the turns are malformed or hold no gpt turn.
   """
   template = get_template(template)
-  turns = place_image_marker(normalize_turns(turns), has_image)
+  turns = place_image_marker(normalize_turns(turns), has_image, template.image_position)
   if not any(role == "gpt" for role, _ in turns):
     raise ConversationError("no assistant (gpt) turn")
   return encode_segments(template.layout(turns, False, has_image), tokenizer,
@@ -331,7 +386,7 @@ def tokenize_prompt(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
                     instruction_turns: str = "first") -> Tokenized:
   """Generation prompt: the turns (ending with a human turn) + the assistant header."""
   template = get_template(template)
-  turns = place_image_marker(normalize_turns(turns), has_image)
+  turns = place_image_marker(normalize_turns(turns), has_image, template.image_position)
   if turns[-1][0] != "human":
     raise ConversationError("a generation prompt must end with a human turn")
   return encode_segments(template.layout(turns, True, has_image), tokenizer,

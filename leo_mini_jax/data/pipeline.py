@@ -79,7 +79,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.instruction_turns = "first"  # CoTR/router text: 'first' human turn | 'all' turns
   c.resolution = 64              # master image resolution sent to the device
   c.image_mean_rgb = (122, 116, 104)  # square-padding colour: CLIP mean as uint8 RGB
-  c.template = "vicuna_v1"       # 'vicuna_v1' | 'llama3' | 'plain' | 'auto' (from vocab)
+  # 'vicuna_v1' | 'llama3' (EAGLE's) | 'llama3_llava_next' | 'plain' | 'auto' (from vocab)
+  c.template = "vicuna_v1"
+  # '<image>' placement: 'front' = "<image>\n" + the rest of the turn, as LLaVA/EAGLE's
+  # preprocess_multimodal; 'as_is' = where the record puts it.
+  c.image_position = "front"
   c.system_prompt = ml_collections.config_dict.placeholder(str)  # None = template default
   c.tokenizer = "byte"           # for load_tokenizer when make_dataset gets none
   c.num_train = 10_000           # synthetic: examples in the train split
@@ -102,7 +106,8 @@ def resolve_template(data_cfg, tokenizer: tokenizers_lib.Tokenizer,
   name = template or data_cfg.template
   if name == "auto":
     name = tokenizers_lib.template_for(tokenizer)
-  return conversation_lib.get_template(name, data_cfg.get("system_prompt"))
+  return conversation_lib.get_template(name, data_cfg.get("system_prompt"),
+                                      data_cfg.get("image_position", "front"))
 
 
 @dataclasses.dataclass(frozen=True)
