@@ -28,11 +28,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def mmoe_config(enabled: bool, router_inputs: str = "multimodal") -> dict:
-  """MMoE-LLM as in the paper (§4.1): E=3 LoRA experts of rank 16 + a general expert, k=1."""
+  """MMoE-LLM as in the paper (§4.1): E=3 LoRA experts of rank 16 + a general expert, k=1.
+
+  λ = balance_coef = 0.05 (§4.1) multiplies the balance loss averaged over the layers
+  (balance_reduce='mean'); 'sum' adds one term per layer as Switch/GShard do (32× stronger
+  at 32 layers). The paper does not say which.
+  """
   return dict(enabled=enabled, num_experts=3, rank=16, alpha=32.0,
               targets=("gate_proj", "up_proj", "down_proj"), top_k=1,
               gate="straight_through", router_inputs=router_inputs, router_hidden_dim=128,
-              balance_coef=0.05)
+              balance_coef=0.05, balance_reduce="mean")
 
 
 def vicuna_7b_llm() -> dict:
