@@ -40,7 +40,7 @@ def main(argv):
     return
   logging.info("done: %s", {k: round(v, 4) for k, v in final.items()
                             if not k.startswith("routing/")})
-  print(f"stage {config.stage}: step {config.total_steps} loss {final.get('loss', float('nan')):.4f} "
+  print(f"stage {config.stage}: step {summary['total_steps']} loss {final.get('loss', float('nan')):.4f} "
         f"token accuracy {final.get('token_accuracy', float('nan')):.3f}")
 
 

@@ -28,11 +28,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def mmoe_config(enabled: bool, router_inputs: str = "multimodal") -> dict:
-  """MMoE-LLM as in the paper (§4.1): E=3 LoRA experts of rank 16 + a general expert, k=1."""
+  """MMoE-LLM as in the paper (§4.1): E=3 LoRA experts of rank 16 + a general expert, k=1.
+
+  λ = balance_coef = 0.05 (§4.1) multiplies the balance loss averaged over the layers
+  (balance_reduce='mean'); 'sum' adds one term per layer as Switch/GShard do (32× stronger
+  at 32 layers). The paper does not say which.
+  """
   return dict(enabled=enabled, num_experts=3, rank=16, alpha=32.0,
               targets=("gate_proj", "up_proj", "down_proj"), top_k=1,
               gate="straight_through", router_inputs=router_inputs, router_hidden_dim=128,
-              balance_coef=0.05)
+              balance_coef=0.05, balance_reduce="mean")
 
 
 def vicuna_7b_llm() -> dict:
@@ -133,10 +138,16 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   config.seed = 0
   config.model = ml_collections.ConfigDict()
   config.data = pipeline.default_data_config()
+  # EAGLE's stage-1 script leaves image_aspect_ratio 'square' (resize + centre crop); its
+  # SFT scripts and LLaVA-1.5's pass --image_aspect_ratio pad.
+  config.data.image_aspect = "crop" if stage == 1 else "pad"
   config.optimizer = optimizer.default_optimizer_config()
   # Table 6 as (regex over parameter paths, group or None = frozen); first match wins.
   config.schedule = [list(rule) for rule in optimizer.STAGE_SCHEDULES[stage]]
   config.total_steps = 1000
+  # Passes over the usable training records when total_steps=0 (the length, and the
+  # cosine horizon, then follow the data: "N records × E epochs / batch B → S steps").
+  config.num_epochs = 1.0
   config.log_every = 50
   # A NaN/inf step is not applied; this many in a row stop the run (training/guards.py).
   config.train = dict(max_bad_steps=10)
@@ -160,9 +171,18 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   return config
 
 
-# Appendix A.2 / LLaVA-1.5 / EAGLE recipes: learning rate and global batch per stage.
+# Learning rate and global batch per stage. The paper (Appendix A.2) gives neither; it
+# follows EAGLE for stages 1–2 and LLaVA-1.5's data for stage 3, so these are the
+# reference scripts' values: stage 1 NVlabs/EAGLE scripts/pretrain-eagle-x5-*.sh
+# (--learning_rate 1e-3; batch 256 as haotian-liu/LLaVA scripts/v1_5/pretrain.sh,
+# 32 × 8 GPUs), stage 2 EAGLE scripts/finetune-eagle-x5-*-1.8m.sh (--learning_rate 2e-5;
+# batch 128 as LLaVA scripts/v1_5/finetune.sh, 16 × 8), stage 3 LLaVA
+# scripts/v1_5/finetune_lora.sh (--learning_rate 2e-4 for LoRA, --mm_projector_lr 2e-5
+# for the projector: STAGE3_LR_MULTS; 16 × 8 = 128). All train one epoch, warmup ratio
+# 0.03, cosine decay, no weight decay.
 FULL_SIZE_LEARNING_RATES = {1: 1e-3, 2: 2e-5, 3: 2e-4}
 FULL_SIZE_BATCH_SIZES = {1: 256, 2: 128, 3: 128}
+STAGE3_LR_MULTS = {"projector": 0.1}  # 2e-5 / 2e-4 (mm_projector_lr / learning_rate)
 
 
 def full_size_config(llm: dict, template: str, arg_string: str | None,
@@ -185,8 +205,12 @@ def full_size_config(llm: dict, template: str, arg_string: str | None,
   config.data.batch_size = FULL_SIZE_BATCH_SIZES[arg.stage]
   config.data.num_workers = 8
   config.optimizer.lr = FULL_SIZE_LEARNING_RATES[arg.stage]
+  if arg.stage == 3:
+    config.optimizer.lr_mults = dict(STAGE3_LR_MULTS)
   config.optimizer.warmup_steps = 0.03
-  config.total_steps = arg.steps or 5200  # one epoch of LLaVA-665K at batch 128
+  # 0: one epoch of the records validation keeps (EAGLE's and LLaVA-1.5's scripts train
+  # --num_train_epochs 1 per stage); `steps=N` fixes the length instead.
+  config.total_steps = arg.steps
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   config.checkpoint.update(every_steps=1000, every_seconds=3600)
   config.log_every = 10

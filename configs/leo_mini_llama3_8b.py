@@ -1,9 +1,10 @@
 """LEO-MINI-Llama3-8B (paper §4.1): Llama-3-8B + CLIP-L/14-336, ConvNeXt-XXL, EVA-02-L and
-Pix2Struct-large (EAGLE-X4's experts, in its order).
+Pix2Struct-large (EAGLE-X4's experts, in its order). The LLM is Meta-Llama-3-8B-Instruct, as
+in EAGLE's Llama-3 scripts (the chat header and <|eot_id|> tokens are trained there).
 
   python train.py --config configs/leo_mini_llama3_8b.py:stage=3,tokens=64 --workdir ... \
       --config.data.train_json=llava_v1_5_mix665k.json --config.data.image_root=DIR \
-      --config.data.tokenizer=LLAMA3_DIR --config.init_from=STAGE2_WORKDIR
+      --config.data.tokenizer=LLAMA3_INSTRUCT_DIR --config.init_from=STAGE2_WORKDIR
 
 Start stage 3 from an EAGLE-X4 Llama-3 release instead of running stages 1–2:
   python -m leo_mini_jax.porting.convert --config configs/leo_mini_llama3_8b.py:stage=3 \

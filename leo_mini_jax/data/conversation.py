@@ -22,38 +22,23 @@ questions would let the visual tokens and routing of answer 1 depend on question
 future of the sequence), and evaluation only ever has the first question; so the default
 conditions on the first user turn only (`data.instruction_turns`).
 
-Templates:
-  vicuna_v1  LLaVA-1.5: "<s>SYSTEM USER: <msg> ASSISTANT: <answer></s>USER: ..."
-  llama3     Llama-3 chat: "<|begin_of_text|><|start_header_id|>system<|end_header_id|>
-             \\n\\nSYSTEM<|eot_id|><|start_header_id|>user<|end_header_id|>\\n\\n<msg>
-             <|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n<answer><|eot_id|>"
-  plain      stage-1 captions: "<s><image><caption></s>"; the human text is ignored and
-             the loss covers the caption and EOS only.
+The templates (vicuna_v1, llama3, llama3_llava_next, plain) and the `<image>` position
+choice are in templates.py; this module normalises turns, places the marker and encodes.
 """
 
 import dataclasses
 from typing import Any, Sequence
 
 from leo_mini_jax.data import tokenizers as tokenizers_lib
+from leo_mini_jax.data.templates import (  # pylint: disable=unused-import (re-exported)
+    IMAGE_MARKER, IMAGE_POSITIONS, LLAVA_NEXT_LLAMA3_SYSTEM, TEMPLATES, VICUNA_SYSTEM,
+    ConversationError, Llama3, LlavaNextLlama3, Plain, Segment, Template, VicunaV1,
+    Turn, check_image_position, get_template, token_id)
 
 IMAGE_PLACEHOLDER_ID = -200
-IMAGE_MARKER = "<image>"
 INSTRUCTION_TURNS = ("first", "all")
 
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. The "
-    "assistant gives helpful, detailed, and polite answers to the user's questions.")
-# LLaVA-NeXT's Llama-3 system prompt.
-LLAMA3_SYSTEM = (
-    "You are a helpful language and vision assistant. You are able to understand the "
-    "visual content that the user provides, and assist the user with a variety of tasks "
-    "using natural language.")
-
 _ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-
-
-class ConversationError(ValueError):
-  """A record's conversation cannot be laid out (the message says why)."""
 
 
 class LengthError(ConversationError):
@@ -62,16 +47,6 @@ class LengthError(ConversationError):
   def __init__(self, message: str, length: int):
     super().__init__(message)
     self.length = length
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-  """One piece of a laid-out conversation: text to encode, a named token, or the image."""
-  role: str  # 'scaffold' | 'user' | 'assistant'
-  text: str = ""
-  token: str | None = None  # 'bos', 'eos' or a special string such as '<|eot_id|>'
-  image: bool = False
-  turn: int = 0  # index of the human turn a user segment belongs to (0 = the first)
 
 
 @dataclasses.dataclass
@@ -88,8 +63,6 @@ class Tokenized:
     return Tokenized(self.input_ids[:max_length], self.loss_mask[:max_length],
                      self.instruction_mask[:max_length])
 
-
-Turn = tuple[str, str]  # (role 'human' | 'gpt', text)
 
 
 def normalize_turns(turns: Any) -> list[Turn]:
@@ -116,12 +89,21 @@ def normalize_turns(turns: Any) -> list[Turn]:
   return out
 
 
-def place_image_marker(turns: Sequence[Turn], has_image: bool) -> list[Turn]:
+def marker_to_front(text: str) -> str:
+  """LLaVA/EAGLE's preprocess_multimodal: every marker removed, one put first."""
+  return (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
+
+
+def place_image_marker(turns: Sequence[Turn], has_image: bool,
+                       image_position: str = "front") -> list[Turn]:
   """Ensures exactly one `<image>` marker, in the first human turn, iff there is an image.
 
   An image record without a marker gets "<image>\\n" prepended to its first human turn
-  (as LLaVA does).
+  (as LLaVA does). image_position='front' then moves the marker to the front of that turn
+  (several markers in it become one, as in the reference); 'as_is' leaves it in place and
+  refuses several.
   """
+  check_image_position(image_position)
   turns = list(turns)
   count = sum(value.count(IMAGE_MARKER) for _, value in turns)
   if not has_image:
@@ -130,153 +112,16 @@ def place_image_marker(turns: Sequence[Turn], has_image: bool) -> list[Turn]:
     if not turns[0][1].strip():
       raise ConversationError("turn 0 (human) is empty and the record has no image")
     return turns
+  in_first = turns[0][1].count(IMAGE_MARKER)
   if count == 0:
     turns[0] = (turns[0][0], IMAGE_MARKER + "\n" + turns[0][1])
-  elif count > 1:
-    raise ConversationError(f"{count} {IMAGE_MARKER!r} markers; one image per record")
-  elif IMAGE_MARKER not in turns[0][1]:
+  elif in_first < count:
     raise ConversationError(f"{IMAGE_MARKER!r} marker outside the first human turn")
+  elif count > 1 and image_position == "as_is":
+    raise ConversationError(f"{count} {IMAGE_MARKER!r} markers; one image per record")
+  if image_position == "front":
+    turns[0] = (turns[0][0], marker_to_front(turns[0][1]))
   return turns
-
-
-def _user_segments(text: str, turn: int) -> list[Segment]:
-  """A human message split at the image marker; whitespace-only pieces are scaffolding.
-
-  `turn` counts human turns (0 = the first).
-  """
-  segments = []
-  pieces = text.split(IMAGE_MARKER)
-  for i, piece in enumerate(pieces):
-    if piece:
-      segments.append(Segment("user" if piece.strip() else "scaffold", text=piece,
-                              turn=turn))
-    if i < len(pieces) - 1:
-      segments.append(Segment("scaffold", image=True))
-  return segments
-
-
-class Template:
-  """Lays out normalized turns as segments. Subclasses define `name` and `layout`."""
-  name: str = ""
-  end_of_turn: str = "eos"  # the token that ends an assistant turn (and generation)
-
-  def layout(self, turns: Sequence[Turn], prompt_only: bool,
-             has_image: bool) -> list[Segment]:
-    """Segments for normalized turns; with prompt_only, ends with the assistant header."""
-    raise NotImplementedError
-
-  def end_of_turn_id(self, tokenizer: tokenizers_lib.Tokenizer) -> int:
-    """Id that closes an assistant turn: generation stops on it."""
-    return _token_id(tokenizer, self.end_of_turn)
-
-  def __repr__(self):
-    return f"{type(self).__name__}()"
-
-
-class VicunaV1(Template):
-  """LLaVA-1.5's conv_vicuna_v1 (sep ' ', sep2 '</s>')."""
-  name = "vicuna_v1"
-
-  def __init__(self, system: str = VICUNA_SYSTEM):
-    self.system = system
-
-  def layout(self, turns, prompt_only, has_image):
-    segments = [Segment("scaffold", token="bos")]
-    if self.system:
-      segments.append(Segment("scaffold", text=self.system))
-    for i, (role, value) in enumerate(turns):
-      if role == "human":
-        # After the system prompt the separator is ' '; after '</s>' it is nothing.
-        sep = " " if i == 0 and self.system else ""
-        segments.append(Segment("scaffold", text=sep + "USER:"))
-        segments += _user_segments(" " + value, i // 2)
-      else:
-        segments.append(Segment("scaffold", text=" ASSISTANT:"))
-        segments.append(Segment("assistant", text=" " + value))
-        segments.append(Segment("assistant", token="eos"))
-    if prompt_only:
-      segments.append(Segment("scaffold", text=" ASSISTANT:"))
-    return segments
-
-
-class Llama3(Template):
-  """Llama-3 chat format with a system turn."""
-  name = "llama3"
-  end_of_turn = "<|eot_id|>"
-
-  def __init__(self, system: str = LLAMA3_SYSTEM):
-    self.system = system
-
-  @staticmethod
-  def _header(role: str) -> list[Segment]:
-    return [Segment("scaffold", token="<|start_header_id|>"), Segment("scaffold", text=role),
-            Segment("scaffold", token="<|end_header_id|>"), Segment("scaffold", text="\n\n")]
-
-  def layout(self, turns, prompt_only, has_image):
-    segments = [Segment("scaffold", token="bos")]
-    if self.system:  # Llama-3's chat template omits the system turn when it is empty
-      segments += self._header("system")
-      segments += [Segment("scaffold", text=self.system),
-                   Segment("scaffold", token="<|eot_id|>")]
-    for i, (role, value) in enumerate(turns):
-      if role == "human":
-        segments += self._header("user")
-        segments += _user_segments(value, i // 2)
-        segments.append(Segment("scaffold", token="<|eot_id|>"))
-      else:
-        segments += self._header("assistant")
-        segments.append(Segment("assistant", text=value))
-        segments.append(Segment("assistant", token="<|eot_id|>"))
-    if prompt_only:
-      segments += self._header("assistant")
-    return segments
-
-
-class Plain(Template):
-  """Stage-1 captioning: BOS, the image, the first gpt turn as caption, EOS."""
-  name = "plain"
-
-  def layout(self, turns, prompt_only, has_image):
-    segments = [Segment("scaffold", token="bos")]
-    if has_image:
-      segments.append(Segment("scaffold", image=True))
-    if prompt_only:
-      return segments
-    if len(turns) != 2:
-      raise ConversationError(
-          f"the 'plain' template needs one human and one gpt turn, got {len(turns)} turns")
-    segments.append(Segment("assistant", text=turns[1][1]))
-    segments.append(Segment("assistant", token="eos"))
-    return segments
-
-
-TEMPLATES = {"vicuna_v1": VicunaV1, "llama3": Llama3, "plain": Plain}
-
-
-def get_template(template: "str | Template",
-                 system_prompt: str | None = None) -> Template:
-  """A template by name. `system_prompt`, if not None, replaces the default system text
-  ('' drops it: short sequences for tiny models); 'plain' has no system text.
-  """
-  if isinstance(template, Template):
-    return template
-  if template not in TEMPLATES:
-    raise ValueError(f"unknown conversation template {template!r}; known: "
-                     f"{sorted(TEMPLATES)}")
-  cls = TEMPLATES[template]
-  if system_prompt is None or cls is Plain:
-    return cls()
-  return cls(system=system_prompt)
-
-
-def _token_id(tokenizer: tokenizers_lib.Tokenizer, token: str) -> int:
-  if token == "bos":
-    if tokenizer.bos_id is None:
-      raise ConversationError(f"{tokenizer!r} has no BOS token")
-    return tokenizer.bos_id
-  if token == "eos":
-    return tokenizer.eos_id
-  return tokenizer.special_id(token)
 
 
 def check_instruction_turns(instruction_turns: str) -> str:
@@ -301,7 +146,7 @@ def encode_segments(segments: Sequence[Segment], tokenizer: tokenizers_lib.Token
     elif segment.token is not None:
       if segment.token == "bos" and tokenizer.bos_id is None:
         continue  # tokenizers without BOS simply start with the text
-      piece = [_token_id(tokenizer, segment.token)]
+      piece = [token_id(tokenizer, segment.token)]
     else:
       piece = tokenizer.encode(segment.text)
     ids += piece
@@ -319,7 +164,7 @@ def tokenize_conversation(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
   Raises ConversationError when the turns are malformed or hold no gpt turn.
   """
   template = get_template(template)
-  turns = place_image_marker(normalize_turns(turns), has_image)
+  turns = place_image_marker(normalize_turns(turns), has_image, template.image_position)
   if not any(role == "gpt" for role, _ in turns):
     raise ConversationError("no assistant (gpt) turn")
   return encode_segments(template.layout(turns, False, has_image), tokenizer,
@@ -331,7 +176,7 @@ def tokenize_prompt(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
                     instruction_turns: str = "first") -> Tokenized:
   """Generation prompt: the turns (ending with a human turn) + the assistant header."""
   template = get_template(template)
-  turns = place_image_marker(normalize_turns(turns), has_image)
+  turns = place_image_marker(normalize_turns(turns), has_image, template.image_position)
   if turns[-1][0] != "human":
     raise ConversationError("a generation prompt must end with a human turn")
   return encode_segments(template.layout(turns, True, has_image), tokenizer,

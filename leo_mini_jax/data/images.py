@@ -5,6 +5,11 @@ resizes and normalises on device. Padding follows LLaVA's `expand2square`: the i
 centred on a square canvas filled with the image processor's mean colour (CLIP's mean
 (0.48145466, 0.4578275, 0.40821073) × 255 → (122, 116, 104) by default), so the padding
 normalises to ~0 for the experts.
+
+`aspect='crop'` is the other reference path: EAGLE's and LLaVA's pre-training
+(`image_aspect_ratio` left at 'square') give the image straight to the CLIP-style image
+processor, which resizes the shortest side to the crop size (bicubic) and cuts the centre
+square, dropping the sides of non-square images; their SFT stages pad ('pad').
 """
 
 import io
@@ -22,6 +27,7 @@ CLIP_MEAN_RGB = (122, 116, 104)  # int(x * 255) of CLIP's image mean, as LLaVA c
 MAX_IMAGE_PIXELS = 1 << 26
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 IMAGE_CHECKS = ("exists", "verify", "decode")
+IMAGE_ASPECTS = ("pad", "crop")
 
 
 def _check_size(image: Image.Image, max_pixels: int, name: str):
@@ -118,10 +124,36 @@ def expand_to_square(image: Image.Image, background_rgb: Sequence[int]) -> Image
   return canvas
 
 
+def resize_and_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+  """The CLIP image processor's square path: shortest side → `resolution` (bicubic, the
+  long side truncated to an integer as HF computes it), then the centre square, its
+  offset rounded down."""
+  width, height = image.size
+  if width <= height:
+    size = (resolution, int(resolution * height / width))
+  else:
+    size = (int(resolution * width / height), resolution)
+  if size != image.size:
+    image = image.resize(size, Image.Resampling.BICUBIC)
+  left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+  return image.crop((left, top, left + resolution, top + resolution))
+
+
+def check_image_aspect(aspect: str) -> str:
+  if aspect not in IMAGE_ASPECTS:
+    raise ValueError(f"data.image_aspect must be one of {IMAGE_ASPECTS}, got {aspect!r}")
+  return aspect
+
+
 def to_master_resolution(source: Any, resolution: int,
-                         background_rgb: Sequence[int] = CLIP_MEAN_RGB) -> np.ndarray:
-  """Load → pad to square with `background_rgb` → bicubic resize → uint8 [S, S, 3]."""
-  image = expand_to_square(load_image(source, background_rgb), background_rgb)
+                         background_rgb: Sequence[int] = CLIP_MEAN_RGB,
+                         aspect: str = "pad") -> np.ndarray:
+  """Load → uint8 [S, S, 3]. aspect='pad': pad to square with `background_rgb`, bicubic
+  resize; 'crop': resize the shortest side and cut the centre (resize_and_center_crop)."""
+  image = load_image(source, background_rgb)
+  if check_image_aspect(aspect) == "crop":
+    return np.asarray(resize_and_center_crop(image, resolution), dtype=np.uint8)
+  image = expand_to_square(image, background_rgb)
   if image.size != (resolution, resolution):
     image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
   return np.asarray(image, dtype=np.uint8)

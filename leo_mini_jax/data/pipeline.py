@@ -79,7 +79,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.instruction_turns = "first"  # CoTR/router text: 'first' human turn | 'all' turns
   c.resolution = 64              # master image resolution sent to the device
   c.image_mean_rgb = (122, 116, 104)  # square-padding colour: CLIP mean as uint8 RGB
-  c.template = "vicuna_v1"       # 'vicuna_v1' | 'llama3' | 'plain' | 'auto' (from vocab)
+  # Non-square images: 'pad' to square with image_mean_rgb (LLaVA/EAGLE SFT, expand2square)
+  # or 'crop' (resize the shortest side, centre crop: their pre-training). base_config
+  # sets 'crop' for stage 1.
+  c.image_aspect = "pad"
+  # 'vicuna_v1' | 'llama3' (EAGLE's) | 'llama3_llava_next' | 'plain' | 'auto' (from vocab)
+  c.template = "vicuna_v1"
+  # '<image>' placement: 'front' = "<image>\n" + the rest of the turn, as LLaVA/EAGLE's
+  # preprocess_multimodal; 'as_is' = where the record puts it.
+  c.image_position = "front"
   c.system_prompt = ml_collections.config_dict.placeholder(str)  # None = template default
   c.tokenizer = "byte"           # for load_tokenizer when make_dataset gets none
   c.num_train = 10_000           # synthetic: examples in the train split
@@ -102,7 +110,8 @@ def resolve_template(data_cfg, tokenizer: tokenizers_lib.Tokenizer,
   name = template or data_cfg.template
   if name == "auto":
     name = tokenizers_lib.template_for(tokenizer)
-  return conversation_lib.get_template(name, data_cfg.get("system_prompt"))
+  return conversation_lib.get_template(name, data_cfg.get("system_prompt"),
+                                      data_cfg.get("image_position", "front"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +128,7 @@ class ExampleEncoder:
   image_mean_rgb: tuple[int, ...]
   prompt_only: bool
   instruction_turns: str = "first"
+  image_aspect: str = "pad"
 
   def empty(self) -> dict[str, np.ndarray]:
     """A row with one real token and nothing to learn (padding and failed records)."""
@@ -154,7 +164,7 @@ class ExampleEncoder:
     image = None
     if has_image:
       image = images_lib.to_master_resolution(record["image"], self.resolution,
-                                              self.image_mean_rgb)
+                                              self.image_mean_rgb, self.image_aspect)
     return self._arrays(tokens, image)
 
   def __call__(self, record: dict[str, Any]):
@@ -307,11 +317,64 @@ class DataPipeline:
     return self.iterator()
 
 
+@dataclasses.dataclass
+class PreparedSource:
+  """A split's validated source and its encoder, before any iteration order exists.
+
+  `prepare_source` builds it (the start-up validation); `make_dataset(prepared=...)`
+  turns it into a pipeline without validating again. `len(source)` is the number of
+  usable records of the split (all processes).
+  """
+  source: Any
+  report: llava.ValidationReport | None
+  encoder: ExampleEncoder
+  split: str
+  mode: str
+  process_index: int
+  process_count: int
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.source)
+
+
+def prepare_source(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
+                   template: Any = None, split: str = "train",
+                   process_index: int | None = None, process_count: int | None = None,
+                   *, mode: str | None = None) -> PreparedSource:
+  """Loads and validates `split` (arguments as for make_dataset)."""
+  mode = mode or ("train" if split == "train" else "generate")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if data_cfg.batch_size % process_count:
+    raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by the "
+                     f"process count {process_count}")
+  tokenizer = tokenizer or tokenizers_lib.load_tokenizer(data_cfg.tokenizer)
+  template = resolve_template(data_cfg, tokenizer, template)
+  encoder = ExampleEncoder(tokenizer, template, int(data_cfg.max_length), data_cfg.overlong,
+                           int(data_cfg.resolution), tuple(data_cfg.image_mean_rgb),
+                           prompt_only=(mode == "generate"),
+                           instruction_turns=data_cfg.get("instruction_turns", "first"),
+                           image_aspect=images_lib.check_image_aspect(
+                               data_cfg.get("image_aspect", "pad")))
+  source, report = build_source(data_cfg, split, encoder, (process_index, process_count))
+  if len(source) == 0:
+    raise ValueError(f"{data_cfg.kind} {split} split has no usable records"
+                     + (f" ({report.summary()})" if report else ""))
+  return PreparedSource(source, report, encoder, split, mode, process_index, process_count)
+
+
 def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
                  template: Any = None, split: str = "train",
                  process_index: int | None = None, process_count: int | None = None,
                  seed: int | None = None, *, mode: str | None = None,
-                 start_position: int = 0) -> DataPipeline:
+                 start_position: int = 0,
+                 prepared: PreparedSource | None = None) -> DataPipeline:
   """Builds the pipeline of `split` for this process.
 
   Args:
@@ -328,31 +391,19 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
     start_position: train mode: examples of the global shuffled stream already consumed
       (all processes together). A resumed run starts here, so the position is independent
       of the process count and batch size that consumed them.
+    prepared: the split as `prepare_source` already validated it (the other arguments
+      that select the data are then taken from it).
   """
-  mode = mode or ("train" if split == "train" else "generate")
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index, process_count = jax.process_index(), jax.process_count()
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  if data_cfg.batch_size % process_count:
-    raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by the "
-                     f"process count {process_count}")
+  if prepared is None:
+    prepared = prepare_source(data_cfg, tokenizer, template, split, process_index,
+                              process_count, mode=mode)
+  mode, split = prepared.mode, prepared.split
+  process_index, process_count = prepared.process_index, prepared.process_count
+  source, report, encoder = prepared.source, prepared.report, prepared.encoder
+  tokenizer, template = encoder.tokenizer, encoder.template
   local_batch_size = data_cfg.batch_size // process_count
   seed = int(data_cfg.seed if seed is None else seed)
-  tokenizer = tokenizer or tokenizers_lib.load_tokenizer(data_cfg.tokenizer)
-  template = resolve_template(data_cfg, tokenizer, template)
-  encoder = ExampleEncoder(tokenizer, template, int(data_cfg.max_length), data_cfg.overlong,
-                           int(data_cfg.resolution), tuple(data_cfg.image_mean_rgb),
-                           prompt_only=(mode == "generate"),
-                           instruction_turns=data_cfg.get("instruction_turns", "first"))
-  source, report = build_source(data_cfg, split, encoder, (process_index, process_count))
   num_examples = len(source)
-  if num_examples == 0:
-    raise ValueError(f"{data_cfg.kind} {split} split has no usable records"
-                     + (f" ({report.summary()})" if report else ""))
 
   if mode == "train":
     ds = grain.MapDataset.source(source).shuffle(seed % 2**32).repeat()

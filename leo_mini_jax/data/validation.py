@@ -177,14 +177,17 @@ def check_conversation(record: dict, has_image: bool, length_check: LengthCheck 
   """The conversation and length checks of one record."""
   conversations = record.get("conversations")
   prompt_only = length_check is not None and length_check.prompt_only
+  position = ("front" if length_check is None else
+              conversation_lib.get_template(length_check.template).image_position)
   try:
     if prompt_only:
       turns, _ = conversation_lib.split_for_generation(conversations or [])
-      conversation_lib.place_image_marker(conversation_lib.normalize_turns(turns), has_image)
+      conversation_lib.place_image_marker(conversation_lib.normalize_turns(turns), has_image,
+                                          position)
       conversation_lib.normalize_turns(conversations)  # the whole record must be sane
     else:
       turns = conversation_lib.place_image_marker(
-          conversation_lib.normalize_turns(conversations), has_image)
+          conversation_lib.normalize_turns(conversations), has_image, position)
       if not any(role == "gpt" for role, _ in turns):
         return RecordCheck("no_assistant_turn", "no assistant (gpt) turn")
     if length_check is None:

@@ -97,7 +97,8 @@ def load_image(path: str, data_cfg) -> np.ndarray:
     raise AskError(f"image not found: {path}")
   try:
     return images_lib.to_master_resolution(path, int(data_cfg.resolution),
-                                           tuple(data_cfg.image_mean_rgb))
+                                           tuple(data_cfg.image_mean_rgb),
+                                           data_cfg.get("image_aspect", "pad"))
   except OSError as e:  # its message names the path
     raise AskError(str(e).split(" <_io.")[0]) from None
   except ValueError as e:

@@ -126,7 +126,9 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
   template = pipeline_lib.resolve_template(config.data, tokenizer)
   stop_ids = tuple({tokenizer.eos_id, template.end_of_turn_id(tokenizer)})
   resolution, mean_rgb = int(config.data.resolution), tuple(config.data.image_mean_rgb)
-  load_image = lambda source: images_lib.to_master_resolution(source, resolution, mean_rgb)
+  aspect = config.data.get("image_aspect", "pad")
+  load_image = lambda source: images_lib.to_master_resolution(source, resolution, mean_rgb,
+                                                              aspect)
   eval_dir = os.path.join(workdir, "eval")
   generator = generate_lib.BatchGenerator(
       setup, max_new_tokens=int(eval_cfg.max_new_tokens),

@@ -28,6 +28,10 @@ every projected input goes through N, an RMS norm with a learnable per-channel s
 as large as the shared ones from step 0 whatever the experts' feature scales, and the
 rows of α differ at init.
 
+Both are switchable for the paper-literal ablation: `score_norm='none'` scores the raw
+projections (Q W^Q, I W^I, T W^T, exactly Eq. 2–5) and `query_init_std=0.02` starts the
+queries at the usual learned-embedding scale; the defaults ('rms', 1.0) are the above.
+
 Precision: the score products accumulate in float32 (`preferred_element_type`) and the
 softmax runs in float32 under bf16 compute; masked means sum and count in float32 and
 divide by the exact count.
@@ -44,6 +48,7 @@ from leo_mini_jax.models import layers
 
 Array = jax.Array
 POOLS = ("mean", "sum")
+SCORE_NORMS = ("rms", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +56,17 @@ class CoTRConfig:
   num_visual_tokens: int = 64  # N^V
   cotr_dim: int = 256  # c, width of the common scoring space
   pool: str = "mean"
+  score_norm: str = "rms"  # 'rms': N = RMS norm of the projections; 'none': Eq. 2–5 as printed
+  query_init_std: float = 1.0  # std of Q_i at init (0.02 = the paper-literal variant)
 
   def __post_init__(self):
     if self.pool not in POOLS:
       raise ValueError(f"reducer.pool={self.pool!r}: expected one of {POOLS}")
+    if self.score_norm not in SCORE_NORMS:
+      raise ValueError(f"reducer.score_norm={self.score_norm!r}: expected one of "
+                       f"{SCORE_NORMS}")
+    if not self.query_init_std > 0:
+      raise ValueError(f"reducer.query_init_std={self.query_init_std} must be > 0")
     if self.num_visual_tokens < 1:
       raise ValueError(f"reducer.num_visual_tokens={self.num_visual_tokens} must be >= 1")
 
@@ -122,7 +134,10 @@ class CoTR(nn.Module):
                                             self.param_dtype)
     scale = cfg.cotr_dim ** -0.5
 
-    norm = lambda name, x: RMSNorm(name=name)(x).astype(self.dtype)
+    if cfg.score_norm == "rms":
+      norm = lambda name, x: RMSNorm(name=name)(x).astype(self.dtype)
+    else:  # the raw projections, as Eq. 2–5 print them
+      norm = lambda name, x: x.astype(self.dtype)
     # Î_j [B, N_j, c] for every expert j.
     visual_hat = [norm(f"{name}_visual_norm",
                        dense(("vision_embed", "cotr"), f"{name}_visual_proj")(feats))
@@ -136,8 +151,9 @@ class CoTR(nn.Module):
 
     consolidated, alphas = [], []
     for name, feats, v_hat in zip(self.expert_names, features, visual_hat):
-      queries = self.param(  # Q_i, unit scale (see the module docstring)
-          f"{name}_queries", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+      queries = self.param(  # Q_i, unit scale by default (see the module docstring)
+          f"{name}_queries", nn.with_logical_partitioning(
+              nn.initializers.normal(cfg.query_init_std),
                                                           ("queries", "vision_embed")),
           (cfg.num_visual_tokens, feats.shape[-1]), self.param_dtype)
       q_hat = norm(f"{name}_query_norm", dense(("vision_embed", "cotr"),

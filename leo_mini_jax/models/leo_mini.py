@@ -190,7 +190,8 @@ class LeoMini(nn.Module):
                                          token_mask=sequence["attention_mask"],
                                          router_context=router_context)
     mmoe_cfg = self.config.llm.mmoe
-    balance = (mmoe_cfg.balance_coef * jnp.mean(layer_aux["balance_loss"])
+    reduce_layers = jnp.sum if mmoe_cfg.balance_reduce == "sum" else jnp.mean
+    balance = (mmoe_cfg.balance_coef * reduce_layers(layer_aux["balance_loss"])
                if mmoe_cfg.enabled else jnp.zeros((), jnp.float32))
     aux = {
         "targets": sequence["targets"],

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from leo_mini_jax.models import layers
 
 GATES = ("straight_through", "prob")
+BALANCE_REDUCES = ("mean", "sum")
 ROUTER_INPUTS = ("multimodal", "hidden")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -49,9 +50,15 @@ class MMoEConfig:
   gate: str = "straight_through"
   router_inputs: str = "multimodal"
   router_hidden_dim: int = 128
-  balance_coef: float = 0.05
+  balance_coef: float = 0.05  # λ
+  # How the per-layer balance losses combine before × λ: 'mean' over layers (this
+  # project's default) or 'sum' (Switch/GShard add one term per MoE layer: L× stronger).
+  balance_reduce: str = "mean"
 
   def __post_init__(self):
+    if self.balance_reduce not in BALANCE_REDUCES:
+      raise ValueError(f"mmoe.balance_reduce={self.balance_reduce!r}: expected one of "
+                       f"{BALANCE_REDUCES}")
     if self.gate not in GATES:
       raise ValueError(f"mmoe.gate={self.gate!r}: expected one of {GATES}")
     if self.router_inputs not in ROUTER_INPUTS:

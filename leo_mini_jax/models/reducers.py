@@ -31,6 +31,8 @@ class ReducerConfig:
   num_visual_tokens: int = 64  # N^V for 'cotr' and 'mqt'
   cotr_dim: int = 256
   pool: str = "mean"
+  score_norm: str = "rms"  # CoTR: 'rms' | 'none' (models/cotr.py)
+  query_init_std: float = 1.0  # CoTR: std of the learned queries at init
   grid_size: int = 32  # 'none': common grid side
   mqt_layers: int = 1
   mqt_heads: int = 4
@@ -39,7 +41,11 @@ class ReducerConfig:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"reducer.kind={self.kind!r}: expected one of {KINDS}")
-    cotr_lib.CoTRConfig(self.num_visual_tokens, self.cotr_dim, self.pool)  # validates
+    self.cotr_config()  # validates
+
+  def cotr_config(self) -> cotr_lib.CoTRConfig:
+    return cotr_lib.CoTRConfig(self.num_visual_tokens, self.cotr_dim, self.pool,
+                               self.score_norm, float(self.query_init_std))
 
   @property
   def output_tokens(self) -> int:
@@ -137,8 +143,7 @@ class CoTRReducer(nn.Module):
   def __call__(self, features, grids, text_embeds, text_mask):
     del grids
     cfg = self.config
-    cotr_cfg = cotr_lib.CoTRConfig(cfg.num_visual_tokens, cfg.cotr_dim, cfg.pool)
-    return cotr_lib.CoTR(cotr_cfg, self.expert_names, self.dtype, self.param_dtype,
+    return cotr_lib.CoTR(cfg.cotr_config(), self.expert_names, self.dtype, self.param_dtype,
                          name="cotr")(features, text_embeds, text_mask)
 
 

@@ -2,7 +2,7 @@
 
     python -m leo_mini_jax.porting.convert \
         --config configs/leo_mini_llama3_8b.py:stage=1 \
-        --llm /ckpt/Meta-Llama-3-8B \
+        --llm /ckpt/Meta-Llama-3-8B-Instruct \
         --expert clip=/ckpt/clip-vit-large-patch14-336 \
         --expert convnext=/ckpt/convnext_xxlarge.clip_laion2b_soup \
         --out /ckpt/leo-mini-llama3-init

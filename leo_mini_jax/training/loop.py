@@ -7,6 +7,7 @@ saves the step reached before a clean exit.
 """
 
 import concurrent.futures
+import copy
 import logging
 import time
 from typing import Any
@@ -247,6 +248,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
           preemption: preemption_lib.PreemptionWatcher | None = None) -> dict[str, Any]:
   """Runs `config.total_steps` steps (resuming if the workdir has a checkpoint).
 
+  total_steps=0 derives the length from the data: `config.num_epochs` passes over the
+  records start-up validation keeps (optimizer.derived_total_steps); the learning-rate
+  schedule spans the derived length and the summary's 'total_steps' reports it.
+
   Args:
     config: the run config.
     workdir: checkpoints, metrics.jsonl and TensorBoard events go here (local or gs://).
@@ -261,6 +266,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   'stopped' ('done', 'stop_at' or 'preempted').
   """
   validate_config(config, device_count=0 if mesh is not None else None)
+  prepared = None
+  if int(config.total_steps) == 0:  # the length follows the data: validate it first
+    prepared = pipeline_lib.prepare_source(config.data, split="train")
+    steps, how = optimizer_lib.derived_total_steps(config, prepared.num_examples)
+    config = copy.deepcopy(config)
+    config.total_steps = steps
+    logging.info("total_steps=0: %s", how)
+    if jax.process_index() == 0:
+      print(f"stage {config.stage}: {how}")
   setup = TrainSetup(config, mesh)
   check_batch(config, setup.mesh)
   logging.info("%s", mesh_lib.process_summary(setup.mesh))
@@ -278,7 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   examples_seen = data_start(checkpointer, latest, config)
   logging.info("%s (data position %d)", how, examples_seen)
   data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed,
-                                   start_position=examples_seen)
+                                   start_position=examples_seen, prepared=prepared)
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
   if data.tokenizer.vocab_size > config.model.llm.vocab_size:
@@ -364,7 +378,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   if bar is not None:
     bar.close()
   return {"state": state, "history": history, "final": last_metrics, "setup": setup,
-          "stopped": stopped}
+          "stopped": stopped, "total_steps": int(config.total_steps)}
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None
@@ -377,7 +391,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     if not condition:
       raise ValueError(f"config.{field}: {message}")
   need(config.stage in (1, 2, 3), "stage", f"must be 1, 2 or 3, got {config.stage!r}")
-  need(config.total_steps >= 1, "total_steps", "must be >= 1")
+  need(config.total_steps >= 0, "total_steps",
+       "must be >= 1, or 0 to derive it from the data and num_epochs")
+  need(float(config.get("num_epochs", 1)) > 0, "num_epochs", "must be > 0")
   need(config.log_every >= 1, "log_every", "must be >= 1")
   need(config.optimizer.lr > 0, "optimizer.lr", "must be > 0")
   need(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1")

@@ -2,11 +2,17 @@
 
 `config.schedule` is a list of (regex over the parameter path, group) pairs; the first
 match wins, `None` means frozen, every path must match one rule. Each group trains with
-AdamW at `optimizer.lr × optimizer.lr_mults[group]`. Frozen parameters get no optimizer
+AdamW at `optimizer.lr`. `optimizer.lr_mults` scales parts of it: a key is a group name, a
+module (the first parts of a path: 'projector', 'llm/layers/mlp') or a regex over paths,
+and a trainable parameter takes the multiplier of the first key that names it (e.g.
+{'projector': 0.1}: LLaVA-1.5's LoRA recipe trains the projector at 2e-5 beside LoRA at
+2e-4; ConfigDict keys cannot hold dots, so write `[^/]*` where a regex would use `.*`).
+Such parameters form their own AdamW transform. Frozen parameters get no optimizer
 state (`optax.multi_transform` with `optax.set_to_zero`, not `optax.masked`, which would
 still allocate Adam moments) and, in the train step, no gradient computation.
 """
 
+import math
 import re
 from typing import Any, Callable, Sequence
 
@@ -70,6 +76,29 @@ def param_labels(params: Any, schedule: Sequence[tuple[str, str | None]]) -> Any
   return map_paths(lambda p: group_of(p, schedule), params)
 
 
+def lr_mult_key(path: str, group: str, keys: Sequence[str]) -> int | None:
+  """Index of the first `lr_mults` key naming the parameter's group, one of its modules
+  (a path prefix) or matching its path as a regex; None if none does."""
+  for index, key in enumerate(keys):
+    if key == group or re.fullmatch(f"(?:{key})(?:/.*)?", path):
+      return index
+  return None
+
+
+def _label(path: str, schedule, mult_keys: Sequence[str]) -> tuple[str, int | None]:
+  group = group_of(path, schedule)
+  if group == FROZEN:
+    return FROZEN, None
+  index = lr_mult_key(path, group, mult_keys)
+  return (group, None) if index is None else (f"{group}_lr{index}", index)
+
+
+def optimizer_labels(params: Any, schedule: Sequence[tuple[str, str | None]],
+                     mult_keys: Sequence[str]) -> Any:
+  """Per leaf: FROZEN, its group, or '<group>_lr<k>' when lr_mults key k scales it."""
+  return map_paths(lambda path: _label(path, schedule, mult_keys)[0], params)
+
+
 def trainable_mask(params: Any, schedule) -> Any:
   return map_paths(lambda p: group_of(p, schedule) != FROZEN, params)
 
@@ -97,6 +126,27 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   return lambda step: schedule(step + 1)
 
 
+def derived_total_steps(config: ml_collections.ConfigDict, num_records: int
+                        ) -> tuple[int, str]:
+  """(optimizer steps, a line saying how) for `config.num_epochs` passes over
+  `num_records` usable records (what start-up validation kept, all processes together).
+
+  `data.batch_size` is the global batch of one optimizer step: the shares of every process
+  and every gradient-accumulation micro-batch together, so neither changes the count. A
+  pass that does not fill its last batch completes it with the next pass's records (the
+  reference trainers round the steps per epoch up too), so each record is seen at least
+  `num_epochs` times.
+  """
+  epochs = float(config.get("num_epochs", 1))
+  batch = int(config.data.batch_size)
+  steps = max(1, math.ceil(num_records * epochs / batch))
+  accum = int(config.optimizer.grad_accum_steps)
+  how = (f"{num_records} records × {epochs:g} epochs / batch {batch} → {steps} steps"
+         + (f" ({accum} accumulation micro-batches of {batch // accum} rows each)"
+            if accum > 1 else ""))
+  return steps, how
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW per trainable group, set_to_zero for frozen, global-norm clipping first.
@@ -110,22 +160,27 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
   """
   opt = config.optimizer
   schedule = tuple((p, g) for p, g in config.schedule)
-  labels = param_labels(params, schedule)
+  mults = dict(opt.get("lr_mults") or {})
+  keys = tuple(mults)
+  label_mults, used = {}, set()  # trainable label → its multiplier; keys that apply
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    label, index = _label(path_str(path), schedule, keys)
+    if label != FROZEN:
+      label_mults[label] = 1.0 if index is None else float(mults[keys[index]])
+      used.add(index)
   base_lr = learning_rate_schedule(opt, config.total_steps)
-  groups = sorted(set(jax.tree.leaves(labels)) - {FROZEN})
-  mults = dict(opt.get("lr_mults", {}))
-  unknown = sorted(set(mults) - set(groups))
+  unknown = [key for index, key in enumerate(keys) if index not in used]
   if unknown:
-    raise ValueError(f"optimizer.lr_mults: group(s) {unknown} are not in the schedule "
-                     f"(groups: {groups})")
+    groups = sorted(set(jax.tree.leaves(param_labels(params, schedule))) - {FROZEN})
+    raise ValueError(f"optimizer.lr_mults: key(s) {unknown} name no trainable parameter "
+                     f"(not a trainable group {groups}, module or path regex)")
   transforms = {FROZEN: optax.set_to_zero()}
-  for group in groups:
-    mult = float(mults.get(group, 1.0))
-    transforms[group] = optax.adamw(
+  for label, mult in sorted(label_mults.items()):
+    transforms[label] = optax.adamw(
         lambda step, m=mult: base_lr(step) * m, b1=opt.b1, b2=opt.b2, eps=opt.eps,
         weight_decay=opt.weight_decay,
         mask=lambda p: decay_mask(p, tuple(opt.no_decay)))
-  tx = optax.multi_transform(transforms, lambda p: param_labels(p, schedule))
+  tx = optax.multi_transform(transforms, lambda p: optimizer_labels(p, schedule, keys))
   if opt.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
   return tx, base_lr

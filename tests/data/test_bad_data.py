@@ -145,8 +145,10 @@ def _fuzz_records(root, seed: int, num: int):
           {"from": "robot", "value": "x"}, GOOD_TURNS[1]]}),
       ("bad_conversation", lambda: {"image": "good.png", "conversations": [
           GOOD_TURNS[0], {"from": "gpt", "value": "  "}]}),
+      # (several markers in the first turn are merged, as LLaVA does; one in a later turn
+      # would need a second image)
       ("bad_conversation", lambda: {"image": "good.png", "conversations": [
-          {"from": "human", "value": "<image><image>"}, GOOD_TURNS[1]]}),
+          *GOOD_TURNS, {"from": "human", "value": "<image> again?"}, GOOD_TURNS[1]]}),
       ("bad_conversation", lambda: {"conversations": GOOD_TURNS}),  # marker, no image
       ("no_assistant_turn", lambda: {"image": "good.png", "conversations": GOOD_TURNS[:1]}),
       ("too_long", lambda: {"image": "good.png", "conversations": [

@@ -51,7 +51,12 @@ def test_llama3_layout_matches_chat_format():
   tok = tokenizers_lib.ByteTokenizer()
   out = conv.tokenize_conversation(TWO_ROUNDS, tok, "llama3", has_image=True)
   h = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-  expected = ("<s>" + h("system") + conv.LLAMA3_SYSTEM + "<|eot_id|>" + h("user") +
+  # EAGLE's conv_llama3 (eagle/conversation.py): the Vicuna system text in Llama-3 headers,
+  # sep '<|eot_id|>' after the system text and after every message.
+  eagle_system = ("A chat between a curious user and an artificial intelligence "
+                  "assistant. The assistant gives helpful, detailed, and polite answers to "
+                  "the user's questions.")
+  expected = ("<s>" + h("system") + eagle_system + "<|eot_id|>" + h("user") +
               "\nWhat color is the shape?<|eot_id|>" + h("assistant") + "red<|eot_id|>" +
               h("user") + "And its shape?<|eot_id|>" + h("assistant") +
               "a small circle<|eot_id|>")
@@ -62,15 +67,24 @@ def test_llama3_layout_matches_chat_format():
   prompt = conv.tokenize_prompt(TWO_ROUNDS[:3], tok, "llama3", has_image=True)
   assert tok.decode(prompt.input_ids, skip_special=False).endswith(
       "And its shape?<|eot_id|>" + h("assistant"))
+  # LLaVA-NeXT's system text stays selectable by name, in the same layout.
+  next_out = conv.tokenize_conversation(TWO_ROUNDS, tok, "llama3_llava_next",
+                                        has_image=True)
+  assert tok.decode(next_out.input_ids, skip_special=False) == expected.replace(
+      eagle_system, conv.LLAVA_NEXT_LLAMA3_SYSTEM)
 
 
-def test_plain_layout_is_image_caption_eos():
+def test_plain_layout_is_image_caption_newline():
   tok = tokenizers_lib.ByteTokenizer()
   turns = [{"from": "human", "value": "<image>\nDescribe."},
            {"from": "gpt", "value": "a red circle"}]
   out = conv.tokenize_conversation(turns, tok, "plain", has_image=True)
-  assert out.input_ids == [tok.bos_id, PH] + tok.encode("a red circle") + [tok.eos_id]
-  assert out.loss_mask == [0, 0] + [1] * len("a red circle") + [1]
+  # LLaVA/EAGLE preprocess_plain: "<image>" + caption + conv_llava_plain.sep ("\n"), no
+  # EOS; only the "<image>" prefix (BOS + placeholder) is masked.
+  assert out.input_ids == [tok.bos_id, PH] + tok.encode("a red circle\n")
+  assert tok.eos_id not in out.input_ids
+  assert out.loss_mask == [0, 0] + [1] * len("a red circle\n")
+  assert conv.get_template("plain").end_of_turn_id(tok) == tok.encode("\n")[0]
   assert not any(out.instruction_mask)
   assert conv.tokenize_prompt(turns[:1], tok, "plain", has_image=True).input_ids == \
       [tok.bos_id, PH]
@@ -135,10 +149,34 @@ def test_placeholder_once_for_images_never_for_text_only(template):
       runs(with_marker.input_ids, with_marker.loss_mask)
 
 
-def test_marker_at_the_end_of_the_question_stays_there():
+@pytest.mark.parametrize("value", ["What color?\n<image>", "What <image>color? ",
+                                   "<image>\n What color?", "<image> What color?<image>"])
+def test_marker_moves_to_the_front_of_its_turn(value):
+  # LLaVA/EAGLE preprocess_multimodal: "<image>\n" + value.replace("<image>", "").strip().
+  tok = tokenizers_lib.ByteTokenizer()
+  turns = [{"from": "human", "value": value}, {"from": "gpt", "value": "red"}]
+  out = conv.tokenize_conversation(turns, tok, "vicuna_v1", has_image=True)
+  reference = "<image>\n" + value.replace("<image>", "").strip()
+  expected = conv.tokenize_conversation(
+      [{"from": "human", "value": reference}, turns[1]], tok,
+      conv.get_template("vicuna_v1", image_position="as_is"), has_image=True)
+  assert out.input_ids == expected.input_ids
+  at = out.input_ids.index(PH)
+  assert tok.decode(out.input_ids[at - len(" USER: "):at]) == " USER: "
+  assert tok.decode(out.input_ids[at + 1:at + 1 + len("\nWhat color?")]) == "\nWhat color?"
+  assert out.input_ids.count(PH) == 1
+  # Only the marker: the turn becomes "<image>" (the reference strips the trailing "\n").
+  alone = conv.place_image_marker([("human", " <image>\n"), ("gpt", "x")], True)
+  assert alone[0] == ("human", "<image>")
+  with pytest.raises(ValueError, match="data.image_position"):
+    conv.get_template("vicuna_v1", image_position="back")
+
+
+def test_marker_at_the_end_of_the_question_stays_there_with_as_is():
   tok = tokenizers_lib.ByteTokenizer()
   turns = [{"from": "human", "value": "What color?\n<image>"}, {"from": "gpt", "value": "red"}]
-  out = conv.tokenize_conversation(turns, tok, "vicuna_v1", has_image=True)
+  out = conv.tokenize_conversation(
+      turns, tok, conv.get_template("vicuna_v1", image_position="as_is"), has_image=True)
   at = out.input_ids.index(PH)
   assert tok.decode(out.input_ids[at - len(" What color?\n"):at]) == " What color?\n"
   assert [tok.decode(r).strip() for r in runs(out.input_ids, out.instruction_mask)] == \
@@ -161,8 +199,10 @@ def test_marker_at_the_end_of_the_question_stays_there():
      "outside the first human turn"),
 ])
 def test_malformed_conversations_are_named(turns, has_image, message):
+  # 'as_is' refuses several markers; 'front' merges those of the first turn (reference).
+  template = conv.get_template("vicuna_v1", image_position="as_is")
   with pytest.raises(conv.ConversationError, match=message):
-    conv.tokenize_conversation(turns, tokenizers_lib.ByteTokenizer(), "vicuna_v1",
+    conv.tokenize_conversation(turns, tokenizers_lib.ByteTokenizer(), template,
                                has_image=has_image)
 
 

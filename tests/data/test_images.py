@@ -85,3 +85,41 @@ def test_check_image_file(tmp_path):
   corrupt[idat + 10] ^= 0xFF
   (tmp_path / "corrupt.png").write_bytes(bytes(corrupt))
   assert "unreadable" in images.check_image_file(str(tmp_path / "corrupt.png"))
+
+
+@pytest.mark.parametrize("width,height", [(40, 20), (20, 37), (33, 33), (7, 50)])
+def test_crop_matches_the_clip_image_processor(width, height):
+  """aspect='crop' is EAGLE/LLaVA pre-training's path: HF CLIPImageProcessor with
+  shortest_edge = crop size (resize, centre crop), before rescaling/normalising."""
+  transformers = pytest.importorskip("transformers")
+  pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3)).astype(np.uint8)
+  processor = transformers.CLIPImageProcessor(
+      size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_rescale=False,
+      do_normalize=False)
+  want = processor.preprocess(Image.fromarray(pixels), return_tensors="np")[
+      "pixel_values"][0].transpose(1, 2, 0).astype(np.int64)
+  got = images.to_master_resolution(pixels, 16, aspect="crop")
+  assert got.shape == (16, 16, 3) and got.dtype == np.uint8
+  # Same geometry; bicubic rounding may differ by one level between resize backends.
+  assert np.abs(got.astype(np.int64) - want).max() <= 1
+  assert np.mean(got != want) < 0.01
+
+
+def test_crop_drops_the_sides_and_pad_keeps_them():
+  # 40 × 20: left quarter red, right quarter blue, middle green.
+  pixels = np.zeros((20, 40, 3), np.uint8)
+  pixels[:, :10] = (255, 0, 0)
+  pixels[:, 10:30] = (0, 255, 0)
+  pixels[:, 30:] = (0, 0, 255)
+  crop = images.to_master_resolution(pixels, 20, aspect="crop")
+  assert (crop == (0, 255, 0)).all()  # the centre 20 × 20 of the unresized image
+  pad = images.to_master_resolution(pixels, 20, aspect="pad")
+  assert tuple(pad[0, 10]) == images.CLIP_MEAN_RGB and pad[10, 0, 0] > 200
+  with pytest.raises(ValueError, match="data.image_aspect"):
+    images.to_master_resolution(pixels, 20, aspect="stretch")
+
+
+def test_stage_defaults_crop_in_stage_1_and_pad_after():
+  from configs import leo_mini_llama3_8b  # pylint: disable=g-import-not-at-top
+  assert [leo_mini_llama3_8b.get_config(f"stage={s}").data.image_aspect
+          for s in (1, 2, 3)] == ["crop", "pad", "pad"]

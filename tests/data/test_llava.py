@@ -155,3 +155,30 @@ def test_file_errors_are_named(tmp_path):
   (tmp_path / "obj.json").write_text("{}")
   with pytest.raises(ValueError, match="obj.json: expected a JSON list"):
     llava.load_llava(str(tmp_path / "obj.json"))
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_image_aspect_and_marker_position_reach_the_rows(tmp_path, aspect):
+  """A wide image and a trailing marker as LLaVA-665K has them: the row's image follows
+  data.image_aspect, and its placeholder comes before the question (image_position)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pixels = np.zeros((R, 2 * R, 3), np.uint8)
+  pixels[:, :R // 2] = (255, 0, 0)
+  pixels[:, R // 2:3 * R // 2] = (0, 255, 0)
+  pixels[:, 3 * R // 2:] = (0, 0, 255)
+  Image.fromarray(pixels).save(tmp_path / "wide.png")
+  json_path = _write(tmp_path / "d.json", [{"id": "w", "image": "wide.png", "conversations": [
+      {"from": "human", "value": "What colour?\n<image>"}, {"from": "gpt", "value": "green"}]}])
+  cfg = pipeline.default_data_config()
+  cfg.update(kind="llava", train_json=json_path, eval_json=json_path, batch_size=1,
+             resolution=R, system_prompt="", image_aspect=aspect, read_threads=1)
+  batch, _ = next(iter(pipeline.make_dataset(cfg, split="eval", mode="eval",
+                                             process_index=0, process_count=1)))
+  np.testing.assert_array_equal(batch["image"][0],
+                                images.to_master_resolution(pixels, R, aspect=aspect))
+  if aspect == "crop":
+    assert (batch["image"][0] == (0, 255, 0)).all()
+  ids = batch["input_ids"][0].tolist()
+  tok = tokenizers_lib.ByteTokenizer()
+  at = ids.index(conv.IMAGE_PLACEHOLDER_ID)
+  assert tok.decode(ids[at + 1:at + 1 + len("\nWhat colour?")]) == "\nWhat colour?"

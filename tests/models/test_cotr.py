@@ -22,11 +22,16 @@ def _inputs(rng, dims, lengths, batch=2, text_len=7):
   return features, text, mask
 
 
-def _numpy_cotr(params, names, features, text, mask, pool):
-  """Eq. 2–7, one example at a time, cross term as an explicit sum over j ≠ i."""
+def _numpy_cotr(params, names, features, text, mask, pool, score_norm="rms"):
+  """Eq. 2–7, one example at a time, cross term as an explicit sum over j ≠ i.
+
+  score_norm='none' is the equations as printed: scores of the raw projections."""
   linear = lambda x, p: x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
 
   def rms_norm(x, p):
+    if score_norm == "none":
+      assert p is None  # no normalisation parameters exist
+      return x
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * np.asarray(p["scale"])
 
   def pooled(tokens, weights):
@@ -35,14 +40,15 @@ def _numpy_cotr(params, names, features, text, mask, pool):
 
   outputs = []
   for b in range(text.shape[0]):
-    visual_hat = [rms_norm(linear(f[b], params[f"{n}_visual_proj"]), params[f"{n}_visual_norm"])
-                  for n, f in zip(names, features)]
-    text_hat = rms_norm(linear(text[b], params["text_proj"]), params["text_norm"])
+    visual_hat = [rms_norm(linear(f[b], params[f"{n}_visual_proj"]),
+                           params.get(f"{n}_visual_norm")) for n, f in zip(names, features)]
+    text_hat = rms_norm(linear(text[b], params["text_proj"]), params.get("text_norm"))
     per_expert = []
     for i, name in enumerate(names):
       ones = np.ones(visual_hat[i].shape[0], np.float32)
       q_hat = rms_norm(linear(np.asarray(params[f"{name}_queries"]),
-                              params[f"{name}_query_proj"]), params[f"{name}_query_norm"])
+                              params[f"{name}_query_proj"]),
+                       params.get(f"{name}_query_norm"))
       s_query = q_hat @ visual_hat[i].T
       s_self = pooled(visual_hat[i], ones) @ visual_hat[i].T
       s_cross = sum(pooled(visual_hat[j], np.ones(visual_hat[j].shape[0], np.float32))
@@ -56,10 +62,11 @@ def _numpy_cotr(params, names, features, text, mask, pool):
   return np.stack(outputs)
 
 
-def _run(num_visual_tokens, names, dims, lengths, pool="mean", seed=0):
+def _run(num_visual_tokens, names, dims, lengths, pool="mean", seed=0, **cotr_kwargs):
   rng = np.random.default_rng(seed)
   features, text, mask = _inputs(rng, dims, lengths)
-  module = cotr_lib.CoTR(cotr_lib.CoTRConfig(num_visual_tokens, COTR_DIM, pool), names)
+  module = cotr_lib.CoTR(cotr_lib.CoTRConfig(num_visual_tokens, COTR_DIM, pool,
+                                             **cotr_kwargs), names)
   params = nn.unbox(module.init(jax.random.PRNGKey(seed), features, text, mask))["params"]
   # Random biases so every term of the equations is exercised.
   params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32),
@@ -87,6 +94,29 @@ def test_sum_pool_matches_numpy():
   want = _numpy_cotr(params, names, features, text, mask, "sum")
   np.testing.assert_allclose(np.asarray(apply(features, text, mask)), want, atol=1e-5,
                              rtol=1e-5)
+
+
+def test_paper_literal_scores_match_the_raw_equations():
+  """score_norm='none', query_init_std=0.02: Eq. 2–5 on the raw projections, no norm
+  parameters, queries at std 0.02; the result differs from the default's."""
+  names, dims, lengths = ("clip", "convnext", "sam"), (6, 10, 5), (9, 4, 16)
+  init = cotr_lib.CoTR(cotr_lib.CoTRConfig(64, COTR_DIM, score_norm="none",
+                                           query_init_std=0.02), names)
+  features, text, mask = _inputs(np.random.default_rng(0), dims, lengths)
+  fresh = nn.unbox(init.init(jax.random.PRNGKey(0), features, text, mask))["params"]
+  assert not any("norm" in key for key in fresh)
+  queries = np.concatenate([np.ravel(fresh[f"{n}_queries"]) for n in names])
+  assert 0.015 < queries.std() < 0.025
+  apply, params, features, text, mask = _run(16, names, dims, lengths, score_norm="none",
+                                             query_init_std=0.02)
+  want = _numpy_cotr(params, names, features, text, mask, "mean", score_norm="none")
+  got = np.asarray(apply(features, text, mask))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  default, default_params, *_ = _run(16, names, dims, lengths)
+  assert "clip_query_norm" in default_params
+  assert np.abs(np.asarray(default(features, text, mask)) - got).max() > 1e-2
+  with pytest.raises(ValueError, match="reducer.score_norm"):
+    reducers.build_reducer(dict(kind="cotr", score_norm="layer"), names)
 
 
 def test_rows_are_convex_combinations_of_expert_tokens():

@@ -135,3 +135,21 @@ def test_every_parameter_has_logical_axis_names(arg):
   unnamed = [x for x in leaves if not isinstance(x, nn.LogicallyPartitioned)]
   assert not unnamed
   assert all(len(x.names) == x.value.ndim for x in leaves)
+
+
+def test_balance_loss_sum_over_layers_is_layers_times_the_mean():
+  """mmoe.balance_reduce: λ × mean over layers (default) or λ × sum (Switch/GShard)."""
+  config = tiny.get_config("stage=3,tokens=4").model
+  assert config.llm.mmoe.balance_reduce == "mean"
+  losses = {}
+  for reduce in ("mean", "sum"):
+    config.llm.mmoe.balance_reduce = reduce
+    model = leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(config))
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), _batch()))["params"]
+    losses[reduce] = float(model.apply({"params": params}, _batch())[1]["balance_loss"])
+  layers = config.llm.num_layers
+  assert layers > 1 and losses["mean"] > 0
+  np.testing.assert_allclose(losses["sum"], layers * losses["mean"], rtol=1e-5)
+  config.llm.mmoe.balance_reduce = "max"
+  with pytest.raises(ValueError, match="mmoe.balance_reduce"):
+    leo_mini_lib.LeoMiniConfig.from_config(config)

@@ -4,6 +4,7 @@ import pytest
 
 from configs import common, leo_mini_llama3_8b, leo_mini_vicuna_7b, tiny
 from leo_mini_jax.training import loop
+from leo_mini_jax.training import optimizer as optimizer_lib
 from tests.training.conftest import small_config
 
 
@@ -57,3 +58,41 @@ def test_bad_model_field_fails_at_start():
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_full_size_configs_validate(module, stage):
   loop.validate_config(module.get_config(f"stage={stage}"))
+
+
+def test_derived_length_is_epochs_over_usable_records():
+  config = small_config(1, total_steps=0, num_epochs=2)
+  assert optimizer_lib.derived_total_steps(config, 64) == (
+      16, "64 records × 2 epochs / batch 8 → 16 steps")
+  # data.batch_size is the global batch of one optimizer step: accumulation and the
+  # process count split it, they do not change the count. A last partial batch counts.
+  config.optimizer.grad_accum_steps = 2
+  steps, how = optimizer_lib.derived_total_steps(config, 65)
+  assert steps == 17 and how.startswith("65 records × 2 epochs / batch 8 → 17 steps")
+  config.num_epochs = 0.5
+  assert optimizer_lib.derived_total_steps(config, 64)[0] == 4
+
+
+@pytest.mark.parametrize("module", [leo_mini_vicuna_7b, leo_mini_llama3_8b])
+def test_paper_configs_derive_one_epoch_and_tiny_keeps_its_steps(module):
+  for stage in (1, 2, 3):
+    config = module.get_config(f"stage={stage}")
+    assert config.total_steps == 0 and config.num_epochs == 1
+  assert module.get_config("stage=2,steps=300").total_steps == 300
+  assert tiny.get_config("stage=2").total_steps == tiny.STEPS[2]
+
+
+def test_total_steps_zero_trains_num_epochs_of_the_data(tmp_path, capsys, one_device_mesh):
+  """64 synthetic records × 2 epochs / batch 8 → 16 steps; the cosine reaches its end
+  value at the last of them. An explicit total_steps still wins."""
+  config = small_config(1, total_steps=0, num_epochs=2)
+  config.optimizer.warmup_steps = 0
+  summary = loop.train(config, str(tmp_path / "run"), progress=False, stop_at=1,
+                       mesh=one_device_mesh)
+  assert "64 records × 2 epochs / batch 8 → 16 steps" in capsys.readouterr().out
+  assert summary["total_steps"] == 16 and config.total_steps == 0
+  schedule = summary["setup"].lr_schedule
+  assert float(schedule(15)) == pytest.approx(0.0, abs=1e-12)
+  assert float(schedule(7)) == pytest.approx(config.optimizer.lr / 2, rel=1e-6)
+  with pytest.raises(ValueError, match="config.num_epochs"):
+    loop.validate_config(small_config(1, total_steps=0, num_epochs=0))

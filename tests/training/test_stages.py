@@ -90,3 +90,41 @@ def test_weight_decay_mask_skips_norms_biases_queries_and_positions():
   assert mask == {"llm": {"final_norm": {"scale": False}, "lm_head": {"kernel": True}},
                   "reducer": {"cotr": {"clip_queries": False, "text_proj": {"bias": False}}},
                   "vision": {"clip": {"embeddings": {"position_embedding": False}}}}
+
+
+def _first_updates(config, params):
+  tx, _ = optimizer_lib.make_optimizer(config, params)
+  grads = jax.tree.map(np.ones_like, params)
+  updates, state = tx.update(grads, tx.init(params), params)
+  return updates, state
+
+
+def test_projector_lr_mult_scales_its_first_update_only():
+  """Stage 3 of the paper configs: the projector trains at 0.1 × lr (LLaVA-1.5's LoRA
+  recipe, mm_projector_lr 2e-5 beside 2e-4); CoTR and MMoE at lr; frozen leaves get
+  neither updates nor optimizer state. Adam's first update is lr × sign(grad)."""
+  from configs import leo_mini_llama3_8b  # pylint: disable=g-import-not-at-top
+  config = leo_mini_llama3_8b.get_config("stage=3")
+  assert dict(config.optimizer.lr_mults) == {"projector": 0.1}
+  config.total_steps, config.optimizer.warmup_steps = 100, 0
+  config.optimizer.decay, config.optimizer.clip_norm = "constant", 0.0
+  lr = config.optimizer.lr
+  params = {"projector": {"linear_1": {"kernel": np.ones((2, 3), np.float32)}},
+            "reducer": {"cotr": {"text_proj": {"kernel": np.ones((3,), np.float32)}}},
+            "llm": {"layers": {"mlp": {"mmoe_router": {"kernel": np.ones((4,), np.float32)},
+                                       "gate_proj": {"kernel": np.ones((5,), np.float32)}}}}}
+  updates, state = _first_updates(config, params)
+  np.testing.assert_allclose(updates["projector"]["linear_1"]["kernel"], -0.1 * lr, rtol=1e-4)
+  np.testing.assert_allclose(updates["reducer"]["cotr"]["text_proj"]["kernel"], -lr,
+                             rtol=1e-4)
+  np.testing.assert_allclose(updates["llm"]["layers"]["mlp"]["mmoe_router"]["kernel"], -lr,
+                             rtol=1e-4)
+  assert not np.any(updates["llm"]["layers"]["mlp"]["gate_proj"]["kernel"])
+  moments = sorted(x.size for x in jax.tree.leaves(state) if np.ndim(x) > 0)
+  assert moments == sorted([6, 3, 4] * 2)  # Adam's two moments, trainable leaves only
+  # A regex over paths scales what it matches; the first key that matches wins.
+  config.optimizer.lr_mults = {"llm/[^/]+/mlp/mmoe_[a-z]+": 0.5, "main": 2.0}
+  updates, _ = _first_updates(config, params)
+  np.testing.assert_allclose(updates["llm"]["layers"]["mlp"]["mmoe_router"]["kernel"],
+                             -0.5 * lr, rtol=1e-4)
+  np.testing.assert_allclose(updates["projector"]["linear_1"]["kernel"], -2 * lr, rtol=1e-4)
