@@ -53,7 +53,7 @@ GIB = 2.0**30
 
 def parse_mesh(text: str) -> dict[str, int]:
   """'fsdp=-1,tensor=2' → {'fsdp': -1, 'tensor': 2}; unnamed axes are 1."""
-  sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+  sizes = dict.fromkeys(mesh_lib.MESH_AXES, 1)
   for item in filter(None, text.split(",")):
     axis, sep, value = item.partition("=")
     if not sep or axis.strip() not in sizes:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from etils import epath
 import jax
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from leo_mini_jax.parallel.axes import MESH_AXES
 
 
 class ConfigError(ValueError):

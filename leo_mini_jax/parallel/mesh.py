@@ -1,7 +1,11 @@
 """Device mesh, logical-axis rules, batch sharding and multi-host set-up.
 
 Parameters and activations name their axes logically ('embed', 'mlp', 'activation_batch',
-...); a rules table maps logical names to the mesh axes ('data', 'fsdp', 'tensor').
+...; every name is spelled once, in `parallel.axes`); a rules table maps logical names to
+the mesh axes ('data', 'fsdp', 'tensor'). A name the table does not know is an error
+naming it and where it is used, never a silent replication. Parameters and activations
+read the same table by different procedures (`spec_for` says why and when they agree);
+tests/parallel/golden/ records what the paper models get.
 Shardings of the train state are derived from abstract shapes, never from materialised
 arrays, and a mesh axis that does not divide a dimension is dropped for that array
 (a 3-expert LoRA bank stays replicated on a 2-way 'tensor' axis instead of failing).
@@ -19,53 +23,84 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from leo_mini_jax.parallel import axes as ax
+from leo_mini_jax.parallel.axes import BATCH_AXES, FSDP, MESH_AXES, TENSOR
 
-# (logical name, mesh axes). The first rule whose mesh axes are free and divide the
-# dimension wins (flax.linen.logical_to_mesh_axes semantics plus the divisibility check).
+# (logical name, mesh axes). Parameters: per dimension, the first rule of its name whose
+# mesh axes are free and divide it wins; activations: flax's resolution (see `spec_for`).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # activations
-    ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv_heads", "tensor"),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("activation_vision_tokens", None),
-    ("activation_vision_embed", None),
+    (ax.ACTIVATION_BATCH, BATCH_AXES),
+    (ax.ACTIVATION_LENGTH, None),
+    (ax.ACTIVATION_EMBED, None),
+    (ax.ACTIVATION_HEADS, TENSOR),
+    (ax.ACTIVATION_KV_HEADS, TENSOR),
+    (ax.ACTIVATION_MLP, TENSOR),
+    (ax.ACTIVATION_VOCAB, TENSOR),
+    (ax.ACTIVATION_VISION_TOKENS, None),
+    (ax.ACTIVATION_VISION_EMBED, None),
     # LLM parameters
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
+    (ax.VOCAB, TENSOR),
+    (ax.EMBED, FSDP),
+    (ax.MLP, TENSOR),
     # Where 'embed' cannot take 'fsdp' (the MMoE LoRA banks [layers, experts, rank, mlp]),
     # 'mlp' does: otherwise those banks and their Adam moments stay whole on every device.
-    ("mlp", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("norm", None),
-    ("layers", None),
+    (ax.MLP, FSDP),
+    (ax.HEADS, TENSOR),
+    (ax.KV_HEADS, TENSOR),
+    (ax.NORM, None),
+    (ax.LAYERS, None),
     # MMoE-LLM: low-rank and tiny, replicated apart from their 'embed'/'mlp' axis
-    ("lora_experts", None),
-    ("lora_rank", None),
-    ("router_hidden", None),
-    ("router_experts", None),
-    ("router_context", "fsdp"),
+    (ax.LORA_EXPERTS, None),
+    (ax.LORA_RANK, None),
+    (ax.ROUTER_HIDDEN, None),
+    (ax.ROUTER_EXPERTS, None),
+    (ax.ROUTER_CONTEXT, FSDP),
     # vision experts, reducer, projector
-    ("vision_embed", "fsdp"),
-    ("vision_mlp", "tensor"),
-    ("vision_heads", "tensor"),
-    ("vision_pos", None),
-    ("conv_height", None),
-    ("conv_width", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("cotr", None),
-    ("queries", None),
-    ("projector_in", "fsdp"),
-    ("projector_hidden", "tensor"),
+    (ax.VISION_EMBED, FSDP),
+    (ax.VISION_MLP, TENSOR),
+    (ax.VISION_HEADS, TENSOR),
+    (ax.VISION_POS, None),
+    (ax.CONV_HEIGHT, None),
+    (ax.CONV_WIDTH, None),
+    (ax.CONV_IN, None),
+    (ax.CONV_OUT, TENSOR),
+    (ax.COTR, None),
+    (ax.QUERIES, None),
+    (ax.PROJECTOR_IN, FSDP),
+    (ax.PROJECTOR_HIDDEN, TENSOR),
 )
+
+
+def _mesh_axes_of(physical: Any) -> tuple:
+  """A rule's right side (None, 'fsdp' or ('data', 'fsdp')) as a tuple of mesh axes."""
+  if physical is None:
+    return ()
+  return (physical,) if isinstance(physical, str) else tuple(physical)
+
+
+def check_rules(rules: Sequence[tuple[str, Any]]) -> None:
+  """Every rule maps a known logical name (`parallel.axes`) to known mesh axes, and every
+  known logical name has a rule (`(name, None)` when it is to be replicated).
+
+  Raises ValueError naming the rule or the missing names: a misspelled name in a rules
+  table would otherwise never match, and its arrays would silently be replicated.
+  """
+  for i, rule in enumerate(rules):
+    if len(rule) != 2:
+      raise ValueError(f"sharding rule {i} {rule!r}: expected (logical name, mesh axes)")
+    logical, physical = rule
+    if logical not in ax.LOGICAL_AXES:
+      raise ValueError(f"sharding rule {i} {tuple(rule)!r}: unknown logical axis "
+                       f"{logical!r}; known: {', '.join(ax.LOGICAL_AXES)}")
+    unknown = [a for a in _mesh_axes_of(physical) if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"sharding rule {i} {tuple(rule)!r}: unknown mesh axes {unknown}; "
+                       f"expected some of {MESH_AXES}")
+  missing = [name for name in ax.LOGICAL_AXES if name not in {r[0] for r in rules}]
+  if missing:
+    raise ValueError(f"sharding rules: no rule for logical axes {missing}; give each a rule "
+                     "(mesh axes None to replicate)")
 
 
 def _axis_sizes(shape: Any, where: str) -> list[int]:
@@ -137,22 +172,46 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None, dcn: Any = No
     return Mesh(np.asarray(devices).reshape(ici_sizes), MESH_AXES)
 
 
-def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mesh,
-             rules: Sequence[tuple[str, Any]]) -> P:
-  """PartitionSpec for one array from its logical axis names."""
+def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Any,
+             rules: Sequence[tuple[str, Any]], where: str = "array") -> P:
+  """PartitionSpec for one parameter (or other stored array) from its logical axis names.
+
+  Dimension by dimension, left to right: the first rule of the dimension's name whose
+  mesh axes (those of size > 1) are not yet used by an earlier dimension and divide its
+  size; no such rule leaves the dimension whole. A name with no rule at all is an error
+  naming it and `where` (the parameter's path). `mesh` needs only `.shape` (a `Mesh` or
+  an `AbstractMesh`).
+
+  Activations resolve the same table differently: models constrain them with flax's
+  `nn.with_logical_constraint`, which walks the rules in table order (a rule takes its
+  dimension if its mesh axes are still free), keeps size-1 mesh axes and checks no
+  divisibility. Parameters need this procedure instead: their shapes are whatever the
+  model needs (3 LoRA experts, a 7-row position table), every stored array must split
+  evenly, and a dimension whose first choice is unavailable (a size-1 or taken axis,
+  a size it does not divide) falls back to its next rule ('mlp': 'tensor', else 'fsdp')
+  or stays whole, so a parameter still gets split somewhere. Activations have one rule
+  per name and sizes checked at start (the batch divides over 'data' x 'fsdp':
+  `training.loop.check_batch`), so where every axis divides both procedures give the
+  same spec; tests/parallel/test_sharding_golden.py checks that, and that every name
+  is known, for every activation of both paper models (flax itself replicates an
+  unknown activation name silently).
+  """
   if names is None:
     return P()
   table: dict[str, list] = {}
   for logical, physical in rules:
     table.setdefault(logical, []).append(physical)
+  unknown = [name for name in names if name is not None and name not in table]
+  if unknown:
+    raise ValueError(f"{where}: logical axis {unknown[0]!r} (of {tuple(names)}) has no "
+                     "sharding rule; known names are in leo_mini_jax/parallel/axes.py, "
+                     "rules in mesh.DEFAULT_RULES / config.sharding_rules")
   used: set[str] = set()
   spec = []
   for dim, name in zip(shape, names):
     chosen = None
-    for physical in table.get(name, [None]) if name is not None else [None]:
-      axes = () if physical is None else (
-          (physical,) if isinstance(physical, str) else tuple(physical))
-      axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    for physical in table[name] if name is not None else []:
+      axes = tuple(a for a in _mesh_axes_of(physical) if mesh.shape.get(a, 1) > 1)
       size = math.prod(mesh.shape[a] for a in axes)
       if axes and not used.intersection(axes) and dim % size == 0:
         chosen = axes[0] if len(axes) == 1 else axes
@@ -162,6 +221,17 @@ def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mes
   while spec and spec[-1] is None:
     spec.pop()
   return P(*spec)
+
+
+def _key_path(path) -> str:
+  """A pytree key path as 'params/llm/layers/q_proj/kernel'."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _current_module_path() -> str:
+  """'llm/layers/attention/q' inside a flax module's method, else 'array'."""
+  module = nn.module._context.module_stack[-1]  # pylint: disable=protected-access
+  return "/".join(module.path) if module is not None and module.path else "array"
 
 
 def gathered(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -178,13 +248,13 @@ def gathered(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """
   mesh = flax.core.meta.get_global_mesh()
   rules = nn.get_logical_axis_rules()
-  if mesh is None or not rules or "fsdp" not in mesh.shape or mesh.shape["fsdp"] == 1:
+  if mesh is None or not rules or mesh.shape.get(FSDP, 1) == 1:
     return weight
-  spec = spec_for(weight.shape, names, mesh, rules)
+  spec = spec_for(weight.shape, names, mesh, rules, where=_current_module_path())
   def drop(entry):
     if entry is None or isinstance(entry, str):
-      return None if entry == "fsdp" else entry
-    kept = tuple(a for a in entry if a != "fsdp")
+      return None if entry == FSDP else entry
+    kept = tuple(a for a in entry if a != FSDP)
     return kept[0] if len(kept) == 1 else (kept or None)
   return jax.lax.with_sharding_constraint(weight, NamedSharding(mesh, P(*map(drop, spec))))
 
@@ -195,17 +265,19 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
 
   Leaves carrying `nn.LogicallyPartitioned` metadata are sharded by their names; plain
   leaves (optimizer counts, RNG keys) are replicated. The result has the unboxed tree's
-  structure.
+  structure. A logical name without a rule is an error naming the leaf's path.
   """
-  def one(leaf):
+  check_rules(rules)
+  def one(path, leaf):
     if isinstance(leaf, nn.LogicallyPartitioned):
       value = leaf.value
       if not hasattr(value, "shape"):  # e.g. optax.MaskedNode: an empty subtree
         return value
-      return NamedSharding(mesh, spec_for(value.shape, leaf.names, mesh, rules))
+      return NamedSharding(mesh, spec_for(value.shape, leaf.names, mesh, rules,
+                                          where=_key_path(path)))
     return NamedSharding(mesh, P())
-  return jax.tree.map(one, abstract_tree,
-                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  return jax.tree_util.tree_map_with_path(
+      one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def logical_axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
@@ -222,6 +294,7 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
   constraint is silently dropped; XLA then propagates the weights' FSDP sharding into
   the activations and each device computes the whole global batch.
   """
+  check_rules(rules)
   try:
     mesh_context = jax.set_mesh(mesh)
   except ValueError:  # inside a trace (e.g. make_jaxpr of a step that activates itself)
