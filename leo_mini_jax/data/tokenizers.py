@@ -50,6 +50,11 @@ class Tokenizer(abc.ABC):
   def token_id(self, token: str) -> int | None:
     """Id of a special string such as '<|eot_id|>', or None if the vocabulary lacks it."""
 
+  def token_name(self, token_id: int) -> str | None:
+    """The vocabulary entry of `token_id` (e.g. '</s>'), None if there is none."""
+    del token_id
+    return None
+
   def special_id(self, token: str) -> int:
     """Like `token_id` but raises a KeyError naming the token and the tokenizer."""
     token_id = self.token_id(token)
@@ -98,6 +103,9 @@ class ByteTokenizer(Tokenizer):
 
   def token_id(self, token: str) -> int | None:
     return self._special_ids.get(self.ALIASES.get(token, token))
+
+  def token_name(self, token_id: int) -> str | None:
+    return self._special_names.get(int(token_id))
 
 
 _PREFIX_MARKS = ("\u2581", "\u0120")  # "▁" (sentencepiece, Metaspace), "Ġ" (byte-level)
@@ -259,6 +267,9 @@ class HFTokenizer(Tokenizer):
   def token_id(self, token: str) -> int | None:
     return self._tok.token_to_id(token)
 
+  def token_name(self, token_id: int) -> str | None:
+    return self._tok.id_to_token(int(token_id))
+
 
 def _sp_proto_without_dummy_prefix(path: str) -> bytes:
   """The serialized model with add_dummy_prefix off (as HF's non-legacy Llama tokenizer).
@@ -336,6 +347,9 @@ class SentencePieceTokenizer(Tokenizer):
     if token_id < 0 or self._sp.IdToPiece(token_id) != token:
       return None  # PieceToId answers unk for unknown pieces
     return token_id
+
+  def token_name(self, token_id: int) -> str | None:
+    return self._sp.IdToPiece(int(token_id)) if 0 <= int(token_id) < self.vocab_size else None
 
 
 def template_for(tokenizer: Tokenizer) -> str:

@@ -6,12 +6,16 @@
         --expert clip=/ckpt/clip-vit-large-patch14-336 \
         --expert convnext=/ckpt/convnext_xxlarge.clip_laion2b_soup \
         --out /ckpt/leo-mini-llama3-init
+    python -m leo_mini_jax.porting.convert --config configs/tiny.py:stage=1 \
+        --llm /ckpt/tiny-llama --out /ckpt/tiny-init   # the LLM alone
     python train.py --config configs/leo_mini_llama3_8b.py:stage=1 --workdir /runs/s1 \
         --config.init_from=/ckpt/leo-mini-llama3-init
 
 The LEO-MINI model the config describes is built abstractly (`jax.eval_shape`, no
 weights allocated); its LLM comes from the HF folder (`llm/...`) and every vision expert
-from its checkpoint (`vision/<name>/...`). All sources are converted in one pass through a
+from its checkpoint (`vision/<name>/...`). An expert given no `--expert` is not ported: it
+is initialised fresh, with the values train.py's own init at `config.seed` gives, and
+named in the output (so the LLM can be ported alone). All sources are converted in one pass through a
 `readers.CombinedReader`, so every missing, unexpected or mismatched tensor of every
 checkpoint is reported at once. Before any tensor is read, the architecture each
 checkpoint declares (config.json, or the tensor shapes for timm) is compared with the
@@ -30,6 +34,8 @@ about one copy of the weights.
 
 import dataclasses
 import os
+import re
+import sys
 import time
 from typing import Any, Mapping
 
@@ -74,11 +80,10 @@ def llm_differences(model_config, hf_llm, where: str) -> list[str]:
 
 
 def build_sources(model_config, llm_path: str, expert_paths: Mapping[str, str]):
-  """(CombinedReader, rules) for the model; raises ValueError naming every disagreement."""
+  """(CombinedReader, rules) for the LLM and the experts in `expert_paths` (the config's
+  other experts are not read); raises ValueError naming every disagreement."""
   problems = []
   names = [name for name, _ in model_config.experts]
-  for name in sorted(set(names) - set(expert_paths)):
-    problems.append(f"expert {name!r} is in the config but no --expert {name}=PATH was given")
   for name in sorted(set(expert_paths) - set(names)):
     problems.append(f"--expert {name}=... names an expert the config does not have "
                     f"(config experts: {names})")
@@ -116,10 +121,20 @@ def build_model_config(config: ml_collections.ConfigDict):
   return leo_mini.LeoMiniConfig.from_config(config.model)
 
 
+def _fresh_params(model, batch, seed: int, paths: list[str], host) -> dict[str, Any]:
+  """{path: value} of `paths` from the model's init at `seed` (train.py's init_state values);
+  under jit the initialisers of every other parameter are dead code, so only these run."""
+  def init(rng):
+    flat = mapping.flatten_tree(model.init(rng, batch)["params"])
+    return {p: flat[p] for p in paths}
+  return jax.jit(init, out_shardings={p: host for p in paths})(jax.random.PRNGKey(seed))
+
+
 def _convert(config: ml_collections.ConfigDict, build_sources_fn, out_dir: str,
-             allow_missing: str) -> dict[str, Any]:
+             allow_missing: str, fresh_experts: tuple[str, ...] = ()) -> dict[str, Any]:
   """Builds the config's abstract LeoMini tree, fills it from `build_sources_fn(model
-  config) -> (reader, rules)` and saves it at `out_dir`; returns a summary."""
+  config) -> (reader, rules)` (and `fresh_experts` from a fresh init), saves it at
+  `out_dir`; returns a summary."""
   from leo_mini_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from leo_mini_jax.training import loop  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
@@ -128,20 +143,29 @@ def _convert(config: ml_collections.ConfigDict, build_sources_fn, out_dir: str,
   expected = nn.meta.unbox(
       jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"])
   reader, rules = build_sources_fn(model.config)
+  fresh_pattern = "|".join(f"vision/{name}/.*" for name in fresh_experts)
+  if fresh_pattern:
+    allow_missing = f"{allow_missing}|{fresh_pattern}"
   # Keep the weights in host memory even where an accelerator is present: they only
   # pass through on their way to disk.
   host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   with reader:
     params = mapping.convert(reader, rules, expected, allow_missing=allow_missing,
                              fill=mapping.OMIT, shardings=jax.tree.map(lambda _: host, expected))
-  checkpoint_lib.save_params(os.fspath(out_dir), params)
   written = mapping.flatten_tree(params)
+  fresh = sorted(p for p in mapping.flatten_tree(expected)
+                 if fresh_pattern and re.fullmatch(fresh_pattern, p))
+  if fresh:
+    written.update(_fresh_params(model, batch, int(config.seed), fresh, host))
+  checkpoint_lib.save_params(os.fspath(out_dir), mapping.unflatten_tree(written))
   left = sorted(set(mapping.flatten_tree(expected)) - set(written))
   return {
       "out": os.path.abspath(os.fspath(out_dir)),
       "num_params": sum(int(x.size) for x in written.values()),
       "num_tensors": len(written),
       "left_for_init": left,
+      "fresh_experts": {name: sum(p.startswith(f"vision/{name}/") for p in fresh)
+                        for name in fresh_experts},
       "seconds": time.perf_counter() - start,
   }
 
@@ -149,13 +173,18 @@ def _convert(config: ml_collections.ConfigDict, build_sources_fn, out_dir: str,
 def convert_checkpoints(config: ml_collections.ConfigDict, llm_path: str,
                         expert_paths: Mapping[str, str], out_dir: str,
                         allow_missing: str = NEW_MODULES) -> dict[str, Any]:
-  """Ports the LLM and experts into the config's LeoMini tree and saves it at `out_dir`.
+  """Ports the LLM and the experts in `expert_paths` into the config's LeoMini tree and
+  saves it at `out_dir`; the config's other experts are initialised fresh (train.py's
+  init at `config.seed`).
 
-  Returns a summary: parameter counts written and the paths left for train.py to init.
+  Returns a summary: parameter counts written, the experts initialised fresh (name →
+  tensors) and the paths left for train.py to init.
   """
   paths = {k: os.fspath(v) for k, v in expert_paths.items()}
+  names = [name for name, _ in build_model_config(config).experts]
+  fresh = tuple(name for name in names if name not in paths)
   return _convert(config, lambda mc: build_sources(mc, os.fspath(llm_path), paths), out_dir,
-                  allow_missing)
+                  allow_missing, fresh)
 
 
 def convert_eagle(config: ml_collections.ConfigDict, eagle_dir: str, out_dir: str,
@@ -171,6 +200,7 @@ def convert_eagle(config: ml_collections.ConfigDict, eagle_dir: str, out_dir: st
 def main() -> None:
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_flag = config_flags.DEFINE_config_file(
@@ -179,15 +209,31 @@ def main() -> None:
   eagle = flags.DEFINE_string(
       "eagle", None, "EAGLE release folder (LLM + experts + projector); replaces --llm/--expert.")
   experts = flags.DEFINE_multi_string(
-      "expert", [], "NAME=PATH for each vision expert of the config (e.g. clip=/ckpt/clip).")
+      "expert", [], "NAME=PATH for a vision expert of the config (e.g. clip=/ckpt/clip); "
+      "experts not given are initialised fresh.")
   out = flags.DEFINE_string("out", None, "Output directory (orbax params checkpoint).")
   allow = flags.DEFINE_string("allow_missing", None,
                               "Regex of parameter paths left for train.py to initialise "
                               f"(default {NEW_MODULES!r}; with --eagle {EAGLE_NEW_MODULES!r}).")
+  # (absl's own -v is its log verbosity)
+  verbose = flags.DEFINE_bool("verbose", False, "On an error, show the traceback.")
   flags.mark_flags_as_required(["config", "out"])
 
   def run(argv):
     del argv
+    # absl, orbax and jax report every step at INFO; the summary below is what matters.
+    logging.set_verbosity(logging.WARNING)
+    try:
+      convert_from_flags()
+    except (ValueError, KeyError, OSError) as e:  # PortError is a ValueError
+      if verbose.value:
+        raise
+      # The message names the file / key / config field; the traceback adds nothing.
+      print(f"convert: {type(e).__name__}: {e}" if isinstance(e, KeyError) else
+            f"convert: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  def convert_from_flags():
     # Conversion uses no mesh and reads no init_from; the run that loads it checks both.
     config_validation.validate_config(config_flag.value, device_count=0, trace_model=False,
                                       init_from=False)
@@ -218,6 +264,10 @@ def main() -> None:
 def _print_summary(summary: dict[str, Any]) -> None:
   print(f"wrote {summary['num_tensors']} tensors ({summary['num_params']:,} parameters) to "
         f"{summary['out']} in {summary['seconds']:.1f}s")
+  fresh = summary.get("fresh_experts")
+  if fresh:
+    print("not ported, initialised fresh at config.seed (no --expert given): "
+          + ", ".join(f"vision/{name} ({n} tensors)" for name, n in fresh.items()))
   if summary["left_for_init"]:
     print(f"left for train.py to initialise ({len(summary['left_for_init'])}): "
           + ", ".join(summary["left_for_init"]))

@@ -1,7 +1,13 @@
 """Our LLM params → an HF `LlamaForCausalLM` safetensors folder that transformers loads.
 
     export_llm(params["llm"], config.llm, "/out/my-llama", dtype="bfloat16",
-               tokenizer_dir="/ckpt/Meta-Llama-3-8B")
+               tokenizer=config.data.tokenizer)  # a folder, tokenizer.json or .model
+
+The tokenizer files are written beside the weights, with a tokenizer_config.json naming
+bos/eos/pad where the source has none, and those ids in config.json and
+generation_config.json, so `AutoTokenizer.from_pretrained(out)` and
+`AutoModelForCausalLM.from_pretrained(out)` both load the folder and generation stops at
+the tokenizer's end of sequence.
 
 The key layout is the LLaMA port's mapping table run backwards (`plan_export`),
 so export and import cannot drift apart. Files are written tensor by tensor: each shard's
@@ -41,6 +47,9 @@ _DTYPE_NAMES = {
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
+# The transformers class that reads each vocabulary file when no tokenizer_config.json says.
+_TOKENIZER_CLASSES = {"tokenizer.json": "PreTrainedTokenizerFast",
+                      "tokenizer.model": "LlamaTokenizer"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +222,7 @@ def _shards(items: list[ExportItem], limit: int, itemsize) -> list[list[ExportIt
 
 def export_llm(params: Mapping[str, Any], config: llama_lib.LlamaConfig,
                out_dir: str | os.PathLike, *, dtype: str | None = None,
-               max_shard_size: int | str = "5GB", tokenizer_dir: str | None = None,
+               max_shard_size: int | str = "5GB", tokenizer: str | None = None,
                extra_config: Mapping[str, Any] | None = None,
                exclude: str | None = None) -> list[str]:
   """Writes `params` of `LlamaForCausalLM(config)` as an HF LlamaForCausalLM folder.
@@ -224,8 +233,9 @@ def export_llm(params: Mapping[str, Any], config: llama_lib.LlamaConfig,
     out_dir: created if absent; existing model files in it are replaced.
     dtype: 'float32' / 'bfloat16' / 'float16'; None keeps each parameter's dtype.
     max_shard_size: bytes or a string such as '5GB'.
-    tokenizer_dir: copy the tokenizer files found there (tokenizer.json/.model, configs).
-    extra_config: more config.json fields (e.g. bos_token_id, eos_token_id).
+    tokenizer: a tokenizer folder, tokenizer.json or tokenizer.model (`data.tokenizer`):
+      its files are written beside the weights (see `write_tokenizer`).
+    extra_config: more config.json fields (they win over the tokenizer's special ids).
     exclude: regex of parameter paths to leave out (e.g. '.*mmoe_.*' for a stage-3 LLM,
       whose LoRA experts and routers HF's LlamaForCausalLM has no place for). Without it
       any parameter outside the LLaMA layout is an error naming it.
@@ -266,12 +276,16 @@ def export_llm(params: Mapping[str, Any], config: llama_lib.LlamaConfig,
     with open(path, "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     written.append(path)
+  special_ids = {}
+  if tokenizer is not None:
+    tokenizer_files, special_ids = write_tokenizer(tokenizer, out_dir,
+                                                   config.max_position_embeddings)
+    written += tokenizer_files
   path = os.path.join(out_dir, "config.json")
   with open(path, "w") as f:
-    json.dump(hf_config(config, torch_dtype, extra_config), f, indent=2)
+    json.dump(hf_config(config, torch_dtype, {**special_ids, **(extra_config or {})}), f,
+              indent=2)
   written.append(path)
-  if tokenizer_dir is not None:
-    written += _copy_tokenizer(tokenizer_dir, out_dir)
   return written
 
 
@@ -280,12 +294,54 @@ def jnp_dtype(name: str):
   return ml_dtypes.bfloat16 if str(name) == "bfloat16" else np.dtype(name)
 
 
-def _copy_tokenizer(src: str, out_dir: str) -> list[str]:
-  copied = [os.path.join(out_dir, n) for n in TOKENIZER_FILES
-            if os.path.exists(os.path.join(src, n))]
-  if not any(os.path.basename(c).startswith("tokenizer.") for c in copied):
-    raise FileNotFoundError(f"{src}: neither tokenizer.json nor tokenizer.model to copy")
-  for dst in copied:
-    shutil.copyfile(os.path.join(src, os.path.basename(dst)), dst)
-  return copied
+def write_tokenizer(source: str, out_dir: str, max_length: int
+                    ) -> tuple[list[str], dict[str, int]]:
+  """Writes the tokenizer `source` (folder, tokenizer.json or tokenizer.model) into
+  `out_dir` as transformers reads it; returns (paths written, {bos/eos/pad_token_id}).
 
+  The vocabulary file and the configs beside it are copied. Where the source has no
+  tokenizer_config.json (a bare tokenizer.json, as `data.tokenizer` may name), one is
+  written naming the class and the bos/eos/pad tokens this project resolves (without it
+  transformers loads no eos and generation never stops); likewise generation_config.json.
+  """
+  from leo_mini_jax.data import tokenizers as tokenizers_lib  # pylint: disable=import-outside-toplevel
+  source = os.fspath(source)
+  if source == "byte":
+    raise ValueError("the byte tokenizer has no files transformers can read; export "
+                     "without a tokenizer")
+  if os.path.isdir(source):
+    folder, vocab = source, [n for n in _TOKENIZER_CLASSES
+                             if os.path.isfile(os.path.join(source, n))][:1]
+  elif os.path.isfile(source) and source.endswith((".json", ".model")):
+    folder, vocab = os.path.dirname(source), [os.path.basename(source)]
+  else:
+    raise FileNotFoundError(f"tokenizer {source}: expected a folder, a tokenizer.json or a "
+                            "tokenizer.model")
+  if not vocab:
+    raise FileNotFoundError(f"{source}: neither tokenizer.json nor tokenizer.model to copy")
+  # The vocabulary under the name transformers looks for (a.json → tokenizer.json).
+  target = "tokenizer.json" if vocab[0].endswith(".json") else "tokenizer.model"
+  copies = {os.path.join(folder, vocab[0]): target}
+  copies.update({os.path.join(folder, n): n for n in TOKENIZER_FILES[2:]
+                 if os.path.isfile(os.path.join(folder, n))})
+  written = []
+  for src, name in copies.items():
+    shutil.copyfile(src, os.path.join(out_dir, name))
+    written.append(os.path.join(out_dir, name))
+  tok = tokenizers_lib.load_tokenizer(os.path.join(out_dir, target))
+  ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+  ids = {k: int(v) for k, v in ids.items() if v is not None}
+  defaults = {
+      "tokenizer_config.json": {"tokenizer_class": _TOKENIZER_CLASSES[target],
+                                "model_max_length": int(max_length),
+                                **{k.removesuffix("_id"): tok.token_name(v)
+                                   for k, v in ids.items()}},
+      "generation_config.json": dict(ids),
+  }
+  for name, content in defaults.items():
+    path = os.path.join(out_dir, name)
+    if path not in written:
+      with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+      written.append(path)
+  return written, ids

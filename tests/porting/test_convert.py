@@ -17,6 +17,7 @@ from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 from leo_mini_jax.models import llama as llama_lib  # noqa: E402
 from leo_mini_jax.porting import PortError  # noqa: E402
 from leo_mini_jax.porting import convert  # noqa: E402
+from leo_mini_jax.porting import mapping  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -170,14 +171,65 @@ def test_missing_and_renamed_tensors_across_checkpoints_in_one_report(tmp_path):
   assert "projector" not in msg
 
 
-def test_expert_paths_must_match_the_config(checkpoints, tmp_path):
+def test_expert_paths_must_name_experts_of_the_config(checkpoints, tmp_path):
   root, _ = checkpoints
-  with pytest.raises(ValueError, match=r"'convnext' is in the config but no --expert convnext"):
-    convert.convert_checkpoints(tiny.get_config("stage=1"), root / "llm",
-                                {"clip": str(root / "clip")}, tmp_path / "out")
   with pytest.raises(ValueError, match=r"--expert sam=\.\.\. names an expert the config does not"):
     convert.convert_checkpoints(tiny.get_config("stage=1"), root / "llm",
                                 dict(_paths(root), sam=str(root / "clip")), tmp_path / "out")
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "leo_mini_jax.porting.convert", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_ports_the_llm_alone_and_initialises_the_experts_as_train_py_would(
+    checkpoints, tmp_path):
+  root, (hf_llm, _, _) = checkpoints
+  out = tmp_path / "llm_only"
+  result = _cli("--config", "configs/tiny.py:stage=1", "--llm", str(root / "llm"),
+                "--out", str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  # the fresh experts are named, and absl/orbax INFO lines (I1206 ...) are not printed
+  assert "initialised fresh" in result.stdout, result.stdout
+  assert "vision/clip (" in result.stdout and "vision/convnext (" in result.stdout
+  info_lines = [line for line in result.stderr.splitlines() if line[:1] == "I" and
+                line[1:5].isdigit()]
+  assert not info_lines, info_lines[:5]
+
+  from leo_mini_jax.training import checkpoint as checkpoint_lib
+  from leo_mini_jax.training import loop
+  config = tiny.get_config("stage=1")
+  config.init_from = str(out)
+  setup = loop.TrainSetup(config)
+  state, how = loop.initial_state(
+      setup, checkpoint_lib.Checkpointer(str(tmp_path / "work"), config.checkpoint), None)
+  assert how.startswith(f"initialised from {out}")
+  params = jax.device_get(state.params)
+  with torch.no_grad():
+    ref = hf_llm(torch.from_numpy(IDS).long()).logits.numpy()
+  ours = llama_lib.LlamaForCausalLM(setup.model.config.llm).apply({"params": params["llm"]}, IDS)
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)
+  # the experts hold what a fresh train.py run at config.seed starts with (to an ulp: the
+  # two init programs are compiled separately)
+  expert_paths = [p for p in mapping.flatten_tree(params) if p.startswith("vision/")]
+  fresh = jax.device_get(setup.init_params_subset(expert_paths, config.seed))
+  flat = mapping.flatten_tree(params)
+  for path in expert_paths:
+    np.testing.assert_allclose(flat[path], fresh[path], rtol=1e-6, atol=1e-7, err_msg=path)
+
+
+def test_cli_errors_are_short_messages_without_traceback(tmp_path):
+  result = _cli("--config", "configs/tiny.py:stage=1", "--llm", str(tmp_path / "no_llm"),
+                "--out", str(tmp_path / "out"))
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  message = [line for line in result.stderr.splitlines() if line.startswith("convert: ")]
+  assert len(message) == 1 and str(tmp_path / "no_llm") in message[0], result.stderr
+  verbose = _cli("--config", "configs/tiny.py:stage=1", "--llm", str(tmp_path / "no_llm"),
+                 "--out", str(tmp_path / "out"), "--verbose")
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
 @pytest.mark.slow

@@ -114,3 +114,54 @@ def test_parse_size():
   assert export.parse_size(123) == 123
   with pytest.raises(ValueError, match="max_shard_size"):
     export.parse_size("lots")
+
+
+def _word_tokenizer(path):
+  """A tiny word-level tokenizer.json with Llama-2's special names, alone in its folder
+  (as `data.tokenizer=.../tokenizer.json` may name it): no tokenizer_config.json."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  words = "what colour is the shape ? red blue green square circle".split()
+  vocab = {name: i for i, name in enumerate(["<unk>", "<s>", "</s>", *words])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.decoder = tokenizers.decoders.WordPiece()
+  tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tok.save(str(path))
+  return path
+
+
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_export_writes_a_tokenizer_auto_classes_load(tmp_path, given):
+  from leo_mini_jax.data import tokenizers as tokenizers_lib
+  vocab_file = _word_tokenizer(tmp_path / "tok" / "tokenizer.json")
+  hf = make_hf(LLAMA2, seed=6)
+  hf.save_pretrained(tmp_path / "hf")
+  _, params, config = load_llm(tmp_path / "hf")
+  source = str(vocab_file) if given == "file" else str(tmp_path / "tok")
+  export.export_llm(params, config, tmp_path / "out", tokenizer=source)
+
+  ours = tokenizers_lib.load_tokenizer(str(vocab_file))
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+  text = "what colour is the shape ? red square"
+  assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text)
+  assert (theirs.bos_token, theirs.eos_token) == ("<s>", "</s>")
+  assert (theirs.bos_token_id, theirs.eos_token_id) == (ours.bos_id, ours.eos_id) == (1, 2)
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+  assert model.config.eos_token_id == 2 and model.generation_config.eos_token_id == 2
+  # the exported weights behind the auto class (its default attention kernel: ~1e-6 apart)
+  np.testing.assert_allclose(hf_logits(model.eval(), IDS), hf_logits(hf.eval(), IDS),
+                             atol=1e-5, rtol=0)
+
+
+def test_export_tokenizer_keeps_the_source_configs_and_refuses_byte(tmp_path):
+  vocab_file = _word_tokenizer(tmp_path / "tok" / "tokenizer.json")
+  own = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+         "eos_token": "</s>", "model_max_length": 77}
+  with open(tmp_path / "tok" / "tokenizer_config.json", "w") as f:
+    json.dump(own, f)
+  written, ids = export.write_tokenizer(str(vocab_file), str(tmp_path), 512)
+  assert json.load(open(tmp_path / "tokenizer_config.json")) == own
+  assert ids["eos_token_id"] == 2 and str(tmp_path / "generation_config.json") in written
+  with pytest.raises(ValueError, match="byte tokenizer"):
+    export.write_tokenizer("byte", str(tmp_path), 512)
