@@ -108,21 +108,25 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-  """Average Normalised Levenshtein Similarity of one question (DocVQA).
+  """Average Normalised Levenshtein Similarity of one question (DocVQA), as lmms-eval's
+  `anls` computes it (the paper's DocVQA numbers come from it).
 
-  max over answers of 1 − NL when NL < threshold else 0, NL = edit distance / longer
-  length, on lower-cased, whitespace-squeezed strings. Two empty strings are identical.
+  NL = edit distance of the lower-cased, whitespace-squeezed strings / the longer length
+  of the strings as given (lmms-eval measures the un-squeezed lengths); the question
+  scores 1 − min NL over the answers, or 0 when that is below `threshold`. At exactly
+  NL = 0.5 the score stays 0.5, as in lmms-eval and the ST-VQA evaluator (the DocVQA
+  paper's definition, NL < 0.5, would give 0). Two empty strings are identical.
   """
   if not answers:
     raise ValueError("anls: no reference answers")
   pred = " ".join(prediction.strip().lower().split())
-  best = 0.0
+  distances = []
   for answer in answers:
     ref = " ".join(str(answer).strip().lower().split())
-    longest = max(len(pred), len(ref))
-    distance = levenshtein(pred, ref) / longest if longest else 0.0
-    best = max(best, 1.0 - distance if distance < threshold else 0.0)
-  return best
+    longest = max(len(str(answer)), len(prediction))
+    distances.append(levenshtein(pred, ref) / longest if longest else 0.0)
+  score = 1.0 - min(distances)
+  return score if score >= threshold else 0.0
 
 
 # ----------------------------------------------------------------------------- POPE
@@ -169,9 +173,10 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def mme_answer(text: str) -> str:
-  """'yes', 'no' or 'other' as MME's calculation.py reads an answer: the whole answer
-  when it is yes/no, else 'yes'/'no' found in its first 4 characters."""
-  text = text.lower().strip()
+  """'yes', 'no' or 'other' as MME's calculation.py (and lmms-eval's parse_pred_ans) reads
+  an answer: periods dropped, the whole answer when it is yes/no, else 'yes'/'no' found in
+  its first 4 characters."""
+  text = text.lower().strip().replace(".", "")
   if text in ("yes", "no"):
     return text
   prefix = text[:4]
@@ -191,7 +196,7 @@ def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
   """
   by_task: dict[str, dict[str, list[bool]]] = {}
   for r in records:
-    correct = mme_answer(r["prediction"]) == str(r["answer"]).strip().lower()
+    correct = mme_answer(r["prediction"]) == str(r["answer"]).lower().strip().replace(".", "")
     by_task.setdefault(r["category"], {}).setdefault(r["image"], []).append(correct)
   subtasks = {}
   for task, images in sorted(by_task.items()):
@@ -384,13 +389,16 @@ OCRBENCH_CATEGORIES = {
 
 
 def ocrbench_correct(prediction: str, answers: Sequence[str] | str, category: str) -> bool:
-  """OCRBench: some answer is a substring of the prediction — lower-cased, newlines as
-  spaces; for handwritten math every space and newline removed and case kept."""
+  """OCRBench as lmms-eval scores it: some answer is a substring of the prediction —
+  lower-cased, newlines as spaces; for handwritten math (HME100k) every space and newline
+  removed, the answer's case kept and the prediction lower-cased (lmms-eval lower-cases
+  every prediction first, so an answer with capitals never matches there)."""
   answers = [answers] if isinstance(answers, str) else list(answers)
+  prediction = prediction.lower().strip()
   for answer in answers:
     if category == "Handwritten Mathematical Expression Recognition":
       gold = str(answer).strip().replace("\n", " ").replace(" ", "")
-      pred = prediction.strip().replace("\n", " ").replace(" ", "")
+      pred = prediction.replace("\n", " ").replace(" ", "")
     else:
       gold = str(answer).lower().strip().replace("\n", " ")
       pred = prediction.lower().strip().replace("\n", " ")

@@ -8,10 +8,18 @@ Two layouts are read:
   llava    LLaVA's eval folders (playground/data/eval/NAME): a question .jsonl / .json /
            .tsv, an image folder and annotation files, as each module lists them.
   parquet  an lmms-lab Hugging Face dataset saved locally: *.parquet shards anywhere under
-           the folder, images embedded as {'bytes', 'path'} structs.
+           the folder (a hub download), or the *.arrow files + dataset_info.json that
+           `datasets`' save_to_disk writes; images embedded as {'bytes', 'path'} structs.
+           Where the export holds several splits (file names or folders like
+           'validation-0000.parquet', 'test/data-0000.arrow'), the benchmark's split is read.
 
-A missing file or a malformed record raises `BenchmarkError` naming the benchmark, the
-file and the record; with skip_bad the record is skipped and counted in `ReadReport`.
+A missing file names every layout looked for; a malformed record (a JSONL line that is
+not JSON included) raises `BenchmarkError` naming the benchmark, the file and the record;
+with skip_bad the record is skipped and counted in `ReadReport`.
+
+Each class says how many tokens its answers may take (`max_new_tokens`: the value of the
+lmms-eval task the paper's numbers come from; eval.max_new_tokens > 0 overrides it) and
+where it stands in the paper's tables (`column`; None: offered but not in the tables).
 """
 
 import csv
@@ -33,12 +41,20 @@ class BenchmarkError(ValueError):
   """A benchmark's files or records cannot be used (the message names them)."""
 
 
+class MissingFile(BenchmarkError):
+  """A file of the LLaVA layout is absent (reported with every layout looked for)."""
+
+# lmms-eval's generation default when a task sets no max_new_tokens (its model classes
+# `setdefault` 1024).
+HARNESS_DEFAULT_LENGTH = 1024
+
+
 @dataclasses.dataclass
 class Sample:
   """One question to generate for.
 
-  id: unique within the benchmark. prompt: the user message (no image marker; the
-  template adds it). image: a file path, encoded bytes, or None. target: JSON-serialisable
+  id: unique within the benchmark. prompt: the user message; the template puts the image
+  marker in front of it unless the prompt places `<image>` itself (MMMU). image: a file path, encoded bytes, or None. target: JSON-serialisable
   data the scorer needs (references, category, ...); `target['answers']` absent means the
   question has no public reference (a hidden test split, for the submission file only).
   """
@@ -69,6 +85,10 @@ class Benchmark:
   folders: tuple[str, ...] = ()  # sub-folders of data_dir tried in order
   suffix: str = SINGLE_WORD
   headline_key: str = "score"    # metrics key shown in the summary table
+  max_new_tokens: int = 16       # the lmms-eval task's generation length
+  column: int | None = None      # position in the paper's tables (Table 3)
+  default_split: str = ""        # the split an lmms-lab export is read for
+  llava_files: str = ""          # the LLaVA-layout files, for the missing-file message
 
   def __init__(self, root: str, skip_bad: bool = False, split: str = ""):
     self.root, self.skip_bad, self.split = root, skip_bad, split
@@ -98,23 +118,37 @@ class Benchmark:
   def where(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
 
+  def keep_shard(self, path: str) -> bool:
+    """Whether an export file belongs to this benchmark (MMBench: its language)."""
+    del path
+    return True
+
+  @classmethod
+  def detect(cls, folder: str) -> bool:
+    """Whether `folder` holds this benchmark ('all' skips folders that do not)."""
+    del folder
+    return True
+
   def require(self, *parts: str) -> str:
     path = self.where(*parts)
     if not os.path.exists(path):
-      raise BenchmarkError(f"{self.title}: file not found: {path}")
+      raise MissingFile(f"{self.title}: file not found: {path}")
     return path
 
-  def first_existing(self, candidates: Sequence[str]) -> str:
+  def first_existing(self, candidates: Sequence[str],
+                     exclude: Callable[[str], bool] | None = None) -> str:
     for candidate in candidates:
-      matches = sorted(glob.glob(self.where(candidate)))
+      matches = sorted(m for m in glob.glob(self.where(candidate))
+                       if exclude is None or not exclude(os.path.basename(m)))
       if matches:
         return matches[0]
-    raise BenchmarkError(f"{self.title}: none of {list(candidates)} found under {self.root}")
+    raise MissingFile(f"{self.title}: none of {list(candidates)} found under {self.root}")
 
   def samples(self) -> list[Sample]:
     """Every usable sample, images checked; bad records raise or (skip_bad) are counted."""
-    shards = sorted(glob.glob(os.path.join(self.root, "**", "*.parquet"), recursive=True))
-    items = self._parquet_items(shards) if shards else self.llava_records()
+    shards = [s for s in export_shards(self.root, self.split or self.default_split)
+              if self.keep_shard(s)]
+    items = self._parquet_items(shards) if shards else self._llava_items()
     out, seen = [], set()
     for source, record_id, build in items:
       try:
@@ -138,6 +172,21 @@ class Benchmark:
     self.report.num_samples = len(out)
     return out
 
+  def _llava_items(self):
+    """The LLaVA reader's items; a missing file names every layout looked for."""
+    items = self.llava_records()
+    while True:
+      try:
+        item = next(items)
+      except StopIteration:
+        return
+      except MissingFile as e:
+        raise MissingFile(
+            f"{e}\n  looked for: the LLaVA layout ({self.llava_files or 'see its module'}) "
+            f"and an lmms-lab export (*.parquet, or *.arrow + dataset_info.json from "
+            f"save_to_disk) under {self.root}") from None
+      yield item
+
   def _parquet_items(self, shards: Sequence[str]):
     for path, index, row in iter_parquet(shards):
       yield path, f"#{index}", lambda row=row: self.parquet_sample(row)
@@ -146,16 +195,48 @@ class Benchmark:
 # --------------------------------------------------------------------------- readers
 
 
-def iter_parquet(paths: Sequence[str]) -> Iterator[tuple[str, int, dict]]:
-  """(file, row index, row) of parquet shards, one record batch at a time."""
+def export_shards(root: str, split: str = "") -> list[str]:
+  """The data files of an lmms-lab export under `root`: *.parquet (hub download) or the
+  *.arrow files `save_to_disk` writes (beside a dataset_info.json). When the files name
+  several splits, those of `split` (a path part equal to it, or a file name starting
+  with 'split-', 'split_' or 'split.')."""
+  found = sorted(glob.glob(os.path.join(root, "**", "*.parquet"), recursive=True))
+  arrow = [p for p in sorted(glob.glob(os.path.join(root, "**", "*.arrow"), recursive=True))
+           if os.path.exists(os.path.join(os.path.dirname(p), "dataset_info.json"))]
+  found += arrow
+  if not split or not found:
+    return found
+
+  def in_split(path: str) -> bool:
+    parts = os.path.relpath(path, root).split(os.sep)
+    name = parts[-1]
+    return split in parts[:-1] or any(name.startswith(split + c) for c in "-_.")
+  chosen = [p for p in found if in_split(p)]
+  return chosen or found
+
+
+def _record_batches(path: str):
+  """Record batches of a parquet file, or of an Arrow IPC file (`save_to_disk` writes the
+  stream format; the file format is read too)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  for path in paths:
+  try:
+    if path.endswith(".parquet"):
+      return pq.ParquetFile(path).iter_batches(batch_size=64)
     try:
-      shard = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-      raise BenchmarkError(f"cannot read parquet file {path}: {e}") from None
+      return iter(pa.ipc.open_stream(pa.memory_map(path)))
+    except pa.ArrowInvalid:
+      reader = pa.ipc.open_file(pa.memory_map(path))
+      return (reader.get_batch(i) for i in range(reader.num_record_batches))
+  except Exception as e:  # pyarrow raises several types for corrupt files
+    raise BenchmarkError(f"cannot read {path}: {e}") from None
+
+
+def iter_parquet(paths: Sequence[str]) -> Iterator[tuple[str, int, dict]]:
+  """(file, row index, row) of parquet / arrow shards, one record batch at a time."""
+  for path in paths:
     index = 0
-    for batch in shard.iter_batches(batch_size=64):
+    for batch in _record_batches(path):
       for row in batch.to_pylist():
         yield path, index, row
         index += 1
@@ -166,30 +247,54 @@ def load_json(path: str) -> Any:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise BenchmarkError(f"file not found: {path}") from None
+    raise MissingFile(f"file not found: {path}") from None
   except json.JSONDecodeError as e:
     raise BenchmarkError(f"{path}: not valid JSON: {e}") from None
 
 
-def load_jsonl(path: str) -> list[dict]:
+class BadLine(dict):
+  """A JSONL line that is not a JSON object: reading any field raises, so the record is
+  reported (or, with skip_bad, skipped and counted) like any other bad record."""
+
+  def __init__(self, number: int, reason: str):
+    super().__init__()
+    self.number, self.reason = number, reason
+
+  def get(self, key, default=None):
+    del key, default
+    return f"line {self.number}"
+
+  def __getitem__(self, key):
+    raise BenchmarkError(f"line {self.number} is not a valid JSON record: {self.reason}")
+
+
+def load_jsonl(path: str, lenient: bool = False) -> list[dict]:
+  """The records of a JSONL file. A malformed line raises, or with `lenient` becomes a
+  `BadLine` in its place (question files: one bad line is one bad record)."""
   records = []
   try:
     with open(path) as f:
       for number, line in enumerate(f, 1):
         if line.strip():
           try:
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if not isinstance(record, dict):
+              raise json.JSONDecodeError("not an object", line, 0)
           except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{path}: line {number} is not valid JSON: {e}") from None
+            if not lenient:
+              raise BenchmarkError(f"{path}: line {number} is not valid JSON: {e}") from None
+            record = BadLine(number, str(e))
+          records.append(record)
   except FileNotFoundError:
-    raise BenchmarkError(f"file not found: {path}") from None
+    raise MissingFile(f"file not found: {path}") from None
   return records
 
 
 def load_records(path: str) -> list[dict]:
-  """A .jsonl, .json (list, or {'data': list}) or .tsv question file as dicts."""
+  """A .jsonl, .json (list, or {'data': list}) or .tsv question file as dicts (a bad
+  JSONL line is a `BadLine` record)."""
   if path.endswith(".jsonl"):
-    return load_jsonl(path)
+    return load_jsonl(path, lenient=True)
   if path.endswith(".tsv"):
     csv.field_size_limit(sys.maxsize)  # base64 images in MMBench's TSV
     with open(path, newline="") as f:
@@ -319,6 +424,19 @@ def score_vqa(records: Sequence[dict], measure: Callable[[str, list], float],
       groups.setdefault(str(key(r)), []).append(v)
     out["by_category"] = {g: 100.0 * sum(v) / len(v) for g, v in sorted(groups.items())}
   return out
+
+
+def write_xlsx(path: str, rows: Sequence[dict]) -> None:
+  """One sheet: a header of every key (first-seen order), then one row per dict; values
+  keep their type (numbers are number cells, as the MMBench server reads `index`)."""
+  import openpyxl  # pylint: disable=g-import-not-at-top
+  header = list(dict.fromkeys(k for row in rows for k in row))
+  book = openpyxl.Workbook()
+  sheet = book.active
+  sheet.append(header)
+  for row in rows:
+    sheet.append([row.get(k) for k in header])
+  book.save(path)
 
 
 def write_json_submission(path: str, rows: list[dict]) -> list[str]:
