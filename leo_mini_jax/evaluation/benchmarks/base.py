@@ -426,11 +426,12 @@ def score_vqa(records: Sequence[dict], measure: Callable[[str, list], float],
   return out
 
 
-def write_xlsx(path: str, rows: Sequence[dict]) -> None:
-  """One sheet: a header of every key (first-seen order), then one row per dict; values
-  keep their type (numbers are number cells, as the MMBench server reads `index`)."""
+def write_xlsx(path: str, rows: Sequence[dict], header: Sequence[str] = ()) -> None:
+  """One sheet: `header` (default: every key, first-seen order), then one row per dict
+  (absent keys empty); values keep their type (numbers are number cells, as the MMBench
+  server reads `index`)."""
   import openpyxl  # pylint: disable=g-import-not-at-top
-  header = list(dict.fromkeys(k for row in rows for k in row))
+  header = list(header) or list(dict.fromkeys(k for row in rows for k in row))
   book = openpyxl.Workbook()
   sheet = book.active
   sheet.append(header)

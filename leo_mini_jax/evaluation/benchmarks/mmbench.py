@@ -150,7 +150,8 @@ class MMBench(base.Benchmark):
       letter = harness_rules.mmbench_infer(r["prediction"], t["options"])
       rows.append({**t["row"], "index": t["index"], "prediction": letter or r["prediction"]})
     path = os.path.join(out_dir, self.submission_name)
-    base.write_xlsx(path, rows)
+    header = [c for c in COLUMNS if any(c in row for row in rows)] + ["prediction"]
+    base.write_xlsx(path, rows, header)
     return [path]
 
 
