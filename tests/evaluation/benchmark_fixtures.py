@@ -278,7 +278,7 @@ def _vizwiz(root, layout):
   answers = [["unanswerable"] * 10, ["dont know"] * 4 + ["soup"] * 6]
   if layout == "llava":
     _file(os.path.join(d, "Annotations", "val.json"),
-          [{"image": f"VizWiz_val_{i}.jpg", "question": f"What is this {i}?",
+          [{"image": f"VizWiz_val_{i}.jpg", "question": f"what is this {i}?",
             "answers": [{"answer": a, "answer_confidence": "yes"} for a in ans]}
            for i, ans in enumerate(answers)])
     for i in range(2):
