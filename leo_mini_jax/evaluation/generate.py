@@ -27,6 +27,10 @@ import numpy as np
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 
+# Answer length where neither a benchmark nor eval.max_new_tokens (0) sets one: the
+# held-out split and `ask`.
+DEFAULT_ANSWER_TOKENS = 16
+
 
 def make_generate(model, max_new_tokens: int, eos_id: int,
                   choose: Callable[[jax.Array, jax.Array | None], jax.Array] | None = None
@@ -144,22 +148,35 @@ class Generation:
 class BatchGenerator:
   """Generates for lists of prompts on `setup.mesh` (all devices, all processes).
 
-  Holds the jitted programs, so several benchmarks share their compilations (one per
-  length bucket).
+  Holds the jitted programs, one per answer length (`max_new_tokens` of a call, default
+  the constructor's), so benchmarks with the same length share their compilations (one
+  per prompt-length bucket).
   """
 
   def __init__(self, setup, *, max_new_tokens: int, eos_id: int, routing: bool = True):
     self.setup = setup
-    model = setup.model
-    self.generate = jax.jit(make_generate(model, max_new_tokens, eos_id),
-                            out_shardings=setup.replicated)
-    self.routing = routing and model.config.llm.mmoe.enabled
+    self.max_new_tokens, self.eos_id = int(max_new_tokens), eos_id
+    self.programs: dict[int, Callable] = {}
+    self.routing = routing and setup.model.config.llm.mmoe.enabled
+
+  def program(self, max_new_tokens: int) -> Callable:
+    """The jitted generate for answers of `max_new_tokens` tokens (built once)."""
+    if max_new_tokens not in self.programs:
+      self.programs[max_new_tokens] = jax.jit(
+          make_generate(self.setup.model, max_new_tokens, self.eos_id),
+          out_shardings=self.setup.replicated)
+    return self.programs[max_new_tokens]
+
+  @property
+  def generate(self) -> Callable:
+    return self.program(self.max_new_tokens)
 
   def __call__(self, params: Any, prompts: Sequence[Prompt], *, batch_size: int,
                resolution: int, load_image: Callable[[Any], np.ndarray], pad_id: int = 0,
                names: Sequence[str] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Generation:
-    """Tokens for every prompt.
+               progress: Callable[[int, int], None] | None = None,
+               max_new_tokens: int | None = None) -> Generation:
+    """Tokens for every prompt ([max_new_tokens] each).
 
     Args:
       params: the model parameters (sharded by the setup).
@@ -169,7 +186,10 @@ class BatchGenerator:
       load_image: image source → uint8 [S, S, 3]; may raise (the row is then reported in
         `failed` and generated without the image: callers drop it).
       names: prompt names for error messages (e.g. benchmark/record ids).
+      progress: called with (prompts done, prompts) after every batch.
+      max_new_tokens: the answer length (default: the constructor's).
     """
+    generate = self.program(int(max_new_tokens or self.max_new_tokens))
     setup = self.setup
     model = setup.model
     context = model.config.llm.max_position_embeddings
@@ -200,7 +220,7 @@ class BatchGenerator:
         failed += errors
         global_batch = setup.global_batch(batch)
         valid_global = mesh_lib.make_global_batch({"valid": valid}, setup.mesh)["valid"]
-        result = self.generate(params, global_batch, valid_global)
+        result = generate(params, global_batch, valid_global)
         out = np.asarray(jax.device_get(result["tokens"]))
         if self.routing:
           counts = np.asarray(jax.device_get(result["prompt_counts"]))
@@ -208,7 +228,7 @@ class BatchGenerator:
         for position, index in enumerate(indices):
           tokens[index] = out[position]
         if progress is not None:
-          progress(step + 1, len(batches))
+          progress(min((step + 1) * batch_size, len(prompts)), len(prompts))
     if processes > 1:
       failed = _gather_failures(failed)
     return Generation(tokens, routed, sorted(failed))
