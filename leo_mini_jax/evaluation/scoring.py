@@ -215,35 +215,6 @@ def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def extract_choice(prediction: str, num_choices: int,
-                   choice_texts: Sequence[str] | None = None) -> str | None:
-  """The option letter a free-form answer picks, or None when it picks none or several.
-
-  As MMBench's / lmms-eval's matchers do: a leading letter in answer form ("B", "B.",
-  "(B)", "B) cat", "Answer: B", "The answer is B."), else the one option letter standing
-  alone as a word ("A or B" picks none), else the one option whose text the answer
-  contains.
-  """
-  letters = LETTERS[:num_choices]
-  text = prediction.strip()
-  text = re.sub(r"^(the\s+)?(correct\s+)?(answer|option)(\s+is)?\s*[:：]?\s*", "", text,
-                flags=re.IGNORECASE)
-  lead = re.match(r"^\(?([A-Z])(\)|\.|:|$)", text)
-  if lead and lead.group(1) in letters:
-    return lead.group(1)
-  standalone = {m for m in re.findall(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text)
-                if m in letters}
-  if len(standalone) == 1:
-    return standalone.pop()
-  if choice_texts and not standalone:
-    lowered = text.lower()
-    hits = [letters[i] for i, t in enumerate(choice_texts)
-            if i < len(letters) and str(t).strip() and str(t).strip().lower() in lowered]
-    if len(hits) == 1:
-      return hits[0]
-  return None
-
-
 def circular_accuracy(groups: Mapping[Any, Sequence[bool]]) -> float:
   """MMBench CircularEval: a question counts only when every rotation of its options is
   answered right. `groups` maps the original question index to its rotations' results."""
@@ -347,16 +318,7 @@ def mmmu_open_correct(response: str, answers: Sequence[str] | str) -> bool:
   return False
 
 
-# --------------------------------------------------------- GQA, ChartQA and OCRBench
-
-
-def gqa_normalize(text: str) -> str:
-  """LLaVA's GQA conversion: trailing periods stripped, lower-cased."""
-  return text.strip().rstrip(".").lower().strip()
-
-
-def gqa_correct(prediction: str, answer: str) -> bool:
-  return gqa_normalize(prediction) == gqa_normalize(answer)
+# ------------------------------------------------------------- ChartQA and OCRBench
 
 
 def _chart_float(text: str) -> float | None:

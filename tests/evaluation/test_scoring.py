@@ -77,13 +77,6 @@ def test_mme_scores():
   assert scoring.mme_answer("I think yes") == "other"
 
 
-@pytest.mark.parametrize("prediction,expected", [
-    ("B", "B"), ("(C) a cat", "C"), ("The answer is D.", "D"), ("Answer: A", "A"),
-    ("I think it is B", "B"), ("a cat", "B"), ("E", None), ("A or B", None), ("", None)])
-def test_extract_choice(prediction, expected):
-  assert scoring.extract_choice(prediction, 4, ["dog", "cat", "bird", "fish"]) == expected
-
-
 def test_circular_evaluation():
   assert scoring.circular_accuracy({0: [True] * 4, 1: [True, False, True, True]}) == 0.5
   options, answer = scoring.rotate_options(["a", "b", "c", "d"], 0, 1)
@@ -105,9 +98,7 @@ def test_mmmu_rules():
   assert scoring.mmmu_open_correct("x = 1,200", ["1200"])
 
 
-def test_gqa_chartqa_ocrbench():
-  assert scoring.gqa_correct("Yes.", "yes")
-  assert not scoring.gqa_correct("the left", "left")
+def test_chartqa_ocrbench():
   assert scoring.relaxed_correct("12%", "0.12")
   assert scoring.relaxed_correct("10.4", "10")
   assert not scoring.relaxed_correct("10.6", "10")
