@@ -37,14 +37,17 @@ def make_generate(model, max_new_tokens: int, eos_id: int,
                   ) -> Callable:
   """Builds `generate(params, batch, valid=None, key=None) -> dict` (jit-able, pure).
 
-  The dict holds `tokens` [B, max_new_tokens]; with MMoE-LLM also the routing the
+  Decoding stops once every row (but those `valid` marks false) has emitted `eos_id`, or
+  after `max_new_tokens` steps: a benchmark allowing 1024 tokens costs only as many steps
+  as its longest answer in the batch. The dict holds `tokens` [B, max_new_tokens] (eos_id
+  after a row's end), `steps` (the decode steps run); with MMoE-LLM also the routing the
   generation computed anyway (no extra forward):
     `prompt_counts` [layers, E]: first-choice experts of the real prompt tokens (visual
       and text) of the rows where `valid` [B] is true (default all), from the prefill;
     `top_expert` [layers, B, max_new_tokens]: the first-choice expert of each generated
-      token, from the decode step that fed it back. Every generated token is fed (the
-      scan feeds token i at step i and keeps its output token only for step i + 1), so
-      the last one has its routing too.
+      token, from the decode step that fed it back (-1 after the loop stopped). Every
+      generated token is fed (step i feeds token i and keeps its output token only for
+      step i + 1), so the last one has its routing too.
   After a row emits `eos_id` it keeps emitting `eos_id`; callers cut at the first one.
   `choose(logits [B, V], key) -> ids [B]` picks each token (default greedy argmax); with
   `key`, step i gets the i-th of `max_new_tokens + 1` splits of it.
@@ -65,20 +68,34 @@ def make_generate(model, max_new_tokens: int, eos_id: int,
       first_key, step_keys = keys[0], keys[1:]
     first = choose(logits, first_key)
 
-    def body(carry, step_key):
-      token, cache, finished = carry
+    batch_size = first.shape[0]
+    # Rows that need no answer (padding) do not hold the loop open.
+    ignore = jnp.zeros_like(first, dtype=bool) if valid is None else ~valid.astype(bool)
+
+    def cond(carry):
+      step, token, _, finished, _, _ = carry
+      return (step < max_new_tokens) & ~jnp.all(finished | (token == eos_id) | ignore)
+
+    def body(carry):
+      step, token, cache, finished, tokens, top = carry
       logits, cache, routing = model.apply({"params": params}, token, cache,
                                            method=model.decode_step)
       finished = finished | (token == eos_id)
+      step_key = None if step_keys is None else step_keys[step]
       next_token = jnp.where(finished, eos_id, choose(logits, step_key))
-      top = routing["top_expert"][:, :, 0] if mmoe else None  # [layers, B]
-      return (next_token, cache, finished), (token, top)
+      tokens = tokens.at[:, step].set(token)
+      if mmoe:
+        top = top.at[:, :, step].set(routing["top_expert"][:, :, 0])
+      return step + 1, next_token, cache, finished, tokens, top
 
-    init = (first, cache, jnp.zeros_like(first, dtype=bool))
-    _, (tokens, top) = jax.lax.scan(body, init, step_keys, length=max_new_tokens)
-    out = {"tokens": tokens.T}
+    layers = model.config.llm.num_layers
+    init = (jnp.zeros((), jnp.int32), first, cache, jnp.zeros_like(first, dtype=bool),
+            jnp.full((batch_size, max_new_tokens), eos_id, jnp.int32),
+            jnp.full((layers, batch_size, max_new_tokens) if mmoe else (0,), -1, jnp.int32))
+    steps, _, _, _, tokens, top = jax.lax.while_loop(cond, body, init)
+    out = {"tokens": tokens, "steps": steps}
     if mmoe:
-      out["top_expert"] = jnp.transpose(top, (1, 2, 0))
+      out["top_expert"] = top
       out["prompt_counts"] = prompt_counts(prompt_routing["top_expert"], cache["lengths"],
                                            valid, model.config.llm.mmoe.num_experts)
     return out

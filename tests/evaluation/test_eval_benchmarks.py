@@ -35,7 +35,7 @@ def test_eval_py_runs_every_benchmark_in_both_layouts(stage3_run, tmp_path):
     for name in benchmarks.ORDER:
       benchmark_fixtures.write(str(data), name, layout)
     if layout == "llava":
-      os.remove(data / "GQA" / "images" / "img2.jpg")
+      os.remove(data / "gqa" / "data" / "images" / "n288871.jpg")
     out = _eval_py(run, "--config.eval.benchmark=all", f"--config.eval.data_dir={data}",
                    "--config.eval.skip_bad=True", "--config.eval.batch_size=4")
     eval_dir = os.path.join(run, "eval")
