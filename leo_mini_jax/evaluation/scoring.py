@@ -235,15 +235,21 @@ def rotate_options(options: Sequence[str], answer: int, shift: int) -> tuple[lis
 
 def mmmu_multiple_choice(response: str, letters: Sequence[str], options: Sequence[str],
                          seed_key: str = "") -> str:
-  """MMMU's parse_multi_choice_response: "(A)" forms, then " A " forms, then (for answers
-  longer than 5 words) option texts; several candidates → the one mentioned last; none →
-  a random letter, as the official script does, seeded by `seed_key` so reruns agree."""
-  text = " " + response.strip().strip(",.!?;:'") + " "
+  """MMMU's parse_multi_choice_response as lmms-eval's mmmu task (EAGLE's copy) has it:
+  ',.!?;:\'' stripped from the ends in turn; "(A)" forms, else "A " (a letter before a
+  space, also inside a word: "DNA is" names A), else "A."; else (answers longer than 5
+  words) option texts; several candidates → the one mentioned last; none → a random
+  letter, as the official script does, seeded by `seed_key` so reruns agree."""
+  for mark in ",.!?;:'":
+    response = response.strip(mark)
+  text = " " + response + " "
   index_of = {l: i for i, l in enumerate(letters)}
   candidates = [l for l in letters if f"({l})" in text]
-  by_text = False
+  bracketed, by_text = bool(candidates), False
   if not candidates:
-    candidates = [l for l in letters if f" {l} " in text or f" {l}." in text]
+    candidates = [l for l in letters if f"{l} " in text]
+  if not candidates:
+    candidates = [l for l in letters if f"{l}." in text]
   if not candidates and len(text.split()) > 5:
     candidates = [l for l in letters if options[index_of[l]].lower() in text.lower()]
     by_text = bool(candidates)
@@ -251,11 +257,12 @@ def mmmu_multiple_choice(response: str, letters: Sequence[str], options: Sequenc
     return random.Random(zlib.crc32(seed_key.encode())).choice(list(letters))
   if len(candidates) == 1:
     return candidates[0]
-  lowered = text.lower()
   if by_text:
-    position = lambda l: lowered.rfind(options[index_of[l]].lower())
+    position = lambda l: text.lower().rfind(options[index_of[l]].lower())
+  elif bracketed:
+    position = lambda l: text.rfind(f"({l})")
   else:
-    position = lambda l: max(text.rfind(f"({l})"), text.rfind(f" {l} "), text.rfind(f" {l}."))
+    position = lambda l: text.rfind(f" {l} ")
   return max(candidates, key=position)
 
 

@@ -90,6 +90,7 @@ def test_mmmu_rules():
   assert parse("The answer is C.") == "C"
   assert parse("It is either A or B, and I pick B") == "B"
   assert parse("The colour of the sky here is clearly blue") == "C"
+  assert parse("The DNA strand") == "A"  # lmms-eval's "A " test matches inside a word
   unparsed = parse("hmm")
   assert unparsed in letters and unparsed == parse("hmm")  # seeded: reruns agree
   assert scoring.mmmu_open_correct("The answer is 3.14159", ["3.14"])

@@ -18,6 +18,7 @@ class ScienceQA(base.Benchmark):
   name, title = "sqa", "SQA"
   folders = ("ScienceQA", "scienceqa", "SQA")
   column, max_new_tokens = 4, 16
+  default_split = "test"  # the export also holds train and validation shards
   llava_files = "problems.json + pid_splits.json + images/test/<pid>/"
 
   def _sample(self, pid, r, image):
