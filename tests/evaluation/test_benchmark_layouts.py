@@ -158,6 +158,10 @@ def test_mmbench_circular_copies_are_asked_once_and_grouped(tmp_path):
   assert header[0] == "index" and header[-1] == "prediction"
   assert [r[0] for r in rows[1:]] == sorted(int(s.id) for s in samples)  # numbers
   assert [r[-1] for r in rows[1:]] == [perfect[str(r[0])] for r in rows[1:]]
+  # an answer with control characters (a worksheet cannot hold them) is written cleaned
+  records[0] = dict(records[0], prediction="\x12\x12oops")
+  [path] = bench.write_submission(records, str(tmp_path))
+  assert "oops" in [r[-1] for r in openpyxl.load_workbook(path).active.values]
 
 
 def test_mmbench_without_copies_is_rotated(tmp_path):

@@ -265,14 +265,17 @@ def score_vqa(records: Sequence[dict], measure: Callable[[str, list], float],
 def write_xlsx(path: str, rows: Sequence[dict], header: Sequence[str] = ()) -> None:
   """One sheet: `header` (default: every key, first-seen order), then one row per dict
   (absent keys empty); values keep their type (numbers are number cells, as the MMBench
-  server reads `index`)."""
+  server reads `index`). Control characters, which a worksheet cannot hold (a model's
+  answer may have them), are dropped from text."""
   import openpyxl  # pylint: disable=g-import-not-at-top
+  from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE  # pylint: disable=g-import-not-at-top
+  clean = lambda v: ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v
   header = list(header) or list(dict.fromkeys(k for row in rows for k in row))
   book = openpyxl.Workbook()
   sheet = book.active
   sheet.append(header)
   for row in rows:
-    sheet.append([row.get(k) for k in header])
+    sheet.append([clean(row.get(k)) for k in header])
   book.save(path)
 
 
