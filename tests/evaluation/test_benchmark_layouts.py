@@ -164,6 +164,22 @@ def test_mmbench_circular_copies_are_asked_once_and_grouped(tmp_path):
   assert "oops" in [r[-1] for r in openpyxl.load_workbook(path).active.values]
 
 
+def test_mmbench_copy_rows_may_point_at_the_image_of_their_question(tmp_path):
+  perfect = fx.write(str(tmp_path), "mmbench", "llava")
+  path = tmp_path / "mmbench" / "mmbench_dev_20230712.tsv"
+  lines = path.read_text().splitlines()
+  header = lines[0].split("\t")
+  column = header.index("image")
+  rows = [line.split("\t") for line in lines[1:]]
+  for row in rows:
+    if int(row[0]) >= mmbench.COPY_STRIDE:
+      row[column] = str(int(row[0]) % mmbench.COPY_STRIDE)  # as MMBench's TSVs store it
+  path.write_text("\n".join([lines[0]] + ["\t".join(r) for r in rows]) + "\n")
+  _, samples = _samples(tmp_path / "mmbench", "mmbench")
+  assert sorted(s.id for s in samples) == sorted(perfect)
+  assert next(s for s in samples if s.id == "2000001").image == fx.png(1)
+
+
 def test_mmbench_without_copies_is_rotated(tmp_path):
   rows = [r for r in fx._mmbench_rows(fx.MMBENCH_OPTIONS, [1, 1])  # pylint: disable=protected-access
           if r["index"] < mmbench.COPY_STRIDE]
