@@ -9,10 +9,12 @@ metrics.json, and prints exact-match accuracy per question type beside the blind
       --config.eval.benchmark=mme,pope --config.eval.data_dir=/data/eval
 
 runs the named benchmarks ('all': every one found under data_dir; see
-leo_mini_jax/evaluation/benchmarks/ for each one's files) and writes
-RUN/eval/NAME/{predictions.jsonl, metrics.json, routing.json, routing.png, submission
-files} and RUN/eval/summary.md (printed). --config.eval.skip_bad=True skips and counts bad
-records instead of stopping on the first.
+leo_mini_jax/evaluation/benchmarks/ for each one's files, prompt and answer length). All
+of them are read and checked before the first question is generated, each shows a
+progress bar, and OUT/NAME/{predictions.jsonl, metrics.json, routing.json, routing.png,
+submission files} and OUT/summary.md (rebuilt from every OUT/*/metrics.json; printed) are
+written, OUT = --config.eval.output_dir (default RUN/eval). --config.eval.skip_bad=True
+skips and counts bad records instead of stopping on them.
 """
 
 from absl import app

@@ -164,8 +164,10 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
                            async_save=True)
   # benchmark: '' = the data config's held-out split; 'mme,pope' or 'all' = the paper's
   # benchmarks under data_dir (evaluation/benchmarks/). split: '' = each one's default.
-  config.eval = dict(max_new_tokens=16, batch_size=32, num_examples=0, benchmark="",
-                     data_dir="", split="", skip_bad=False, routing=True)
+  # max_new_tokens: 0 = each benchmark's own answer length (lmms-eval's; the held-out
+  # split: 16), > 0 = this length for all. output_dir: '' = RUN/eval.
+  config.eval = dict(max_new_tokens=0, batch_size=32, num_examples=0, benchmark="",
+                     data_dir="", split="", skip_bad=False, routing=True, output_dir="")
   config.distributed = mesh.default_distributed_config()
   config.compilation_cache_dir = ""  # persistent XLA cache (local or gs://); '' = off
   return config

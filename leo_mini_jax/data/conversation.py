@@ -173,10 +173,15 @@ def tokenize_conversation(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
 
 def tokenize_prompt(turns: Any, tokenizer: tokenizers_lib.Tokenizer,
                     template: "str | Template", *, has_image: bool,
-                    instruction_turns: str = "first") -> Tokenized:
-  """Generation prompt: the turns (ending with a human turn) + the assistant header."""
+                    instruction_turns: str = "first",
+                    image_position: str | None = None) -> Tokenized:
+  """Generation prompt: the turns (ending with a human turn) + the assistant header.
+
+  `image_position` overrides the template's (None keeps it).
+  """
   template = get_template(template)
-  turns = place_image_marker(normalize_turns(turns), has_image, template.image_position)
+  turns = place_image_marker(normalize_turns(turns), has_image,
+                             image_position or template.image_position)
   if turns[-1][0] != "human":
     raise ConversationError("a generation prompt must end with a human turn")
   return encode_segments(template.layout(turns, True, has_image), tokenizer,

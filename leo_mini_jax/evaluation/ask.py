@@ -154,7 +154,8 @@ class Assistant:
     self.template = pipeline_lib.resolve_template(config.data, self.tokenizer)
     self.model = loop.build_model(config)
     self.params = restore_params(config, checkpoint, self.model)
-    self.max_new_tokens = int(max_new_tokens or config.eval.max_new_tokens)
+    self.max_new_tokens = int(max_new_tokens or config.eval.max_new_tokens
+                              or generate_lib.DEFAULT_ANSWER_TOKENS)
     eos = self.template.end_of_turn_id(self.tokenizer)
     self.stop_ids = tuple({self.tokenizer.eos_id, eos})
     if temperature > 0:

@@ -27,20 +27,27 @@ import numpy as np
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 
+# Answer length where neither a benchmark nor eval.max_new_tokens (0) sets one: the
+# held-out split and `ask`.
+DEFAULT_ANSWER_TOKENS = 16
+
 
 def make_generate(model, max_new_tokens: int, eos_id: int,
                   choose: Callable[[jax.Array, jax.Array | None], jax.Array] | None = None
                   ) -> Callable:
   """Builds `generate(params, batch, valid=None, key=None) -> dict` (jit-able, pure).
 
-  The dict holds `tokens` [B, max_new_tokens]; with MMoE-LLM also the routing the
+  Decoding stops once every row (but those `valid` marks false) has emitted `eos_id`, or
+  after `max_new_tokens` steps: a benchmark allowing 1024 tokens costs only as many steps
+  as its longest answer in the batch. The dict holds `tokens` [B, max_new_tokens] (eos_id
+  after a row's end), `steps` (the decode steps run); with MMoE-LLM also the routing the
   generation computed anyway (no extra forward):
     `prompt_counts` [layers, E]: first-choice experts of the real prompt tokens (visual
       and text) of the rows where `valid` [B] is true (default all), from the prefill;
     `top_expert` [layers, B, max_new_tokens]: the first-choice expert of each generated
-      token, from the decode step that fed it back. Every generated token is fed (the
-      scan feeds token i at step i and keeps its output token only for step i + 1), so
-      the last one has its routing too.
+      token, from the decode step that fed it back (-1 after the loop stopped). Every
+      generated token is fed (step i feeds token i and keeps its output token only for
+      step i + 1), so the last one has its routing too.
   After a row emits `eos_id` it keeps emitting `eos_id`; callers cut at the first one.
   `choose(logits [B, V], key) -> ids [B]` picks each token (default greedy argmax); with
   `key`, step i gets the i-th of `max_new_tokens + 1` splits of it.
@@ -61,20 +68,34 @@ def make_generate(model, max_new_tokens: int, eos_id: int,
       first_key, step_keys = keys[0], keys[1:]
     first = choose(logits, first_key)
 
-    def body(carry, step_key):
-      token, cache, finished = carry
+    batch_size = first.shape[0]
+    # Rows that need no answer (padding) do not hold the loop open.
+    ignore = jnp.zeros_like(first, dtype=bool) if valid is None else ~valid.astype(bool)
+
+    def cond(carry):
+      step, token, _, finished, _, _ = carry
+      return (step < max_new_tokens) & ~jnp.all(finished | (token == eos_id) | ignore)
+
+    def body(carry):
+      step, token, cache, finished, tokens, top = carry
       logits, cache, routing = model.apply({"params": params}, token, cache,
                                            method=model.decode_step)
       finished = finished | (token == eos_id)
+      step_key = None if step_keys is None else step_keys[step]
       next_token = jnp.where(finished, eos_id, choose(logits, step_key))
-      top = routing["top_expert"][:, :, 0] if mmoe else None  # [layers, B]
-      return (next_token, cache, finished), (token, top)
+      tokens = tokens.at[:, step].set(token)
+      if mmoe:
+        top = top.at[:, :, step].set(routing["top_expert"][:, :, 0])
+      return step + 1, next_token, cache, finished, tokens, top
 
-    init = (first, cache, jnp.zeros_like(first, dtype=bool))
-    _, (tokens, top) = jax.lax.scan(body, init, step_keys, length=max_new_tokens)
-    out = {"tokens": tokens.T}
+    layers = model.config.llm.num_layers
+    init = (jnp.zeros((), jnp.int32), first, cache, jnp.zeros_like(first, dtype=bool),
+            jnp.full((batch_size, max_new_tokens), eos_id, jnp.int32),
+            jnp.full((layers, batch_size, max_new_tokens) if mmoe else (0,), -1, jnp.int32))
+    steps, _, _, _, tokens, top = jax.lax.while_loop(cond, body, init)
+    out = {"tokens": tokens, "steps": steps}
     if mmoe:
-      out["top_expert"] = jnp.transpose(top, (1, 2, 0))
+      out["top_expert"] = top
       out["prompt_counts"] = prompt_counts(prompt_routing["top_expert"], cache["lengths"],
                                            valid, model.config.llm.mmoe.num_experts)
     return out
@@ -110,9 +131,14 @@ def decode_answers(tokens: np.ndarray, tokenizer, stop_ids: tuple[int, ...]) -> 
 def build_prompt(question: str, tokenizer, template, has_image: bool
                  ) -> conversation_lib.Tokenized:
   """One user turn (`<image>\\n` is prepended when there is an image) + the assistant
-  header, through the conversation template: what the model answers."""
+  header, through the conversation template: what the model answers.
+
+  A marker the question already holds stays where it is (MMMU puts it at its `<image k>`
+  tag), as lmms-eval's LLaVA-family models do; only training data moves it to the front.
+  """
   turns = [{"from": "human", "value": question}]
-  return conversation_lib.tokenize_prompt(turns, tokenizer, template, has_image=has_image)
+  return conversation_lib.tokenize_prompt(turns, tokenizer, template, has_image=has_image,
+                                          image_position="as_is")
 
 
 def bucket_length(length: int) -> int:
@@ -144,22 +170,35 @@ class Generation:
 class BatchGenerator:
   """Generates for lists of prompts on `setup.mesh` (all devices, all processes).
 
-  Holds the jitted programs, so several benchmarks share their compilations (one per
-  length bucket).
+  Holds the jitted programs, one per answer length (`max_new_tokens` of a call, default
+  the constructor's), so benchmarks with the same length share their compilations (one
+  per prompt-length bucket).
   """
 
   def __init__(self, setup, *, max_new_tokens: int, eos_id: int, routing: bool = True):
     self.setup = setup
-    model = setup.model
-    self.generate = jax.jit(make_generate(model, max_new_tokens, eos_id),
-                            out_shardings=setup.replicated)
-    self.routing = routing and model.config.llm.mmoe.enabled
+    self.max_new_tokens, self.eos_id = int(max_new_tokens), eos_id
+    self.programs: dict[int, Callable] = {}
+    self.routing = routing and setup.model.config.llm.mmoe.enabled
+
+  def program(self, max_new_tokens: int) -> Callable:
+    """The jitted generate for answers of `max_new_tokens` tokens (built once)."""
+    if max_new_tokens not in self.programs:
+      self.programs[max_new_tokens] = jax.jit(
+          make_generate(self.setup.model, max_new_tokens, self.eos_id),
+          out_shardings=self.setup.replicated)
+    return self.programs[max_new_tokens]
+
+  @property
+  def generate(self) -> Callable:
+    return self.program(self.max_new_tokens)
 
   def __call__(self, params: Any, prompts: Sequence[Prompt], *, batch_size: int,
                resolution: int, load_image: Callable[[Any], np.ndarray], pad_id: int = 0,
                names: Sequence[str] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Generation:
-    """Tokens for every prompt.
+               progress: Callable[[int, int], None] | None = None,
+               max_new_tokens: int | None = None) -> Generation:
+    """Tokens for every prompt ([max_new_tokens] each).
 
     Args:
       params: the model parameters (sharded by the setup).
@@ -169,7 +208,10 @@ class BatchGenerator:
       load_image: image source → uint8 [S, S, 3]; may raise (the row is then reported in
         `failed` and generated without the image: callers drop it).
       names: prompt names for error messages (e.g. benchmark/record ids).
+      progress: called with (prompts done, prompts) after every batch.
+      max_new_tokens: the answer length (default: the constructor's).
     """
+    generate = self.program(int(max_new_tokens or self.max_new_tokens))
     setup = self.setup
     model = setup.model
     context = model.config.llm.max_position_embeddings
@@ -200,7 +242,7 @@ class BatchGenerator:
         failed += errors
         global_batch = setup.global_batch(batch)
         valid_global = mesh_lib.make_global_batch({"valid": valid}, setup.mesh)["valid"]
-        result = self.generate(params, global_batch, valid_global)
+        result = generate(params, global_batch, valid_global)
         out = np.asarray(jax.device_get(result["tokens"]))
         if self.routing:
           counts = np.asarray(jax.device_get(result["prompt_counts"]))
@@ -208,7 +250,7 @@ class BatchGenerator:
         for position, index in enumerate(indices):
           tokens[index] = out[position]
         if progress is not None:
-          progress(step + 1, len(batches))
+          progress(min((step + 1) * batch_size, len(prompts)), len(prompts))
     if processes > 1:
       failed = _gather_failures(failed)
     return Generation(tokens, routed, sorted(failed))

@@ -2,14 +2,17 @@
 
 `evaluate` scores the data config's eval split (synthetic or LLaVA JSON) by exact match
 when `eval.benchmark` is empty; otherwise `evaluate_benchmarks` runs the named benchmarks
-(evaluation/benchmarks/) and writes, per benchmark, RUN/eval/NAME/predictions.jsonl,
-metrics.json, submission files and the routing of MMoE-LLM, then RUN/eval/summary.md.
+(evaluation/benchmarks/) and writes, per benchmark, OUT/NAME/predictions.jsonl,
+metrics.json, submission files and the routing of MMoE-LLM, then OUT/summary.md (OUT:
+eval.output_dir, default RUN/eval).
 """
 
 import contextlib
+import glob
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -52,8 +55,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
   data = pipeline_lib.make_dataset(eval_data_cfg, split="eval", mode="generate")
   tokenizer, template = data.tokenizer, data.template
   stop_ids = tuple({tokenizer.eos_id, template.end_of_turn_id(tokenizer)})
-  generate = jax.jit(generate_lib.make_generate(setup.model, config.eval.max_new_tokens,
-                                                template.end_of_turn_id(tokenizer)))
+  generate = jax.jit(generate_lib.make_generate(
+      setup.model, int(config.eval.max_new_tokens) or generate_lib.DEFAULT_ANSWER_TOKENS,
+      template.end_of_turn_id(tokenizer)))
   limit = config.eval.get("num_examples") or None
   records, prompt_lengths = [], []
   # Closed on leaving (also after `limit`'s break): grain's reader threads stop here, not
@@ -88,7 +92,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
       "prefill_flops": efficiency.xla_prefill_flops(model_cfg, text_length,
                                                     config.data.resolution),
   }
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = output_dir(config.eval, workdir)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
     for record in records:
@@ -116,10 +120,51 @@ def _write_json(path: str, value: Any) -> None:
     json.dump(value, f, indent=2)
 
 
+def answer_length(cls: type, eval_cfg: ml_collections.ConfigDict) -> int:
+  """eval.max_new_tokens when > 0 (one length for all), else the benchmark's own."""
+  override = int(eval_cfg.get("max_new_tokens", 0) or 0)
+  return override if override > 0 else int(cls.max_new_tokens)
+
+
+def output_dir(eval_cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  return eval_cfg.get("output_dir", "") or os.path.join(workdir, "eval")
+
+
+def read_benchmarks(eval_cfg: ml_collections.ConfigDict) -> list[tuple[Any, list]]:
+  """Every named benchmark's files read and checked before anything is generated.
+
+  Returns [(benchmark, samples)]. The problems of all benchmarks are raised together as
+  one `BenchmarkError`; with eval.skip_bad a benchmark that cannot be read is left out
+  (and named in a warning) and the others go on.
+  """
+  skip_bad = bool(eval_cfg.get("skip_bad", False))
+  read, problems = [], []
+  for cls, folder in benchmarks_lib.resolve(eval_cfg.benchmark, eval_cfg.data_dir):
+    bench = cls(folder, skip_bad=skip_bad, split=eval_cfg.get("split", ""))
+    try:
+      samples = bench.samples()
+    except benchmarks_lib.BenchmarkError as e:
+      problems.append(str(e))
+      continue
+    if eval_cfg.get("num_examples"):
+      samples = samples[:int(eval_cfg.num_examples)]
+    read.append((bench, samples))
+    if bench.report.skipped:
+      logging.warning("%s", bench.report.summary())
+  if problems and (not skip_bad or not read):
+    raise benchmarks_lib.BenchmarkError(
+        f"{len(problems)} benchmark(s) cannot be read:\n  - " + "\n  - ".join(problems))
+  for problem in problems:
+    logging.warning("left out: %s", problem)
+  return read
+
+
 def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params: Any,
                         setup: loop.TrainSetup, verbose: bool = True) -> dict[str, Any]:
   """Runs `eval.benchmark` ('mme,pope', 'all') from `eval.data_dir`; returns
-  {name: metrics}. Every process generates its share; process 0 writes the files."""
+  {name: metrics}. Every process generates its share; process 0 writes the files under
+  eval.output_dir (default RUN/eval) and rebuilds its summary.md from every
+  */metrics.json there."""
   eval_cfg = config.eval
   writer = jax.process_index() == 0
   tokenizer = tokenizers_lib.load_tokenizer(config.data.tokenizer)
@@ -129,23 +174,22 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
   aspect = config.data.get("image_aspect", "pad")
   load_image = lambda source: images_lib.to_master_resolution(source, resolution, mean_rgb,
                                                               aspect)
-  eval_dir = os.path.join(workdir, "eval")
+  eval_dir = output_dir(eval_cfg, workdir)
+  benches = read_benchmarks(eval_cfg)
   generator = generate_lib.BatchGenerator(
-      setup, max_new_tokens=int(eval_cfg.max_new_tokens),
-      eos_id=template.end_of_turn_id(tokenizer), routing=bool(eval_cfg.get("routing", True)))
+      setup, max_new_tokens=generate_lib.DEFAULT_ANSWER_TOKENS, eos_id=template.end_of_turn_id(tokenizer),
+      routing=bool(eval_cfg.get("routing", True)))
   results, routing_panels = {}, {}
-  for cls, folder in benchmarks_lib.resolve(eval_cfg.benchmark, eval_cfg.data_dir):
-    bench = cls(folder, skip_bad=bool(eval_cfg.get("skip_bad", False)),
-                split=eval_cfg.get("split", ""))
-    samples = bench.samples()
-    if eval_cfg.get("num_examples"):
-      samples = samples[:int(eval_cfg.num_examples)]
+  for bench, samples in benches:
+    started = time.perf_counter()
     prompts = [generate_lib.Prompt(generate_lib.build_prompt(
         s.prompt, tokenizer, template, s.image is not None), s.image) for s in samples]
     names = [f"{bench.title}: {s.source}: record {s.id}" for s in samples]
-    generation = generator(params, prompts, batch_size=int(eval_cfg.batch_size),
-                           resolution=resolution, load_image=load_image,
-                           pad_id=tokenizer.pad_id, names=names)
+    with progress_bar(bench.title, len(prompts), writer and verbose) as progress:
+      generation = generator(params, prompts, batch_size=int(eval_cfg.batch_size),
+                             resolution=resolution, load_image=load_image,
+                             pad_id=tokenizer.pad_id, names=names, progress=progress,
+                             max_new_tokens=answer_length(type(bench), eval_cfg))
     failed = dict(generation.failed)
     if failed and not eval_cfg.get("skip_bad", False):
       index, reason = generation.failed[0]
@@ -161,8 +205,14 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
                       "target": sample.target})
     scored = [r for r in records if "answers" in r["target"]]
     metrics = bench.score(scored) if scored else {"score": None, "num_questions": 0}
+    seconds = time.perf_counter() - started
     metrics.update(num_generated=len(records), num_skipped=len(bench.report.skipped),
-                   skipped=[list(s) for s in bench.report.skipped[:100]])
+                   skipped=[list(s) for s in bench.report.skipped[:100]],
+                   max_new_tokens=answer_length(type(bench), eval_cfg),
+                   seconds=round(seconds, 1),
+                   num_visual_tokens=setup.model.config.num_visual_tokens)
+    if verbose and writer:
+      print(f"{bench.title}: {len(records)} questions in {seconds:.1f} s")
     out_dir = os.path.join(eval_dir, bench.name)
     if writer:
       os.makedirs(out_dir, exist_ok=True)
@@ -174,11 +224,10 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
         routing_lib.write_routing(out_dir, bench.title, generation.routing)
         routing_panels[bench.title] = routing_lib.fractions(generation.routing)
       _write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    if bench.report.skipped:
-      logging.warning("%s", bench.report.summary())
     results[bench.name] = metrics
-  summary = format_summary(results, setup.model.config.num_visual_tokens)
   if writer:
+    summary = format_summary(collect_metrics(eval_dir),
+                             setup.model.config.num_visual_tokens)
     with open(os.path.join(eval_dir, "summary.md"), "w") as f:
       f.write(summary + "\n")
     if routing_panels:
@@ -189,14 +238,43 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
   return results
 
 
+@contextlib.contextmanager
+def progress_bar(title: str, total: int, show: bool):
+  """A tqdm bar (questions done / total, rate, ETA) fed by BatchGenerator's callback."""
+  if not show:
+    yield None
+    return
+  import tqdm  # pylint: disable=g-import-not-at-top
+  with tqdm.tqdm(total=total, desc=title, unit="q", leave=True, dynamic_ncols=True) as bar:
+    yield lambda done, _: bar.update(done - bar.n)
+
+
+def collect_metrics(eval_dir: str) -> dict[str, dict]:
+  """{benchmark: metrics} of every <eval_dir>/<name>/metrics.json of a known benchmark
+  (earlier invocations' included)."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(eval_dir, "*", "metrics.json"))):
+    name = os.path.basename(os.path.dirname(path))
+    if name not in benchmarks_lib.REGISTRY:
+      continue
+    try:
+      with open(path) as f:
+        out[name] = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      logging.warning("summary leaves out %s: %s", path, e)
+  return out
+
+
 def format_summary(results: dict[str, dict], num_visual_tokens: int) -> str:
-  """A markdown table of every benchmark run, in the paper's column order (Table 3)."""
-  names = [n for n in benchmarks_lib.ORDER if n in results]
+  """A markdown table of every benchmark run, in the paper's column order (Table 3; the
+  benchmarks outside the paper's tables after them)."""
+  names = [n for n in benchmarks_lib.names() if n in results]
   titles = [benchmarks_lib.REGISTRY[n].title for n in names]
   cell = lambda v: "—" if v is None else f"{v:.1f}"
   lines = ["| # V tokens | " + " | ".join(titles) + " |",
            "|---:|" + "---:|" * len(names),
-           f"| {num_visual_tokens} | " + " | ".join(cell(results[n]["score"]) for n in names)
+           f"| {num_visual_tokens} | " + " | ".join(cell(results[n].get("score"))
+                                                    for n in names)
            + " |"]
   skipped = {benchmarks_lib.REGISTRY[n].title: results[n]["num_skipped"] for n in names
              if results[n].get("num_skipped")}

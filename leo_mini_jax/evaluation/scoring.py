@@ -108,21 +108,25 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-  """Average Normalised Levenshtein Similarity of one question (DocVQA).
+  """Average Normalised Levenshtein Similarity of one question (DocVQA), as lmms-eval's
+  `anls` computes it (the paper's DocVQA numbers come from it).
 
-  max over answers of 1 − NL when NL < threshold else 0, NL = edit distance / longer
-  length, on lower-cased, whitespace-squeezed strings. Two empty strings are identical.
+  NL = edit distance of the lower-cased, whitespace-squeezed strings / the longer length
+  of the strings as given (lmms-eval measures the un-squeezed lengths); the question
+  scores 1 − min NL over the answers, or 0 when that is below `threshold`. At exactly
+  NL = 0.5 the score stays 0.5, as in lmms-eval and the ST-VQA evaluator (the DocVQA
+  paper's definition, NL < 0.5, would give 0). Two empty strings are identical.
   """
   if not answers:
     raise ValueError("anls: no reference answers")
   pred = " ".join(prediction.strip().lower().split())
-  best = 0.0
+  distances = []
   for answer in answers:
     ref = " ".join(str(answer).strip().lower().split())
-    longest = max(len(pred), len(ref))
-    distance = levenshtein(pred, ref) / longest if longest else 0.0
-    best = max(best, 1.0 - distance if distance < threshold else 0.0)
-  return best
+    longest = max(len(str(answer)), len(prediction))
+    distances.append(levenshtein(pred, ref) / longest if longest else 0.0)
+  score = 1.0 - min(distances)
+  return score if score >= threshold else 0.0
 
 
 # ----------------------------------------------------------------------------- POPE
@@ -169,9 +173,10 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def mme_answer(text: str) -> str:
-  """'yes', 'no' or 'other' as MME's calculation.py reads an answer: the whole answer
-  when it is yes/no, else 'yes'/'no' found in its first 4 characters."""
-  text = text.lower().strip()
+  """'yes', 'no' or 'other' as MME's calculation.py (and lmms-eval's parse_pred_ans) reads
+  an answer: periods dropped, the whole answer when it is yes/no, else 'yes'/'no' found in
+  its first 4 characters."""
+  text = text.lower().strip().replace(".", "")
   if text in ("yes", "no"):
     return text
   prefix = text[:4]
@@ -191,7 +196,7 @@ def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
   """
   by_task: dict[str, dict[str, list[bool]]] = {}
   for r in records:
-    correct = mme_answer(r["prediction"]) == str(r["answer"]).strip().lower()
+    correct = mme_answer(r["prediction"]) == str(r["answer"]).lower().strip().replace(".", "")
     by_task.setdefault(r["category"], {}).setdefault(r["image"], []).append(correct)
   subtasks = {}
   for task, images in sorted(by_task.items()):
@@ -208,35 +213,6 @@ def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 # -------------------------------------------------------------------- multiple choice
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def extract_choice(prediction: str, num_choices: int,
-                   choice_texts: Sequence[str] | None = None) -> str | None:
-  """The option letter a free-form answer picks, or None when it picks none or several.
-
-  As MMBench's / lmms-eval's matchers do: a leading letter in answer form ("B", "B.",
-  "(B)", "B) cat", "Answer: B", "The answer is B."), else the one option letter standing
-  alone as a word ("A or B" picks none), else the one option whose text the answer
-  contains.
-  """
-  letters = LETTERS[:num_choices]
-  text = prediction.strip()
-  text = re.sub(r"^(the\s+)?(correct\s+)?(answer|option)(\s+is)?\s*[:：]?\s*", "", text,
-                flags=re.IGNORECASE)
-  lead = re.match(r"^\(?([A-Z])(\)|\.|:|$)", text)
-  if lead and lead.group(1) in letters:
-    return lead.group(1)
-  standalone = {m for m in re.findall(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text)
-                if m in letters}
-  if len(standalone) == 1:
-    return standalone.pop()
-  if choice_texts and not standalone:
-    lowered = text.lower()
-    hits = [letters[i] for i, t in enumerate(choice_texts)
-            if i < len(letters) and str(t).strip() and str(t).strip().lower() in lowered]
-    if len(hits) == 1:
-      return hits[0]
-  return None
 
 
 def circular_accuracy(groups: Mapping[Any, Sequence[bool]]) -> float:
@@ -259,15 +235,21 @@ def rotate_options(options: Sequence[str], answer: int, shift: int) -> tuple[lis
 
 def mmmu_multiple_choice(response: str, letters: Sequence[str], options: Sequence[str],
                          seed_key: str = "") -> str:
-  """MMMU's parse_multi_choice_response: "(A)" forms, then " A " forms, then (for answers
-  longer than 5 words) option texts; several candidates → the one mentioned last; none →
-  a random letter, as the official script does, seeded by `seed_key` so reruns agree."""
-  text = " " + response.strip().strip(",.!?;:'") + " "
+  """MMMU's parse_multi_choice_response as lmms-eval's mmmu task (EAGLE's copy) has it:
+  ',.!?;:\'' stripped from the ends in turn; "(A)" forms, else "A " (a letter before a
+  space, also inside a word: "DNA is" names A), else "A."; else (answers longer than 5
+  words) option texts; several candidates → the one mentioned last; none → a random
+  letter, as the official script does, seeded by `seed_key` so reruns agree."""
+  for mark in ",.!?;:'":
+    response = response.strip(mark)
+  text = " " + response + " "
   index_of = {l: i for i, l in enumerate(letters)}
   candidates = [l for l in letters if f"({l})" in text]
-  by_text = False
+  bracketed, by_text = bool(candidates), False
   if not candidates:
-    candidates = [l for l in letters if f" {l} " in text or f" {l}." in text]
+    candidates = [l for l in letters if f"{l} " in text]
+  if not candidates:
+    candidates = [l for l in letters if f"{l}." in text]
   if not candidates and len(text.split()) > 5:
     candidates = [l for l in letters if options[index_of[l]].lower() in text.lower()]
     by_text = bool(candidates)
@@ -275,11 +257,12 @@ def mmmu_multiple_choice(response: str, letters: Sequence[str], options: Sequenc
     return random.Random(zlib.crc32(seed_key.encode())).choice(list(letters))
   if len(candidates) == 1:
     return candidates[0]
-  lowered = text.lower()
   if by_text:
-    position = lambda l: lowered.rfind(options[index_of[l]].lower())
+    position = lambda l: text.lower().rfind(options[index_of[l]].lower())
+  elif bracketed:
+    position = lambda l: text.rfind(f"({l})")
   else:
-    position = lambda l: max(text.rfind(f"({l})"), text.rfind(f" {l} "), text.rfind(f" {l}."))
+    position = lambda l: text.rfind(f" {l} ")
   return max(candidates, key=position)
 
 
@@ -342,16 +325,7 @@ def mmmu_open_correct(response: str, answers: Sequence[str] | str) -> bool:
   return False
 
 
-# --------------------------------------------------------- GQA, ChartQA and OCRBench
-
-
-def gqa_normalize(text: str) -> str:
-  """LLaVA's GQA conversion: trailing periods stripped, lower-cased."""
-  return text.strip().rstrip(".").lower().strip()
-
-
-def gqa_correct(prediction: str, answer: str) -> bool:
-  return gqa_normalize(prediction) == gqa_normalize(answer)
+# ------------------------------------------------------------- ChartQA and OCRBench
 
 
 def _chart_float(text: str) -> float | None:
@@ -384,13 +358,16 @@ OCRBENCH_CATEGORIES = {
 
 
 def ocrbench_correct(prediction: str, answers: Sequence[str] | str, category: str) -> bool:
-  """OCRBench: some answer is a substring of the prediction — lower-cased, newlines as
-  spaces; for handwritten math every space and newline removed and case kept."""
+  """OCRBench as lmms-eval scores it: some answer is a substring of the prediction —
+  lower-cased, newlines as spaces; for handwritten math (HME100k) every space and newline
+  removed, the answer's case kept and the prediction lower-cased (lmms-eval lower-cases
+  every prediction first, so an answer with capitals never matches there)."""
   answers = [answers] if isinstance(answers, str) else list(answers)
+  prediction = prediction.lower().strip()
   for answer in answers:
     if category == "Handwritten Mathematical Expression Recognition":
       gold = str(answer).strip().replace("\n", " ").replace(" ", "")
-      pred = prediction.strip().replace("\n", " ").replace(" ", "")
+      pred = prediction.replace("\n", " ").replace(" ", "")
     else:
       gold = str(answer).lower().strip().replace("\n", " ")
       pred = prediction.lower().strip().replace("\n", " ")

@@ -135,7 +135,7 @@ def test_sampling_at_zero_temperature_is_greedy_generation(run_dir):
   greedy = generate_lib.make_generate(assistant.model, 5, eos)(assistant.params, batch)
   sampled = ask.make_sampling_generate(assistant.model, 5, eos, 0.0, 1.0)(
       assistant.params, batch, jax.random.PRNGKey(3))
-  assert greedy.keys() == sampled.keys() == {"tokens", "top_expert", "prompt_counts"}
+  assert greedy.keys() == sampled.keys() == {"tokens", "steps", "top_expert", "prompt_counts"}
   for key in greedy:
     np.testing.assert_array_equal(greedy[key], sampled[key])
 

@@ -35,7 +35,7 @@ def test_eval_py_runs_every_benchmark_in_both_layouts(stage3_run, tmp_path):
     for name in benchmarks.ORDER:
       benchmark_fixtures.write(str(data), name, layout)
     if layout == "llava":
-      os.remove(data / "GQA" / "images" / "img2.jpg")
+      os.remove(data / "gqa" / "data" / "images" / "n288871.jpg")
     out = _eval_py(run, "--config.eval.benchmark=all", f"--config.eval.data_dir={data}",
                    "--config.eval.skip_bad=True", "--config.eval.batch_size=4")
     eval_dir = os.path.join(run, "eval")
@@ -61,3 +61,20 @@ def test_eval_py_runs_every_benchmark_in_both_layouts(stage3_run, tmp_path):
     assert gqa["num_generated"] == (1 if layout == "llava" else 2)
     assert os.path.exists(os.path.join(eval_dir, "mmbench", "mmbench_dev_en_submission.xlsx"))
     assert os.path.exists(os.path.join(eval_dir, "routing.png"))
+    assert "MME^P: 6 questions in" in out  # the time each benchmark took
+
+
+def test_eval_py_output_dir_and_summary_of_two_invocations(stage3_run, tmp_path):
+  run = str(tmp_path / "run")
+  shutil.copytree(stage3_run.workdir, run)
+  data = tmp_path / "data"
+  for name in ("mme", "pope"):
+    benchmark_fixtures.write(str(data), name, "llava")
+  out_dir = tmp_path / "scores"
+  for name in ("mme", "pope"):
+    _eval_py(run, f"--config.eval.benchmark={name}", f"--config.eval.data_dir={data}",
+             f"--config.eval.output_dir={out_dir}", "--config.eval.batch_size=4")
+  with open(out_dir / "summary.md") as f:
+    header = f.readline()
+  assert header == "| # V tokens | MME^P | POPE |\n"  # the second run added a column
+  assert not os.path.exists(os.path.join(run, "eval", "summary.md"))

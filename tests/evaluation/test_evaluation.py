@@ -153,3 +153,28 @@ def test_fewer_visual_tokens_cost_fewer_prefill_flops():
                                                                   num_visual_tokens=64))
   many = efficiency.xla_prefill_flops(many_cfg, 40, 64)
   assert 0 < few < many
+
+
+def test_decoding_stops_when_every_valid_row_has_ended():
+  config = tiny.get_config("stage=3,tokens=4")
+  config.data.max_length = 12
+  model = leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(config.model))
+  batch = dummy_batch(config, 2)
+  batch["input_ids"][:, 2:] = np.random.default_rng(1).integers(1, 200, (2, 10))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch))["params"]
+  full = np.asarray(generate.make_generate(model, 8, eos_id=-1)(params, batch)["tokens"])
+  eos = int(full[0, 2])  # row 0 ends at its third token
+  end = int(np.argmax(full[0] == eos))
+  valid = np.array([True, False])  # row 1 stands for a padding row: it does not hold on
+  out = jax.jit(generate.make_generate(model, 8, eos_id=eos))(params, batch, valid)
+  assert int(out["steps"]) == end < 8
+  tokens = np.asarray(out["tokens"])
+  np.testing.assert_array_equal(tokens[0, :end + 1], full[0, :end + 1])
+  assert (tokens[:, end + 1:] == eos).all() and (tokens[1, end:] == eos).all()
+  # All rows valid: greedy output is the full-length output cut at each row's end.
+  out = np.asarray(generate.make_generate(model, 8, eos_id=eos)(params, batch)["tokens"])
+  for row in range(2):
+    ends = np.flatnonzero(full[row] == eos)
+    stop = int(ends[0]) if len(ends) else 8
+    np.testing.assert_array_equal(out[row, :stop], full[row, :stop])
+    assert (out[row, stop:] == eos).all()

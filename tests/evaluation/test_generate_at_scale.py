@@ -74,3 +74,25 @@ def test_a_prompt_longer_than_the_context_is_an_error_naming_it():
                                        "visual tokens\) exceeds the model's context of 32"):
     generator(None, prompts, batch_size=1, resolution=64, load_image=None,
               names=["GQA: record 0", "GQA: record 1", "GQA: record 2"])
+
+
+def test_each_answer_length_has_its_program_and_progress_counts_questions():
+  config = tiny.get_config("stage=3,tokens=4")
+  config.data.max_length = 64
+  setup = loop.TrainSetup(config, mesh_lib.make_mesh(dict(data=1), devices=jax.devices()[:1]))
+  params = setup.init_state(0).params
+  prompts, tokenizer, template = _prompts(5)
+  load = lambda source: images.to_master_resolution(source, config.data.resolution)
+  generator = generate.BatchGenerator(setup, max_new_tokens=3, eos_id=-1)  # never stops
+  seen = []
+  kwargs = dict(batch_size=2, resolution=config.data.resolution, load_image=load,
+                pad_id=tokenizer.pad_id)
+  short = generator(params, prompts, progress=lambda *a: seen.append(a), **kwargs)
+  long = generator(params, prompts, max_new_tokens=6, **kwargs)
+  again = generator(params, prompts, max_new_tokens=6, **kwargs)
+  assert seen == [(2, 5), (4, 5), (5, 5)]
+  assert {t.shape for t in short.tokens} == {(3,)} and {t.shape for t in long.tokens} == {(6,)}
+  assert sorted(generator.programs) == [3, 6]  # one program per distinct length
+  # Greedy: the longer answer starts with the shorter one.
+  np.testing.assert_array_equal(np.stack(long.tokens)[:, :3], np.stack(short.tokens))
+  np.testing.assert_array_equal(np.stack(again.tokens), np.stack(long.tokens))

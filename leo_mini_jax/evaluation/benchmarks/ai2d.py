@@ -1,4 +1,5 @@
-"""AI2D (science diagrams, test): option-letter accuracy.
+"""AI2D (science diagrams, test): option-letter accuracy as lmms-eval's ai2d task scores
+it (exact match with the letter, case and punctuation ignored; 16 new tokens).
 
 llava:   AI2D/*.jsonl or *.json records {question_id?, question, options, answer (index
          or letter), image (path relative to the folder)}.
@@ -7,6 +8,7 @@ parquet: lmms-lab/ai2d (question, options, answer as an index string, image).
 
 import os
 
+from leo_mini_jax.evaluation import harness_rules
 from leo_mini_jax.evaluation.benchmarks import base
 
 
@@ -14,6 +16,8 @@ from leo_mini_jax.evaluation.benchmarks import base
 class AI2D(base.Benchmark):
   name, title = "ai2d", "AI2D"
   folders = ("AI2D", "ai2d")
+  column, max_new_tokens = 7, 16
+  llava_files = "*.jsonl or *.json records (question, options, answer, image)"
 
   def _sample(self, index, r, image):
     options = list(r["options"])
@@ -31,4 +35,5 @@ class AI2D(base.Benchmark):
     return self._sample(self._count, row, base.image_value(row["image"]))
 
   def score(self, records):
-    return base.accuracy_by(records, base.choice_correct)
+    return base.accuracy_by(records, lambda r: harness_rules.exact_match(
+        r["prediction"], r["target"]["answers"][0]))

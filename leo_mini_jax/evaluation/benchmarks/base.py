@@ -8,37 +8,45 @@ Two layouts are read:
   llava    LLaVA's eval folders (playground/data/eval/NAME): a question .jsonl / .json /
            .tsv, an image folder and annotation files, as each module lists them.
   parquet  an lmms-lab Hugging Face dataset saved locally: *.parquet shards anywhere under
-           the folder, images embedded as {'bytes', 'path'} structs.
+           the folder (a hub download), or the *.arrow files + dataset_info.json that
+           `datasets`' save_to_disk writes; images embedded as {'bytes', 'path'} structs.
+           Where the export holds several splits (file names or folders like
+           'validation-0000.parquet', 'test/data-0000.arrow'), the benchmark's split is read.
 
-A missing file or a malformed record raises `BenchmarkError` naming the benchmark, the
-file and the record; with skip_bad the record is skipped and counted in `ReadReport`.
+A missing file names every layout looked for; a malformed record (a JSONL line that is
+not JSON included) raises `BenchmarkError` naming the benchmark, the file and the record;
+with skip_bad the record is skipped and counted in `ReadReport`.
+
+Each class says how many tokens its answers may take (`max_new_tokens`: the value of the
+lmms-eval task the paper's numbers come from; eval.max_new_tokens > 0 overrides it) and
+where it stands in the paper's tables (`column`; None: offered but not in the tables).
 """
 
-import csv
 import dataclasses
 import glob
-import io
 import json
 import os
-import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from PIL import Image
+# The readers and errors, used by every benchmark module as base.<name>.
+from leo_mini_jax.evaluation.benchmarks.files import (  # noqa: F401  pylint: disable=unused-import
+    BadLine, BenchmarkError, MissingFile, check_image, export_shards, image_value,
+    iter_parquet, load_json, load_jsonl, load_records)
 
 SINGLE_WORD = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 
-
-class BenchmarkError(ValueError):
-  """A benchmark's files or records cannot be used (the message names them)."""
+# lmms-eval's generation default when a task sets no max_new_tokens (its model classes
+# `setdefault` 1024).
+HARNESS_DEFAULT_LENGTH = 1024
 
 
 @dataclasses.dataclass
 class Sample:
   """One question to generate for.
 
-  id: unique within the benchmark. prompt: the user message (no image marker; the
-  template adds it). image: a file path, encoded bytes, or None. target: JSON-serialisable
+  id: unique within the benchmark. prompt: the user message; the template puts the image
+  marker in front of it unless the prompt places `<image>` itself (MMMU). image: a file path, encoded bytes, or None. target: JSON-serialisable
   data the scorer needs (references, category, ...); `target['answers']` absent means the
   question has no public reference (a hidden test split, for the submission file only).
   """
@@ -69,6 +77,10 @@ class Benchmark:
   folders: tuple[str, ...] = ()  # sub-folders of data_dir tried in order
   suffix: str = SINGLE_WORD
   headline_key: str = "score"    # metrics key shown in the summary table
+  max_new_tokens: int = 16       # the lmms-eval task's generation length
+  column: int | None = None      # position in the paper's tables (Table 3)
+  default_split: str = ""        # the split an lmms-lab export is read for
+  llava_files: str = ""          # the LLaVA-layout files, for the missing-file message
 
   def __init__(self, root: str, skip_bad: bool = False, split: str = ""):
     self.root, self.skip_bad, self.split = root, skip_bad, split
@@ -98,23 +110,37 @@ class Benchmark:
   def where(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
 
+  def keep_shard(self, path: str) -> bool:
+    """Whether an export file belongs to this benchmark (MMBench: its language)."""
+    del path
+    return True
+
+  @classmethod
+  def detect(cls, folder: str) -> bool:
+    """Whether `folder` holds this benchmark ('all' skips folders that do not)."""
+    del folder
+    return True
+
   def require(self, *parts: str) -> str:
     path = self.where(*parts)
     if not os.path.exists(path):
-      raise BenchmarkError(f"{self.title}: file not found: {path}")
+      raise MissingFile(f"{self.title}: file not found: {path}")
     return path
 
-  def first_existing(self, candidates: Sequence[str]) -> str:
+  def first_existing(self, candidates: Sequence[str],
+                     exclude: Callable[[str], bool] | None = None) -> str:
     for candidate in candidates:
-      matches = sorted(glob.glob(self.where(candidate)))
+      matches = sorted(m for m in glob.glob(self.where(candidate))
+                       if exclude is None or not exclude(os.path.basename(m)))
       if matches:
         return matches[0]
-    raise BenchmarkError(f"{self.title}: none of {list(candidates)} found under {self.root}")
+    raise MissingFile(f"{self.title}: none of {list(candidates)} found under {self.root}")
 
   def samples(self) -> list[Sample]:
     """Every usable sample, images checked; bad records raise or (skip_bad) are counted."""
-    shards = sorted(glob.glob(os.path.join(self.root, "**", "*.parquet"), recursive=True))
-    items = self._parquet_items(shards) if shards else self.llava_records()
+    shards = [s for s in export_shards(self.root, self.split or self.default_split)
+              if self.keep_shard(s)]
+    items = self._parquet_items(shards) if shards else self._llava_items()
     out, seen = [], set()
     for source, record_id, build in items:
       try:
@@ -138,100 +164,24 @@ class Benchmark:
     self.report.num_samples = len(out)
     return out
 
+  def _llava_items(self):
+    """The LLaVA reader's items; a missing file names every layout looked for."""
+    items = self.llava_records()
+    while True:
+      try:
+        item = next(items)
+      except StopIteration:
+        return
+      except MissingFile as e:
+        raise MissingFile(
+            f"{e}\n  looked for: the LLaVA layout ({self.llava_files or 'see its module'}) "
+            f"and an lmms-lab export (*.parquet, or *.arrow + dataset_info.json from "
+            f"save_to_disk) under {self.root}") from None
+      yield item
+
   def _parquet_items(self, shards: Sequence[str]):
     for path, index, row in iter_parquet(shards):
       yield path, f"#{index}", lambda row=row: self.parquet_sample(row)
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def iter_parquet(paths: Sequence[str]) -> Iterator[tuple[str, int, dict]]:
-  """(file, row index, row) of parquet shards, one record batch at a time."""
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  for path in paths:
-    try:
-      shard = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-      raise BenchmarkError(f"cannot read parquet file {path}: {e}") from None
-    index = 0
-    for batch in shard.iter_batches(batch_size=64):
-      for row in batch.to_pylist():
-        yield path, index, row
-        index += 1
-
-
-def load_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise BenchmarkError(f"file not found: {path}") from None
-  except json.JSONDecodeError as e:
-    raise BenchmarkError(f"{path}: not valid JSON: {e}") from None
-
-
-def load_jsonl(path: str) -> list[dict]:
-  records = []
-  try:
-    with open(path) as f:
-      for number, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            records.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{path}: line {number} is not valid JSON: {e}") from None
-  except FileNotFoundError:
-    raise BenchmarkError(f"file not found: {path}") from None
-  return records
-
-
-def load_records(path: str) -> list[dict]:
-  """A .jsonl, .json (list, or {'data': list}) or .tsv question file as dicts."""
-  if path.endswith(".jsonl"):
-    return load_jsonl(path)
-  if path.endswith(".tsv"):
-    csv.field_size_limit(sys.maxsize)  # base64 images in MMBench's TSV
-    with open(path, newline="") as f:
-      return list(csv.DictReader(f, delimiter="\t"))
-  data = load_json(path)
-  if isinstance(data, dict) and isinstance(data.get("data"), list):
-    data = data["data"]
-  if not isinstance(data, list):
-    raise BenchmarkError(f"{path}: expected a list of records")
-  return data
-
-
-def image_value(value: Any) -> Any:
-  """A parquet image cell ({'bytes', 'path'} struct, bytes, or a list of them) → bytes."""
-  if isinstance(value, list):
-    if not value:
-      raise ValueError("empty image list")
-    value = value[0]
-  if isinstance(value, dict):
-    value = value.get("bytes")
-  if not isinstance(value, (bytes, bytearray)) or not value:
-    raise ValueError("no image bytes")
-  return bytes(value)
-
-
-def check_image(image: Any) -> None:
-  """Raises OSError naming the problem when an image file or image bytes are unusable."""
-  if image is None:
-    return
-  try:
-    if isinstance(image, (bytes, bytearray)):
-      with Image.open(io.BytesIO(image)) as im:
-        im.verify()
-    else:
-      if not os.path.isfile(image):
-        raise OSError(f"image file not found: {image}")
-      with Image.open(image) as im:
-        im.verify()
-  except OSError:
-    raise
-  except Exception as e:  # PIL raises several types for corrupt data
-    raise OSError(f"unreadable image: {type(e).__name__}: {e}") from None
 
 
 def with_suffix(question: str, suffix: str) -> str:
@@ -286,15 +236,6 @@ def choice_sample(sample_id: str, question: str, options: Sequence[str], answer:
                         "category": category, **extra})
 
 
-def choice_correct(record: dict) -> bool:
-  """The prediction's option letter (scoring.extract_choice) is the reference's."""
-  from leo_mini_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
-  target = record["target"]
-  letter = scoring.extract_choice(record["prediction"], len(target["options"]),
-                                  target["options"])
-  return letter == target["answers"][0]
-
-
 def letter_index(value: Any, num_options: int) -> int:
   """An answer given as a letter ('B') or an index (1, '1') → index."""
   text = str(value).strip()
@@ -319,6 +260,23 @@ def score_vqa(records: Sequence[dict], measure: Callable[[str, list], float],
       groups.setdefault(str(key(r)), []).append(v)
     out["by_category"] = {g: 100.0 * sum(v) / len(v) for g, v in sorted(groups.items())}
   return out
+
+
+def write_xlsx(path: str, rows: Sequence[dict], header: Sequence[str] = ()) -> None:
+  """One sheet: `header` (default: every key, first-seen order), then one row per dict
+  (absent keys empty); values keep their type (numbers are number cells, as the MMBench
+  server reads `index`). Control characters, which a worksheet cannot hold (a model's
+  answer may have them), are dropped from text."""
+  import openpyxl  # pylint: disable=g-import-not-at-top
+  from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE  # pylint: disable=g-import-not-at-top
+  clean = lambda v: ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v
+  header = list(header) or list(dict.fromkeys(k for row in rows for k in row))
+  book = openpyxl.Workbook()
+  sheet = book.active
+  sheet.append(header)
+  for row in rows:
+    sheet.append([clean(row.get(k)) for k in header])
+  book.save(path)
 
 
 def write_json_submission(path: str, rows: list[dict]) -> list[str]:

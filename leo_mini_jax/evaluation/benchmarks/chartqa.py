@@ -16,6 +16,8 @@ class ChartQA(base.Benchmark):
   name, title = "chartqa", "ChartQA"
   folders = ("ChartQA", "chartqa")
   suffix = "Answer the question with a single word."  # lmms-eval's ChartQA instruction
+  column, max_new_tokens = 11, 16
+  llava_files = "test/test_human.json + test/test_augmented.json + test/png/"
 
   def _sample(self, qid, question, answer, kind, image):
     return base.Sample(id=qid, prompt=base.with_suffix(question, self.suffix), image=image,

@@ -1,4 +1,4 @@
-"""DocVQA (val): ANLS.
+"""DocVQA (val): ANLS as lmms-eval computes it (the single-word instruction, 32 new tokens).
 
 llava:   DocVQA/val/val_v1.0.json or val_v1.0_withQT.json ({'data': [{questionId,
          question, image: 'documents/<name>.png', answers}]}), images relative to the JSON.
@@ -15,6 +15,9 @@ from leo_mini_jax.evaluation.benchmarks import base
 class DocVQA(base.Benchmark):
   name, title = "docvqa", "DocVQA"
   folders = ("DocVQA", "docvqa")
+  column, max_new_tokens = 10, 32
+  default_split = "validation"
+  llava_files = "val/val_v1.0.json (or val_v1.0_withQT.json) + val/documents/"
 
   def _sample(self, r, image):
     answers = r.get("answers")

@@ -1,14 +1,16 @@
-"""GQA testdev-balanced: exact match after LLaVA's GQA normaliser.
+"""GQA testdev-balanced: lmms-eval's exact match (case and punctuation ignored).
 
-llava:   GQA/llava_gqa_testdev_balanced.jsonl (question_id, image, text) + answers in
-         GQA/testdev_balanced_questions.json ({qid: {'answer', ...}}) + GQA/images/.
+llava:   gqa/llava_gqa_testdev_balanced.jsonl (question_id, image, text) + answers in
+         gqa/data/testdev_balanced_questions.json ({qid: {'answer', ...}}) + images in
+         gqa/data/images/ (LLaVA's layout; the json and images/ beside the jsonl are read
+         too).
 parquet: lmms-lab/GQA: testdev_balanced_instructions shards (id, imageId, question,
          answer) and testdev_balanced_images shards (id, image), joined on the image id.
 """
 
 import os
 
-from leo_mini_jax.evaluation import scoring
+from leo_mini_jax.evaluation import harness_rules
 from leo_mini_jax.evaluation.benchmarks import base
 
 
@@ -16,6 +18,9 @@ from leo_mini_jax.evaluation.benchmarks import base
 class GQA(base.Benchmark):
   name, title = "gqa", "GQA"
   folders = ("GQA", "gqa")
+  column, max_new_tokens = 3, 16
+  llava_files = ("llava_gqa_testdev_balanced.jsonl + data/testdev_balanced_questions.json "
+                 "+ data/images/")
 
   def _sample(self, qid, question, answer, image):
     return base.Sample(id=str(qid), prompt=base.with_suffix(question, self.suffix),
@@ -23,8 +28,9 @@ class GQA(base.Benchmark):
 
   def llava_records(self):
     questions = self.require("llava_gqa_testdev_balanced.jsonl")
-    answers = base.load_json(self.require("testdev_balanced_questions.json"))
-    image_dir = self.first_existing(["images", "."])
+    answers = base.load_json(self.first_existing(["data/testdev_balanced_questions.json",
+                                                  "testdev_balanced_questions.json"]))
+    image_dir = self.first_existing(["data/images", "images", "."])
     for r in base.load_records(questions):
       qid = str(r.get("question_id"))
       yield questions, qid, lambda r=r, qid=qid: self._sample(
@@ -41,5 +47,5 @@ class GQA(base.Benchmark):
           base.image_value(images[str(row["imageId"])]))
 
   def score(self, records):
-    return base.accuracy_by(records, lambda r: scoring.gqa_correct(
+    return base.accuracy_by(records, lambda r: harness_rules.exact_match(
         r["prediction"], r["target"]["answers"][0]))

@@ -1,8 +1,12 @@
 """MME (perception and cognition, 14 yes/no subtasks): score = acc + acc+ per subtask.
 
-llava:   MME/MME_Benchmark_release_version/<subtask>/ with images and `question<TAB>answer`
-         .txt files (either beside the images or in images/ + questions_answers_YN/).
+llava:   MME/MME_Benchmark_release_version/<subtask>/ (the release may hold one more level,
+         MME_Benchmark_release_version/MME_Benchmark/<subtask>/) with images and
+         `question<TAB>answer` .txt files (either beside the images or in images/ +
+         questions_answers_YN/).
 parquet: lmms-lab/MME (question_id, image, question, answer, category).
+Prompt as lmms-eval's mme task: " Please answer yes or no." removed, then the
+single-word instruction; 16 new tokens.
 """
 
 import glob
@@ -11,20 +15,26 @@ import os
 from leo_mini_jax.evaluation import scoring
 from leo_mini_jax.evaluation.benchmarks import base
 
+YES_NO = " Please answer yes or no."  # MME's own instruction, replaced by the suffix
+
 
 @base.register
 class MME(base.Benchmark):
   name, title = "mme", "MME^P"
   folders = ("MME", "mme")
+  column, max_new_tokens = 0, 16
+  llava_files = "MME_Benchmark_release_version/[MME_Benchmark/]<subtask>/*.txt + images"
 
   def _sample(self, image_name, index, question, answer, category, image):
     return base.Sample(
-        id=f"{category}/{image_name}#{index}", prompt=base.with_suffix(question, self.suffix),
+        id=f"{category}/{image_name}#{index}",
+        prompt=base.with_suffix(question.strip().replace(YES_NO, ""), self.suffix),
         image=image, target={"answers": [answer.strip()], "category": category,
                              "image": image_name})
 
   def llava_records(self):
-    release = self.first_existing(["MME_Benchmark_release_version", "."])
+    release = self.first_existing(["MME_Benchmark_release_version/MME_Benchmark",
+                                   "MME_Benchmark_release_version", "MME_Benchmark", "."])
     for task_dir in sorted(p for p in glob.glob(os.path.join(release, "*")) if os.path.isdir(p)):
       category = os.path.basename(task_dir)
       qa_dir = os.path.join(task_dir, "questions_answers_YN")
@@ -50,7 +60,7 @@ class MME(base.Benchmark):
 
   def parquet_sample(self, row):
     # Each image has two questions (one 'yes', one 'no'): number them in file order.
-    image_name = str(row["question_id"])
+    image_name = os.path.basename(str(row["question_id"]))  # 'count/0001.png' → '0001.png'
     key = (row["category"], image_name)
     self._seen = getattr(self, "_seen", {})
     self._seen[key] = index = self._seen.get(key, -1) + 1

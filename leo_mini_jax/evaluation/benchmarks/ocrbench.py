@@ -3,7 +3,8 @@
 llava:   OCRBench/OCRBench.json ([{id, dataset_name, question, answers, type,
          image_path}]) + OCRBench/OCRBench_Images/ (image_path relative to the folder).
 parquet: echo840/OCRBench (dataset, question, question_type, answer, image).
-The question is asked as it is (no instruction is appended), as OCRBench does.
+The question is asked as it is (no instruction is appended), as OCRBench and lmms-eval's
+ocrbench task do; 128 new tokens (lmms-eval).
 """
 
 import collections
@@ -18,6 +19,8 @@ class OCRBench(base.Benchmark):
   name, title = "ocrbench", "OCRBench"
   folders = ("OCRBench", "ocrbench")
   suffix = ""
+  column, max_new_tokens = 12, 128
+  llava_files = "OCRBench.json + OCRBench_Images/"
 
   def _sample(self, qid, question, answers, kind, image):
     answers = [answers] if isinstance(answers, str) else list(answers)

@@ -1,4 +1,5 @@
-"""ScienceQA-IMG (test questions that have an image): option-letter accuracy.
+"""ScienceQA-IMG (test questions that have an image): option-letter accuracy by
+lmms-eval's scienceqa_img rule (the answer is the letter, or starts "B."; 16 new tokens).
 
 llava:   ScienceQA/problems.json ({pid: {question, choices, answer, hint, image, split}})
          + ScienceQA/pid_splits.json + ScienceQA/images/test/<pid>/<image>.
@@ -8,6 +9,7 @@ parquet: lmms-lab/ScienceQA 'ScienceQA-IMG' test shards (question, choices, answ
 
 import os
 
+from leo_mini_jax.evaluation import harness_rules
 from leo_mini_jax.evaluation.benchmarks import base
 
 
@@ -15,6 +17,9 @@ from leo_mini_jax.evaluation.benchmarks import base
 class ScienceQA(base.Benchmark):
   name, title = "sqa", "SQA"
   folders = ("ScienceQA", "scienceqa", "SQA")
+  column, max_new_tokens = 4, 16
+  default_split = "test"  # the export also holds train and validation shards
+  llava_files = "problems.json + pid_splits.json + images/test/<pid>/"
 
   def _sample(self, pid, r, image):
     hint = f"Context: {r['hint']}" if r.get("hint") else ""
@@ -41,4 +46,5 @@ class ScienceQA(base.Benchmark):
     return self._sample(str(row.get("id", self._count)), row, base.image_value(row["image"]))
 
   def score(self, records):
-    return base.accuracy_by(records, base.choice_correct, lambda r: r["target"]["category"])
+    return base.accuracy_by(records, lambda r: harness_rules.sqa_correct(
+        r["prediction"], r["target"]["answers"][0]), lambda r: r["target"]["category"])

@@ -6,6 +6,8 @@ llava:   VizWiz/Annotations/val.json ([{image, question, answers: [{answer, ...}
 parquet: lmms-lab/VizWiz-VQA (question_id, question, answers, image).
 Questions without answers (the test split) go to vizwiz_test_submission.json
 ([{image, answer}], answers through the EvalAI processor, as the server expects).
+Prompt as lmms-eval's vizwiz_vqa task (capitalised question + the 'Unanswerable' and
+single-word instructions); 1024 new tokens (the harness default).
 """
 
 import os
@@ -21,13 +23,19 @@ class VizWiz(base.Benchmark):
   name, title = "vizwiz", "VizWiz"
   folders = ("VizWiz", "vizwiz", "VizWiz-VQA")
   suffix = UNANSWERABLE + "\n" + base.SINGLE_WORD
+  column, max_new_tokens = 8, base.HARNESS_DEFAULT_LENGTH
+  default_split = "val"
+  llava_files = "Annotations/val.json + val/ (test: llava_test.jsonl + test/)"
 
   def _sample(self, qid, question, answers, image_name, image):
     target = {"image": image_name}
     if answers:
       target["answers"] = [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
-    return base.Sample(id=str(qid), prompt=base.with_suffix(question, self.suffix),
-                       image=image, target=target)
+    # lmms-eval's vizwiz_vqa_doc_to_text capitalises the question (LLaVA's test jsonl
+    # text already carries the instruction).
+    return base.Sample(id=str(qid), prompt=base.with_suffix(question.capitalize(), self.suffix)
+                       if self.suffix not in question else question, image=image,
+                       target=target)
 
   def llava_records(self):
     split = self.split or "val"
@@ -45,7 +53,7 @@ class VizWiz(base.Benchmark):
 
   def parquet_sample(self, row):
     return self._sample(row["question_id"], row["question"], row.get("answers"),
-                        str(row.get("image_id", row["question_id"])),
+                        _image_name(row["question_id"]),
                         base.image_value(row["image"]))
 
   def score(self, records):
@@ -56,3 +64,9 @@ class VizWiz(base.Benchmark):
         r["prediction"])} for r in records if "answers" not in r["target"]]
     return base.write_json_submission(os.path.join(out_dir, "vizwiz_test_submission.json"),
                                       rows)
+
+
+def _image_name(question_id) -> str:
+  """lmms-eval's submission names the image f"{question_id}.jpg"."""
+  name = str(question_id)
+  return name if name.endswith(".jpg") else name + ".jpg"
