@@ -12,11 +12,11 @@ import os
 import shutil
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from configs import tiny
+from leo_mini_jax import cli
 from leo_mini_jax.evaluation import runner
 from leo_mini_jax.training import loop
 
@@ -60,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
