@@ -19,6 +19,7 @@ model shape) is refused, naming both values.
 
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
 from leo_mini_jax import cli
@@ -41,6 +42,8 @@ def main(argv):
     raise cli.UserError(f"--config is required: {_WORKDIR.value} holds no run record "
                         "(config.json)")
   run_record.check(config, _WORKDIR.value)
+  if not epath.Path(_WORKDIR.value).exists():
+    raise cli.UserError(f"run not found: {_WORKDIR.value} does not exist")
   if run_record.latest_step(_WORKDIR.value) is None and run_record.record_dir(
       _WORKDIR.value) is not None:
     raise cli.UserError(f"no checkpoint in {_WORKDIR.value}/checkpoints: train it first")
