@@ -17,6 +17,7 @@ from leo_mini_jax.models import llama
 from leo_mini_jax.evaluation import runner
 from leo_mini_jax.training import loop
 from leo_mini_jax.training.loop import dummy_batch
+from tests.training import test_resume
 
 
 def test_greedy_generation_matches_step_by_step_full_forward():
@@ -159,22 +160,6 @@ def test_fewer_visual_tokens_cost_fewer_prefill_flops():
   assert 0 < few < many
 
 
-def _tensorboard_scalars(folder):
-  """{tag: {step: value}} from the TFRecord event files under `folder`."""
-  import struct  # pylint: disable=import-outside-toplevel
-  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
-  scalars = {}
-  for name in os.listdir(folder):
-    with open(os.path.join(folder, name), "rb") as f:
-      while header := f.read(12):  # uint64 length, uint32 crc
-        data = f.read(struct.unpack("<Q", header[:8])[0])
-        f.read(4)
-        event = event_pb2.Event.FromString(data)
-        for value in event.summary.value:
-          scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-  return scalars
-
-
 def test_held_out_accuracy_reaches_tensorboard(stage3_run, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(stage3_run.workdir, workdir)
@@ -182,7 +167,10 @@ def test_held_out_accuracy_reaches_tensorboard(stage3_run, tmp_path):
   setup = loop.TrainSetup(config, stage3_run.mesh)
   result = runner.evaluate(config, workdir, params=stage3_run.state.params, setup=setup,
                            verbose=False)
-  scalars = _tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+  scalars = {}
+  for kind, step, tag, value in test_resume._scalar_events(workdir):
+    if kind == "scalar":
+      scalars.setdefault(tag, {})[step] = value
   assert "loss" in scalars  # the training curves are in the same run
   for qtype, accuracy in result["accuracy"].items():
     assert scalars[f"eval/accuracy/{qtype}"] == {4: pytest.approx(accuracy)}
