@@ -42,14 +42,14 @@ def main(argv):
     raise cli.UserError(f"--config is required: {_WORKDIR.value} holds no run record "
                         "(config.json)")
   run_record.check(config, _WORKDIR.value)
+  mesh_lib.initialize_distributed(config.distributed)
+  # The schedule is checked when runner builds the TrainSetup; init_from is not read.
+  config_validation.validate_config(config, trace_model=False, init_from=False)
   if not epath.Path(_WORKDIR.value).exists():
     raise cli.UserError(f"run not found: {_WORKDIR.value} does not exist")
   if run_record.latest_step(_WORKDIR.value) is None and run_record.record_dir(
       _WORKDIR.value) is not None:
     raise cli.UserError(f"no checkpoint in {_WORKDIR.value}/checkpoints: train it first")
-  mesh_lib.initialize_distributed(config.distributed)
-  # The schedule is checked when runner builds the TrainSetup; init_from is not read.
-  config_validation.validate_config(config, trace_model=False, init_from=False)
   runner.evaluate(config, _WORKDIR.value)
 
 
