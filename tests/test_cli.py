@@ -78,7 +78,6 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
 
 
 def test_demo_clears_only_its_own_runs(tmp_path):
-  sys.path.insert(0, ROOT)
   import demo  # pylint: disable=import-outside-toplevel
   root = tmp_path / "demo"
   demo.prepare_root(str(root), resume=False)  # new folder: marked as the demo's
