@@ -2,6 +2,9 @@
 
   python demo.py [--workdir /tmp/leo_mini_demo] [--tokens 4]
 
+--workdir must be new, empty, or a folder the demo made before (it holds a .leo_mini_demo
+marker); only its stage1..3 runs are replaced, nothing else in it is deleted.
+
 Stage 1 trains the projector (LLM and experts frozen), stage 2 everything, stage 3 adds
 CoTR and MMoE-LLM on top of stage 2 with the LLM and experts frozen (paper Table 6). For
 stages 2 and 3 it prints the number of visual tokens, the prefill FLOPs and the held-out
@@ -12,11 +15,11 @@ import os
 import shutil
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from configs import tiny
+from leo_mini_jax import cli
 from leo_mini_jax.evaluation import runner
 from leo_mini_jax.training import loop
 
@@ -25,12 +28,36 @@ _TOKENS = flags.DEFINE_integer("tokens", 4, "N^V, visual tokens after CoTR in st
 _RESUME = flags.DEFINE_bool("resume", False, "Keep existing runs instead of starting over.")
 
 
+MARKER = ".leo_mini_demo"  # written into --workdir: the folder is the demo's own
+STAGE_DIRS = ("stage1", "stage2", "stage3")
+
+
+def prepare_root(root: str, resume: bool) -> None:
+  """Makes `root` the demo's folder, deleting nothing the demo did not create.
+
+  A missing or empty folder gets the marker file. A folder with the marker is the
+  demo's: its stage1..3 runs are removed (unless `resume`); anything else in it stays.
+  A non-empty folder without the marker is refused.
+  """
+  if os.path.isdir(root) and os.listdir(root) and not os.path.exists(
+      os.path.join(root, MARKER)):
+    raise cli.UserError(
+        f"--workdir {root} is not empty and is not a demo folder (no {MARKER} file): "
+        "the demo writes only into a new or empty folder, or one it made before; "
+        "choose another --workdir")
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, MARKER), "w") as f:
+    f.write("made by demo.py: its stage1..3 runs live here and are replaced on re-run\n")
+  if not resume:
+    for name in STAGE_DIRS:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   root = _WORKDIR.value
-  if not _RESUME.value and os.path.isdir(root):
-    shutil.rmtree(root)
+  prepare_root(root, resume=_RESUME.value)
   start = time.perf_counter()
   results, previous = {}, ""
   for stage in (1, 2, 3):
@@ -60,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,8 @@ import dataclasses
 import typing
 from typing import Any, Mapping, TypeVar
 
+from leo_mini_jax import cli
+
 T = TypeVar("T")
 
 
@@ -43,8 +45,9 @@ def from_config(cls: type[T], cfg: Any, **overrides: Any) -> T:
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - known)
   if unknown:
-    raise ValueError(
-        f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    hints = "".join(cli.did_you_mean(name, known) for name in unknown)
+    raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}{hints}; known fields are "
+                     f"{sorted(known)}")
   for name, value in list(values.items()):
     nested = _dataclass_type(hints.get(name))
     if nested is not None and isinstance(value, Mapping):

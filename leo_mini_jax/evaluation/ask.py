@@ -19,7 +19,9 @@ release is one: ask it with the stage-2 config, whose model has no CoTR / MMoE-L
 image goes through the training data's host preprocessing (pad to square with the mean
 colour, resize to data.resolution). Greedy decoding by default; --temperature > 0 samples,
 with --top_p nucleus filtering, from a pure jitted function with an explicit PRNG key.
-A missing or unreadable image or checkpoint is a one-line error naming it.
+A missing or unreadable image or checkpoint is a one-line error naming it. Without
+--config, a run's workdir supplies its own saved config (config.json: its tokenizer and
+template); a --config that contradicts the run is refused, naming both values.
 """
 
 import dataclasses
@@ -27,7 +29,6 @@ import os
 import sys
 from typing import Any, Callable
 
-from absl import app
 from absl import flags
 from absl import logging
 import flax.linen as nn
@@ -37,6 +38,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from leo_mini_jax import cli
+from leo_mini_jax import run_record
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
@@ -48,7 +51,7 @@ from leo_mini_jax.training import loop
 LENGTH_BUCKET = 64  # prompts are padded to a multiple of this: few shapes to compile
 
 
-class AskError(Exception):
+class AskError(cli.UserError):
   """A one-line, user-facing failure (bad image, checkpoint, tokenizer)."""
 
 
@@ -249,6 +252,7 @@ def run(config, workdir: str, image_path: str, question: str | None, stdin=None,
   image = load_image(image_path, config.data)  # before the model: fail fast
   if not os.path.exists(workdir):
     raise AskError(f"checkpoint not found: {workdir}")
+  run_record.check(config, workdir)  # the run's own tokenizer, template and shapes
   assistant = Assistant(config, workdir, **options)
   assistant.reset(image)
   if question is not None:
@@ -286,21 +290,21 @@ def define_flags() -> dict[str, Any]:
   }
 
 
-def main(argv, cli: dict[str, Any]):
+def main(argv, options: dict[str, Any]):
   del argv
   logging.set_verbosity(logging.ERROR)
-  for name in ("config", "workdir", "image"):
-    if not cli[name].value:
-      sys.exit(f"ask: --{name} is required")
-  try:
-    run(cli["config"].value, cli["workdir"].value, cli["image"].value,
-        cli["question"].value, max_new_tokens=cli["max_new_tokens"].value or None,
-        temperature=cli["temperature"].value, top_p=cli["top_p"].value,
-        seed=cli["seed"].value)
-  except AskError as e:
-    sys.exit(f"ask: {e}")
+  for name in ("workdir", "image"):
+    if not options[name].value:
+      raise AskError(f"--{name} is required")
+  if options["config"].value is None:
+    raise AskError(f"--config is required: {options['workdir'].value} holds no run record "
+                   "(config.json; a params-only checkpoint needs the model's config)")
+  run(options["config"].value, options["workdir"].value, options["image"].value,
+      options["question"].value, max_new_tokens=options["max_new_tokens"].value or None,
+      temperature=options["temperature"].value, top_p=options["top_p"].value,
+      seed=options["seed"].value)
 
 
 if __name__ == "__main__":
-  _cli = define_flags()
-  app.run(lambda argv: main(argv, _cli))
+  _options = define_flags()
+  cli.run(lambda argv: main(argv, _options), prog="ask", saved_config=True)

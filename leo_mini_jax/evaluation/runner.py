@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from leo_mini_jax import run_record
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.data import tokenizers as tokenizers_lib
@@ -30,6 +31,7 @@ from leo_mini_jax.evaluation import routing as routing_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import loop
+from leo_mini_jax.training import metrics as log_metrics
 
 
 def restore_params(setup: loop.TrainSetup, workdir: str) -> Any:
@@ -99,6 +101,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
       f.write(json.dumps(record) + "\n")
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
+  # Beside the training curves, at the step of the checkpoint evaluated.
+  log_metrics.write_tensorboard(workdir, run_record.latest_step(workdir) or 0, {
+      f"eval/accuracy/{qtype}": value for qtype, value in accuracy.items()})
   if verbose:
     print(format_report(result))
   return result
@@ -225,6 +230,8 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
         routing_panels[bench.title] = routing_lib.fractions(generation.routing)
       _write_json(os.path.join(out_dir, "metrics.json"), metrics)
     results[bench.name] = metrics
+  log_metrics.write_tensorboard(workdir, run_record.latest_step(workdir) or 0, {
+      f"eval/{name}/score": metrics["score"] for name, metrics in results.items()})
   if writer:
     summary = format_summary(collect_metrics(eval_dir),
                              setup.model.config.num_visual_tokens)

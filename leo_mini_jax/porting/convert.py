@@ -199,6 +199,7 @@ def convert_eagle(config: ml_collections.ConfigDict, eagle_dir: str, out_dir: st
 
 def main() -> None:
   from absl import app  # pylint: disable=import-outside-toplevel
+  from leo_mini_jax import cli  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
@@ -258,7 +259,7 @@ def main() -> None:
                                   allow.value or NEW_MODULES)
     _print_summary(summary)
 
-  app.run(run)
+  cli.run(run, prog="convert")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -19,12 +19,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from leo_mini_jax import cli
+
 # Checked per step; all are scalars the step computes anyway.
 CHECKED_METRICS = ("loss", "balance_loss", "grad_norm")
 DEFAULT_MAX_BAD_STEPS = 10
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(cli.UserError, RuntimeError):
   """Too many non-finite steps in a row, or a non-finite state about to be saved."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from leo_mini_jax import config_validation
+from leo_mini_jax import run_record
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.models import leo_mini as leo_mini_lib
@@ -275,6 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     logging.info("total_steps=0: %s", how)
     if jax.process_index() == 0:
       print(f"stage {config.stage}: {how}")
+  run_record.ensure(config, workdir)  # first start: record; resume: same tokenizer/model
   setup = TrainSetup(config, mesh)
   check_batch(config, setup.mesh)
   logging.info("%s", mesh_lib.process_summary(setup.mesh))
@@ -310,7 +312,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=total, initial=start_step, desc=f"stage {config.stage}", leave=False)
+    bar = tqdm(total=total, initial=start_step, desc=f"stage {config.stage}", leave=True)
   history, pending = [], []
   timer_start, timer_steps, timer_tokens, timer_examples = None, 0, 0.0, 0
   last_metrics: dict[str, float] = {}

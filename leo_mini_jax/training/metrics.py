@@ -70,6 +70,22 @@ class MetricsWriter:
       self.tensorboard = None
 
 
+def write_tensorboard(workdir: str, step: int, scalars: dict[str, float]) -> None:
+  """Adds `scalars` at `step` to the run's TensorBoard events (process 0), e.g. held-out
+  accuracy after training, beside the training curves."""
+  if jax.process_index() != 0:
+    return
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+  for name, value in scalars.items():
+    if value is not None:
+      writer.add_scalar(name, float(value), step)
+  writer.close()
+
+
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
   """Device metrics → flat floats (routing fractions as routing/layer_L/expert_E)."""
   out = {}

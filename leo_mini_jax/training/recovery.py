@@ -35,10 +35,12 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
+from leo_mini_jax import cli
+
 CHECKSUMS = "checksums"
 
 
-class BrokenCheckpointError(RuntimeError):
+class BrokenCheckpointError(cli.UserError, RuntimeError):
   """No checkpoint in the directory can be restored."""
 
 

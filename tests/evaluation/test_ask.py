@@ -170,3 +170,26 @@ def test_errors_are_one_line_naming_the_file(image_path, tmp_path, image, workdi
   assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
   assert (image if "image" in message else workdir) in lines[0]
   assert "Traceback" not in result.stderr
+
+
+def test_without_config_the_run_supplies_its_own(run_dir, image_path):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-m", "leo_mini_jax.evaluation.ask",
+                           f"--workdir={run_dir}", f"--image={image_path}",
+                           "--question=What colour is the shape?"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  [(_, visual, layers)] = _blocks(result.stdout)
+  assert visual == 4 and sorted(layers) == [0, 1]
+
+
+def test_a_config_with_another_tokenizer_is_refused(run_dir, image_path, tmp_path):
+  # Decoding the run's ids with another tokenizer prints garbage: refuse instead.
+  tokenizer = tmp_path / "tokenizer.json"
+  tokenizer.write_text('{"model": {"type": "BPE"}}')
+  config = tiny.get_config("stage=3")
+  config.data.tokenizer = str(tokenizer)
+  with pytest.raises(ask.cli.UserError, match=r"data.tokenizer: the run was trained with "
+                     r"byte .*the config gives .*tokenizer.json"):
+    ask.run(config, run_dir, image_path, "What colour is the shape?", out=io.StringIO())

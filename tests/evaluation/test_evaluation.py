@@ -1,6 +1,8 @@
 """Generation, answer metrics and FLOP counting."""
 
 import dataclasses
+import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -12,7 +14,10 @@ from configs import tiny
 from leo_mini_jax.evaluation import efficiency, generate, metrics
 from leo_mini_jax.models import leo_mini as leo_mini_lib
 from leo_mini_jax.models import llama
+from leo_mini_jax.evaluation import runner
+from leo_mini_jax.training import loop
 from leo_mini_jax.training.loop import dummy_batch
+from tests.training import test_resume
 
 
 def test_greedy_generation_matches_step_by_step_full_forward():
@@ -178,3 +183,19 @@ def test_decoding_stops_when_every_valid_row_has_ended():
     stop = int(ends[0]) if len(ends) else 8
     np.testing.assert_array_equal(out[row, :stop], full[row, :stop])
     assert (out[row, stop:] == eos).all()
+
+
+def test_held_out_accuracy_reaches_tensorboard(stage3_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stage3_run.workdir, workdir)
+  config = stage3_run.config
+  setup = loop.TrainSetup(config, stage3_run.mesh)
+  result = runner.evaluate(config, workdir, params=stage3_run.state.params, setup=setup,
+                           verbose=False)
+  scalars = {}
+  for kind, step, tag, value in test_resume._scalar_events(workdir):
+    if kind == "scalar":
+      scalars.setdefault(tag, {})[step] = value
+  assert "loss" in scalars  # the training curves are in the same run
+  for qtype, accuracy in result["accuracy"].items():
+    assert scalars[f"eval/accuracy/{qtype}"] == {4: pytest.approx(accuracy)}
