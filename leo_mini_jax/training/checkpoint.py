@@ -42,7 +42,10 @@ class Checkpointer:
       self.directory = self.directory.absolute()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, keep_period=cfg.get("keep_period") or None,
-        enable_async_checkpointing=bool(cfg.get("async_save", True)), create=True)
+        enable_async_checkpointing=bool(cfg.get("async_save", True)), create=True,
+        # A save cut off by a kill leaves `<step>.orbax-checkpoint-tmp*`; if that step is
+        # never saved again nothing else removes it (a full state's size).
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
