@@ -7,6 +7,7 @@ saves the step reached before a clean exit.
 """
 
 import concurrent.futures
+import contextlib
 import logging
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from leo_mini_jax.training import optimizer as optimizer_lib
 from leo_mini_jax.training import preemption as preemption_lib
 from leo_mini_jax.training import recovery as recovery_lib
 from leo_mini_jax.training import step as step_lib
+from leo_mini_jax.training import workdir_lock as workdir_lock_lib
 
 # On a 2-core CPU, collectives stall when dozens of steps are queued: block at least this often.
 MAX_QUEUED_STEPS = 8
@@ -242,9 +244,18 @@ def check_batch(config: ml_collections.ConfigDict, mesh, process_count: int | No
                      f"{processes} processes (each feeds an equal share)")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
-          mesh=None, stop_at: int | None = None,
-          preemption: preemption_lib.PreemptionWatcher | None = None) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, *args, **kwargs
+          ) -> dict[str, Any]:
+  """`_train` holding the workdir's lock (process 0): a second run on it stops at start."""
+  lock = (workdir_lock_lib.WorkdirLock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _train(config, workdir, *args, **kwargs)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+           mesh=None, stop_at: int | None = None,
+           preemption: preemption_lib.PreemptionWatcher | None = None) -> dict[str, Any]:
   """Runs `config.total_steps` steps (resuming if the workdir has a checkpoint).
 
   Args:

@@ -21,8 +21,9 @@ exact integer sums, so they do not depend on the mesh or the order of reduction,
 single changed bit changes them (orbax reads a flipped byte in an uncompressed chunk
 without complaint).
 
-`truncate_metrics` drops metrics.jsonl rows after the restored step (and a half-written
-last line), so after any number of restarts the file holds one row per logged step.
+`truncate_metrics` drops metrics.jsonl rows after the restored step, a half-written
+last line and repeated steps, so after any number of restarts the file holds one row per
+logged step.
 """
 
 import json
@@ -158,27 +159,30 @@ def set_aside(checkpointer: Any, steps: list[int]) -> None:
 
 
 def truncate_metrics(workdir: str, step: int) -> int:
-  """Keeps the metrics.jsonl rows with 'step' <= `step` (process 0); returns rows dropped.
+  """Keeps one metrics.jsonl row per step <= `step` (process 0); returns rows dropped.
 
-  A row is dropped too when it does not parse (a line cut by a kill mid-write).
+  Dropped: rows past `step` (a killed run logged them), a line that does not parse (cut
+  by a kill mid-write), and all but the last row of a step logged twice (two runs on
+  one workdir before the lock, or a restart before the first checkpoint).
   """
   path = epath.Path(workdir) / "metrics.jsonl"
   if jax.process_index() != 0 or not path.exists():
     return 0
-  kept, dropped = [], 0
-  for line in path.read_text().splitlines():
+  lines = path.read_text().splitlines()
+  by_step = {}
+  for line in lines:
     try:
-      row = json.loads(line)
-      keep = int(row["step"]) <= step
+      row_step = int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
-      keep = False
-    if keep:
-      kept.append(line + "\n")
-    else:
-      dropped += 1
+      continue
+    if row_step <= step:
+      by_step[row_step] = line + "\n"  # the later row of a step wins
+  kept = [by_step[s] for s in sorted(by_step)]
+  dropped = len(lines) - len(kept)
   if dropped:
     path.write_text("".join(kept))
-    logging.info("metrics.jsonl: dropped %d rows after step %d (a restart)", dropped, step)
+    logging.info("metrics.jsonl: dropped %d rows (after step %d, cut or repeated)",
+                 dropped, step)
   return dropped
 
 
