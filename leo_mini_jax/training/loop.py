@@ -191,9 +191,12 @@ def initial_state(setup: TrainSetup, checkpointer: checkpoint_lib.Checkpointer,
   if config.get("init_from"):
     recovery_lib.check_init_from(config.init_from)
     allow_missing = optimizer_lib.STAGE_NEW_PARAMS.get(config.stage, r"$^")
+    source = {}
     params, fresh = checkpoint_lib.load_params(
         config.init_from, setup.abstract_state.params,
-        lambda paths: setup.init_params_subset(paths, config.seed), allow_missing)
+        lambda paths: setup.init_params_subset(paths, config.seed), allow_missing,
+        source=source)
+    recovery_lib.warn_skipped_stage(source, config.stage)
     return setup.state_from_params(params), (
         f"initialised from {config.init_from}"
         + (f"; fresh: {len(fresh)} new parameters" if fresh else ""))
@@ -357,7 +360,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
       checkpointer.save(done, state, {
           "examples_seen": examples_seen, "seed": int(config.data.seed),
           "global_batch_size": int(config.data.batch_size),
-          "process_count": jax.process_count(),
+          "process_count": jax.process_count(), "stage": int(config.stage),
           "checksums": recovery_lib.state_checksums(state)})
       policy.saved()
     if reason == "preempted":

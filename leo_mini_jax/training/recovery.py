@@ -60,8 +60,13 @@ def _checksums(tree: Any) -> Any:
 
 
 def state_checksums(state: Any) -> dict[str, int]:
-  """{'params/llm/...': checksum} over the train state's leaves (one small fetch)."""
-  tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  """{"['params']['llm']...": checksum} over the train state's leaves (one small fetch)."""
+  return tree_checksums(
+      {"step": state.step, "params": state.params, "opt_state": state.opt_state})
+
+
+def tree_checksums(tree: Any) -> dict[str, int]:
+  """{key path: checksum} of a tree (a subtree of the state keeps the state's keys)."""
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(_checksums(tree)))[0]
   return {jax.tree_util.keystr(path): int(value) for path, value in flat}
 
@@ -101,7 +106,7 @@ def check_restored(state: Any, abstract_state: Any, step: int,
       raise ValueError(f"checksum mismatch in {len(bad)} arrays: {', '.join(bad[:3])}")
 
 
-def _short(error: Exception) -> str:
+def short_error(error: Exception) -> str:
   text = f"{type(error).__name__}: {error}".replace("\n", " ")
   return text if len(text) <= 300 else text[:300] + " ..."
 
@@ -129,7 +134,7 @@ def restore_complete(checkpointer: Any, abstract_state: Any, step: int | None = 
                      checkpointer.data_position(candidate))
     except Exception as e:  # pylint: disable=broad-except
       logging.error("checkpoint %s is broken (%s); trying the previous one",
-                    checkpointer.directory / str(candidate), _short(e))
+                    checkpointer.directory / str(candidate), short_error(e))
       rejected.append((candidate, e))
       continue
     if rejected:
@@ -137,7 +142,7 @@ def restore_complete(checkpointer: Any, abstract_state: Any, step: int | None = 
       logging.warning("resuming from checkpoint %s, the latest complete one",
                       checkpointer.directory / str(candidate))
     return state, candidate
-  details = "; ".join(f"step {s}: {_short(e)}" for s, e in rejected) or "no steps"
+  details = "; ".join(f"step {s}: {short_error(e)}" for s, e in rejected) or "no steps"
   raise BrokenCheckpointError(
       f"no complete checkpoint in {checkpointer.directory} ({details}). If the config "
       "changed since these were written, use another workdir (or init_from)")
@@ -214,3 +219,19 @@ def check_init_from(path: str) -> None:
         f"config.init_from: {path} holds no checkpoint (expected a train workdir with "
         "checkpoints/<step>/, a step directory with state/, or a params checkpoint "
         "written by porting.convert)")
+
+
+def warn_skipped_stage(source: dict, stage: int) -> bool:
+  """Warns (and returns True) when `init_from` read a run more than one stage before
+  `stage` (stage 1 into stage 3 skips the projector-and-reducer training of stage 2).
+
+  `source` is what `checkpoint.load_params` filled; its record names the source stage
+  (checkpoints from before the stage was recorded, and ports, say nothing).
+  """
+  from_stage = (source.get("record") or {}).get("stage")
+  if from_stage is None or int(from_stage) >= int(stage) - 1:
+    return False
+  logging.warning("init_from %s is a stage-%d checkpoint, initialising stage %d: stage "
+                  "%d is skipped", source.get("path"), int(from_stage), int(stage),
+                  int(from_stage) + 1)
+  return True
