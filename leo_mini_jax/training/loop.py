@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from leo_mini_jax import config_ranges
 from leo_mini_jax import config_validation
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
@@ -391,21 +392,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     if not condition:
       raise ValueError(f"config.{field}: {message}")
   need(config.stage in (1, 2, 3), "stage", f"must be 1, 2 or 3, got {config.stage!r}")
-  need(config.total_steps >= 1, "total_steps", "must be >= 1")
-  need(config.log_every >= 1, "log_every", "must be >= 1")
-  need(config.optimizer.lr > 0, "optimizer.lr", "must be > 0")
-  need(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1")
-  need(config.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+  config_ranges.check_ranges(config)  # every numeric field (one table), before any use
   need(config.data.batch_size % config.optimizer.grad_accum_steps == 0,
        "optimizer.grad_accum_steps",
        f"must divide data.batch_size={config.data.batch_size}")
   need(config.optimizer.decay in ("cosine", "constant"), "optimizer.decay",
        "must be 'cosine' or 'constant'")
-  need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-  need((config.checkpoint.get("every_seconds") or 0) >= 0, "checkpoint.every_seconds",
-       "must be >= 0 (0 = off)")
   # Experts, reducer, MMoE, mesh, tokenizer, init_from; the schedule in TrainSetup.
   config_validation.validate_config(config, device_count=device_count, trace_model=False)
   leo_mini_lib.LeoMiniConfig.from_config(config.model)  # names bad model fields
-  if config.model.llm.vocab_size < 1:
-    raise ValueError("config.model.llm.vocab_size: must be >= 1")
