@@ -304,8 +304,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   policy = checkpoint_lib.SavePolicy(config.checkpoint)
   start_step = int(state.step)
   recovery_lib.truncate_metrics(workdir, start_step)  # rows a killed run wrote
-  # TensorBoard hides the events a killed run logged after the step resumed from.
-  writer = metrics_lib.MetricsWriter(workdir, purge_step=start_step + 1 if start_step else None)
+  # TensorBoard is rebuilt from the (truncated) metrics.jsonl: both show the same steps.
+  writer = metrics_lib.MetricsWriter(workdir)
   nonfinite = guards_lib.NonFiniteTracker(guards_lib.max_bad_steps(config))
   total = int(config.total_steps) if stop_at is None else min(stop_at, config.total_steps)
   bar = None
