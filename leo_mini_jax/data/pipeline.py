@@ -45,6 +45,7 @@ import numpy as np
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import llava
+from leo_mini_jax.data import parent_watch
 from leo_mini_jax.data import synthetic
 from leo_mini_jax.data import tokenizers as tokenizers_lib
 from leo_mini_jax.data import validation
@@ -375,7 +376,8 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
   if data_cfg.num_workers > 0:
     _ensure_absl_flags_parsed()
     iter_ds = iter_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)))
+        grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)),
+        worker_init_fn=parent_watch.exit_with_parent)  # no orphans after a SIGKILL
   return DataPipeline(iter_ds, split, mode, num_examples, local_batch_size, num_batches,
                       report, tokenizer, template)
 
