@@ -296,6 +296,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
                                    start_position=examples_seen)
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
+  if latest is not None:  # the position counts examples of the stream these records make
+    recovery_lib.check_data_fingerprint(checkpointer.data_position(latest),
+                                        data.fingerprint, config.data.get("on_change"))
   if data.tokenizer.vocab_size > config.model.llm.vocab_size:
     raise ValueError(f"config.model.llm.vocab_size={config.model.llm.vocab_size} is smaller "
                      f"than the tokenizer's vocabulary ({data.tokenizer.vocab_size})")
@@ -362,6 +365,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
           "examples_seen": examples_seen, "seed": int(config.data.seed),
           "global_batch_size": int(config.data.batch_size),
           "process_count": jax.process_count(), "stage": int(config.stage),
+          "data_fingerprint": data.fingerprint,
           "checksums": recovery_lib.state_checksums(state)})
       policy.saved()
     if reason == "preempted":

@@ -235,3 +235,28 @@ def warn_skipped_stage(source: dict, stage: int) -> bool:
                   "%d is skipped", source.get("path"), int(from_stage), int(stage),
                   int(from_stage) + 1)
   return True
+
+
+class DataChangedError(RuntimeError):
+  """The usable records differ from those the checkpoint's data position counts."""
+
+
+def check_data_fingerprint(position: dict | None, fingerprint: str,
+                           on_change: str | None = "stop") -> bool:
+  """Stops (on_change 'stop', the default) or warns ('warn') when the records changed
+  since the checkpoint; returns True when they did. Checkpoints without a fingerprint
+  pass."""
+  saved = (position or {}).get("data_fingerprint")
+  if not saved or saved == fingerprint:
+    return False
+  on_change = on_change or "stop"
+  if on_change not in ("stop", "warn"):
+    raise ValueError(f"config.data.on_change: must be 'stop' or 'warn', got {on_change!r}")
+  message = (f"the usable data records changed since the checkpoint (fingerprint {saved} "
+             f"→ {fingerprint}: a record or image added, removed or fixed), so data "
+             f"position {(position or {}).get('examples_seen')} is in another order")
+  if on_change == "stop":
+    raise DataChangedError(message + "; restore the data, or set config.data.on_change="
+                           "'warn' to go on")
+  logging.warning("%s; going on (config.data.on_change='warn')", message)
+  return True
