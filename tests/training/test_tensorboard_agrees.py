@@ -1,30 +1,19 @@
 """TensorBoard shows exactly the steps of metrics.jsonl, after kills and restarts."""
 
 import collections
-import glob
 import json
 import os
-import struct
-
-from tensorboardX.proto import event_pb2
 
 from leo_mini_jax.training import metrics as metrics_lib
 from leo_mini_jax.training import recovery
+from tests.training import test_resume
 
 
 def scalar_events(workdir):
-  """{(tag, step): [values]} over every events file, read as TFRecords."""
+  """{(tag, step): [values]} over every events file."""
   found = collections.defaultdict(list)
-  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.*")):
-    data = open(path, "rb").read()
-    offset = 0
-    while offset + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])
-      record = data[offset + 12:offset + 12 + length]
-      offset += 12 + length + 4
-      event = event_pb2.Event.FromString(record)
-      for value in event.summary.value:
-        found[(value.tag, event.step)].append(value.simple_value)
+  for _, step, tag, value in test_resume._scalar_events(workdir):
+    found[(tag, step)].append(value)
   return found
 
 
