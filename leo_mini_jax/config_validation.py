@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from etils import epath
 import jax
 
+from leo_mini_jax import config_ranges
 from leo_mini_jax.parallel.axes import MESH_AXES
 
 
@@ -193,6 +194,7 @@ def validate_config(config: Any, *, device_count: int | None = None,
   """
   if config.get("stage") not in (1, 2, 3):
     _fail("stage", f"must be 1, 2 or 3, got {config.get('stage')!r}")
+  config_ranges.check_ranges(config)
   check_experts(config)
   check_reducer(config)
   check_mmoe(config)

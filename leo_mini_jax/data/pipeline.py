@@ -43,8 +43,10 @@ import ml_collections
 import numpy as np
 
 from leo_mini_jax.data import conversation as conversation_lib
+from leo_mini_jax.data import fingerprint as fingerprint_lib
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import llava
+from leo_mini_jax.data import parent_watch
 from leo_mini_jax.data import synthetic
 from leo_mini_jax.data import tokenizers as tokenizers_lib
 from leo_mini_jax.data import validation
@@ -99,6 +101,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.read_threads = 2             # threads preparing batches in each process
   c.prefetch_batches = 4         # batches prepared ahead per process
   c.seed = 0                     # shuffle seed and synthetic scene seed
+  c.on_change = "stop"           # resume with other usable records: 'stop' | 'warn'
   return c
 
 
@@ -308,6 +311,7 @@ class DataPipeline:
   report: llava.ValidationReport | None
   tokenizer: tokenizers_lib.Tokenizer
   template: conversation_lib.Template
+  fingerprint: str = ""        # of the usable records (fingerprint.py); saved on resume
 
   def iterator(self) -> grain.DatasetIterator:
     """A fresh iterator; `get_state()`/`set_state()` save and restore its position."""
@@ -426,9 +430,11 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
   if data_cfg.num_workers > 0:
     _ensure_absl_flags_parsed()
     iter_ds = iter_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)))
+        grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)),
+        worker_init_fn=parent_watch.exit_with_parent)  # no orphans after a SIGKILL
   return DataPipeline(iter_ds, split, mode, num_examples, local_batch_size, num_batches,
-                      report, tokenizer, template)
+                      report, tokenizer, template,
+                      fingerprint=fingerprint_lib.source_fingerprint(source))
 
 
 def _ensure_absl_flags_parsed():

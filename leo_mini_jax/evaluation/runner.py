@@ -34,9 +34,11 @@ from leo_mini_jax.training import loop
 from leo_mini_jax.training import metrics as log_metrics
 
 
-def restore_params(setup: loop.TrainSetup, workdir: str) -> Any:
-  """The params of the workdir's latest checkpoint, with the setup's shardings."""
-  params, _ = checkpoint_lib.load_params(workdir, setup.abstract_state.params)
+def restore_params(setup: loop.TrainSetup, workdir: str, source: dict | None = None) -> Any:
+  """The params of the workdir's latest complete checkpoint, with the setup's shardings
+  (verified as on resume; `source` receives the step read)."""
+  params, _ = checkpoint_lib.load_params(workdir, setup.abstract_state.params,
+                                         source=source)
   return params
 
 
@@ -48,10 +50,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
   With `eval.benchmark` set, runs `evaluate_benchmarks` instead.
   """
   setup = setup or loop.TrainSetup(config)
+  source = {}  # which checkpoint step is scored (None: params given by the caller)
   if params is None:
-    params = restore_params(setup, workdir)
+    params = restore_params(setup, workdir, source)
   if config.eval.get("benchmark"):
-    return evaluate_benchmarks(config, workdir, params, setup, verbose)
+    return evaluate_benchmarks(config, workdir, params, setup, verbose,
+                               checkpoint_step=source.get("step"))
   eval_data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   eval_data_cfg.batch_size = config.eval.batch_size
   data = pipeline_lib.make_dataset(eval_data_cfg, split="eval", mode="generate")
@@ -87,6 +91,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
   result = {
       "stage": int(config.stage),
       "num_examples": len(records),
+      "checkpoint_step": source.get("step"),
       "accuracy": accuracy,
       "blind_baseline": blind,
       "num_visual_tokens": model_cfg.num_visual_tokens,
@@ -165,7 +170,8 @@ def read_benchmarks(eval_cfg: ml_collections.ConfigDict) -> list[tuple[Any, list
 
 
 def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params: Any,
-                        setup: loop.TrainSetup, verbose: bool = True) -> dict[str, Any]:
+                        setup: loop.TrainSetup, verbose: bool = True,
+                        checkpoint_step: int | None = None) -> dict[str, Any]:
   """Runs `eval.benchmark` ('mme,pope', 'all') from `eval.data_dir`; returns
   {name: metrics}. Every process generates its share; process 0 writes the files under
   eval.output_dir (default RUN/eval) and rebuilds its summary.md from every
@@ -211,7 +217,8 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
     scored = [r for r in records if "answers" in r["target"]]
     metrics = bench.score(scored) if scored else {"score": None, "num_questions": 0}
     seconds = time.perf_counter() - started
-    metrics.update(num_generated=len(records), num_skipped=len(bench.report.skipped),
+    metrics.update(checkpoint_step=checkpoint_step,
+                   num_generated=len(records), num_skipped=len(bench.report.skipped),
                    skipped=[list(s) for s in bench.report.skipped[:100]],
                    max_new_tokens=answer_length(type(bench), eval_cfg),
                    seconds=round(seconds, 1),

@@ -28,9 +28,15 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from leo_mini_jax.training import recovery as recovery_lib
+
 STATE, DATA_POSITION = "state", "data_position"
 # load_params names at most this many keys per kind of mismatch (a wrong model has hundreds).
 MAX_NAMED = 40
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is intact but holds another model's parameters."""
 
 
 class Checkpointer:
@@ -42,7 +48,10 @@ class Checkpointer:
       self.directory = self.directory.absolute()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, keep_period=cfg.get("keep_period") or None,
-        enable_async_checkpointing=bool(cfg.get("async_save", True)), create=True)
+        enable_async_checkpointing=bool(cfg.get("async_save", True)), create=True,
+        # A save cut off by a kill leaves `<step>.orbax-checkpoint-tmp*`; if that step is
+        # never saved again nothing else removes it (a full state's size).
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
@@ -133,20 +142,31 @@ def save_params(path: str, params: Any) -> None:
   checkpointer.save(_path(path), args=ocp.args.PyTreeSave({"params": params}), force=True)
 
 
-def _params_item_dir(path: str) -> epath.Path:
-  """The orbax directory holding {'params': ...} for a workdir, a step or a params dir."""
+def _params_candidates(path: str) -> list[tuple[epath.Path, epath.Path | None]]:
+  """(orbax item directory holding {'params': ...}, its step directory or None), newest
+  first: every finished step of a train workdir, else the one step or params dir."""
   path = _path(path)
   manager_dir = path / "checkpoints"
   if manager_dir.is_dir():
-    steps = [int(d.name) for d in manager_dir.iterdir() if d.name.isdigit()]
+    steps = sorted((int(d.name) for d in manager_dir.iterdir() if d.name.isdigit()),
+                   reverse=True)
     if not steps:
       raise FileNotFoundError(f"init_from: no checkpoint under {manager_dir}")
-    return manager_dir / str(max(steps)) / STATE
+    return [(manager_dir / str(s) / STATE, manager_dir / str(s)) for s in steps]
   if (path / STATE).is_dir():
-    return path / STATE
+    return [(path / STATE, path)]
   if path.is_dir():
-    return path
+    return [(path, None)]
   raise FileNotFoundError(f"init_from: {path} does not exist")
+
+
+def step_record(step_dir: epath.Path | None) -> dict:
+  """The JSON saved beside a step's state (data position, checksums, stage); {} if none."""
+  if step_dir is None or not (step_dir / DATA_POSITION).exists():
+    return {}
+  restored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      step_dir / DATA_POSITION)
+  return dict(restored)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -155,7 +175,8 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def load_params(path: str, abstract_params: Any,
                 init_fresh: Callable[[list[str]], dict[str, Any]] | None = None,
-                allow_missing: str = r"$^") -> tuple[Any, list[str]]:
+                allow_missing: str = r"$^", source: dict | None = None
+                ) -> tuple[Any, list[str]]:
   """Initialises a run from another run's (or a port's) parameters.
 
   Checkpointed parameters are read straight into `abstract_params`' shardings (and
@@ -168,19 +189,53 @@ def load_params(path: str, abstract_params: Any,
     init_fresh: paths → {path: initialised array} for the parameters the checkpoint
       lacks (needed only when something is).
     allow_missing: regex (full match) of parameter paths that may be absent and stay fresh.
+    source: filled with what was read: {'path', 'step' (None for a params checkpoint),
+      'record' (the step's saved data-position record)}.
+
+  A train workdir's checkpoints are verified as on resume (orbax's checks, finite values,
+  the checksums saved at each save); a broken step is named and the previous one read.
 
   Returns:
     (params, the paths initialised fresh).
 
   Raises:
-    ValueError naming every missing (not allowed), unexpected and shape-mismatched path.
+    CheckpointMismatchError naming every missing (not allowed), unexpected and
+    shape-mismatched path; recovery.BrokenCheckpointError when no step is complete.
   """
-  item_dir = _params_item_dir(path)
+  candidates = _params_candidates(path)
+  rejected = []
+  for item_dir, step_dir in candidates:
+    try:
+      params, fresh = _load_params_from(path, item_dir, abstract_params, init_fresh,
+                                        allow_missing, step_record(step_dir))
+    except CheckpointMismatchError:
+      raise  # the wrong model, not damage: an earlier step would not fit either
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("checkpoint %s is broken (%s); trying the previous one",
+                    item_dir, recovery_lib.short_error(e))
+      rejected.append((item_dir, e))
+      continue
+    if rejected:
+      logging.warning("%s: loaded %s, the latest complete checkpoint", path, item_dir)
+    if source is not None:
+      source.update(path=str(item_dir), step=(None if step_dir is None or not
+                                             step_dir.name.isdigit() else int(step_dir.name)),
+                    record=step_record(step_dir))
+    return params, fresh
+  details = "; ".join(f"{d}: {recovery_lib.short_error(e)}" for d, e in rejected)
+  raise recovery_lib.BrokenCheckpointError(f"{path}: no complete checkpoint ({details})")
+
+
+def _load_params_from(path, item_dir, abstract_params, init_fresh, allow_missing,
+                      record: dict) -> tuple[Any, list[str]]:
+  """load_params from one item directory, verified like a resume (finite values, the
+  checksums saved beside a train step)."""
   metadata = ocp.PyTreeCheckpointer().metadata(item_dir)
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
   if "params" not in tree:
-    raise ValueError(f"init_from: {item_dir} holds no 'params' (keys: {sorted(tree)})")
+    raise CheckpointMismatchError(
+        f"init_from: {item_dir} holds no 'params' (keys: {sorted(tree)})")
   saved = _flat(tree["params"])
   wanted = _flat(abstract_params)
   allowed = re.compile(allow_missing)
@@ -198,7 +253,7 @@ def load_params(path: str, abstract_params: Any,
         lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:MAX_NAMED])
                      + (f", ... and {len(items) - MAX_NAMED} more"
                         if len(items) > MAX_NAMED else ""))
-    raise ValueError("\n".join(lines))
+    raise CheckpointMismatchError("\n".join(lines))
   fresh_paths = sorted(p for p in wanted if p not in saved)
   subset = traverse_util.unflatten_dict(
       {p: x for p, x in wanted.items() if p in saved}, sep="/")
@@ -210,9 +265,22 @@ def load_params(path: str, abstract_params: Any,
   merged = {}
   if fresh_paths:
     if init_fresh is None:
-      raise ValueError(f"init_from {path}: {len(fresh_paths)} parameters are new "
+      raise CheckpointMismatchError(f"init_from {path}: {len(fresh_paths)} parameters are new "
                        f"({', '.join(fresh_paths[:5])}, ...) and no initialiser was given")
     merged.update(init_fresh(fresh_paths))
     logging.info("init_from %s: %d new parameters initialised", path, len(fresh_paths))
+  _verify_params(restored, record)
   merged.update(_flat(restored))
   return traverse_util.unflatten_dict(merged, sep="/"), fresh_paths
+
+
+def _verify_params(restored: Any, record: dict) -> None:
+  from leo_mini_jax.training import guards  # pylint: disable=g-import-not-at-top
+  if not guards.tree_is_finite(restored):
+    raise ValueError("it holds non-finite parameters (never saved by the loop)")
+  saved = record.get(recovery_lib.CHECKSUMS)
+  if saved:
+    got = recovery_lib.tree_checksums({"params": restored})
+    bad = sorted(k for k in got if k in saved and got[k] != saved[k])
+    if bad:
+      raise ValueError(f"checksum mismatch in {len(bad)} arrays: {', '.join(bad[:3])}")

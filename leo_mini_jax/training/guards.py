@@ -1,7 +1,9 @@
 """Non-finite steps: never applied, counted, and a run that keeps producing them stops.
 
-A step whose loss (cross-entropy or balance term) or gradient norm is NaN/inf is
-dropped inside the jitted step: a `jnp.where` per leaf keeps the previous parameters
+A step whose loss (cross-entropy or balance term) or gradient norm is NaN/inf, or
+whose update would make a trainable parameter or the optimizer state NaN/inf (finite
+gradients with an infinite learning rate, an overflowing moment), is dropped inside the
+jitted step: a `jnp.where` per leaf keeps the previous parameters
 and optimizer state (Adam moments and the schedule's step count included), so the
 guard costs no host synchronisation and the state stays finite. The step counter still
 advances, as does the data stream: the batch that produced the NaN is skipped, not
@@ -38,18 +40,25 @@ def skip_nonfinite(train_step: Callable, trainable: Any) -> Callable:
     trainable: bool tree over params; frozen leaves are returned by the step unchanged,
       so only trainable leaves (and the optimizer state) need the select.
 
-  The returned metrics gain `nonfinite` (1.0 when the step was dropped, else 0.0).
+  The returned metrics gain `nonfinite` (1.0 when the step was dropped, else 0.0) and
+  `nonfinite_update` (1.0 when the new parameters or optimizer state were the cause).
   """
 
   def guarded(state, batch):
     new_state, metrics = train_step(state, batch)
-    finite = jnp.all(jnp.stack([jnp.isfinite(metrics[name]) for name in CHECKED_METRICS
-                                if name in metrics]))
+    finite_metrics = jnp.all(jnp.stack([jnp.isfinite(metrics[name])
+                                        for name in CHECKED_METRICS if name in metrics]))
+    # Finite gradients can still give a non-finite update: check what would be kept.
+    new_trainable = [p for p, m in zip(jax.tree.leaves(new_state.params),
+                                       jax.tree.leaves(trainable)) if m]
+    finite_update = _all_finite((new_trainable, new_state.opt_state))
+    finite = finite_metrics & finite_update
     keep = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(lambda new, old, m: keep(new, old) if m else new,
                           new_state.params, state.params, trainable)
     opt_state = jax.tree.map(keep, new_state.opt_state, state.opt_state)
-    metrics = dict(metrics, nonfinite=1.0 - finite.astype(jnp.float32))
+    metrics = dict(metrics, nonfinite=1.0 - finite.astype(jnp.float32),
+                   nonfinite_update=1.0 - finite_update.astype(jnp.float32))
     return new_state.replace(params=params, opt_state=opt_state), metrics
 
   return guarded
@@ -85,8 +94,7 @@ class NonFiniteTracker:
         self.in_a_row += 1
         logging.warning(
             "step %d: non-finite %s; the update was not applied (%d in a row, %d in all)",
-            step, ", ".join(f"{k}={row[k]}" for k in CHECKED_METRICS if k in row),
-            self.in_a_row, self.total)
+            step, _cause(row), self.in_a_row, self.total)
       else:
         self.in_a_row = 0
         self.last_good_step = step
@@ -96,8 +104,17 @@ class NonFiniteTracker:
                  else f"step {self.last_good_step}")
         raise NonFiniteError(
             f"step {step}: {self.in_a_row} non-finite steps in a row "
-            f"(config.train.max_bad_steps={self.max_bad}); parameters are those of "
-            f"{since}, and no checkpoint was written from a non-finite state")
+            f"(config.train.max_bad_steps={self.max_bad}; last: {_cause(row)}); no "
+            f"update since {since} was applied, and no checkpoint was written from a "
+            "non-finite state")
+
+
+def _cause(row: dict[str, float]) -> str:
+  """What was non-finite in a dropped step's metrics row."""
+  values = ", ".join(f"{k}={row[k]}" for k in CHECKED_METRICS if k in row)
+  if row.get("nonfinite_update", 0.0) > 0:
+    return f"update (new parameters or optimizer state; {values})"
+  return values
 
 
 @jax.jit

@@ -7,6 +7,7 @@ saves the step reached before a clean exit.
 """
 
 import concurrent.futures
+import contextlib
 import copy
 import logging
 import time
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from leo_mini_jax import config_ranges
 from leo_mini_jax import config_validation
 from leo_mini_jax import run_record
 from leo_mini_jax.data import conversation as conversation_lib
@@ -33,6 +35,7 @@ from leo_mini_jax.training import optimizer as optimizer_lib
 from leo_mini_jax.training import preemption as preemption_lib
 from leo_mini_jax.training import recovery as recovery_lib
 from leo_mini_jax.training import step as step_lib
+from leo_mini_jax.training import workdir_lock as workdir_lock_lib
 
 # On a 2-core CPU, collectives stall when dozens of steps are queued: block at least this often.
 MAX_QUEUED_STEPS = 8
@@ -191,9 +194,12 @@ def initial_state(setup: TrainSetup, checkpointer: checkpoint_lib.Checkpointer,
   if config.get("init_from"):
     recovery_lib.check_init_from(config.init_from)
     allow_missing = optimizer_lib.STAGE_NEW_PARAMS.get(config.stage, r"$^")
+    source = {}
     params, fresh = checkpoint_lib.load_params(
         config.init_from, setup.abstract_state.params,
-        lambda paths: setup.init_params_subset(paths, config.seed), allow_missing)
+        lambda paths: setup.init_params_subset(paths, config.seed), allow_missing,
+        source=source)
+    recovery_lib.warn_skipped_stage(source, config.stage)
     return setup.state_from_params(params), (
         f"initialised from {config.init_from}"
         + (f"; fresh: {len(fresh)} new parameters" if fresh else ""))
@@ -244,9 +250,18 @@ def check_batch(config: ml_collections.ConfigDict, mesh, process_count: int | No
                      f"{processes} processes (each feeds an equal share)")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
-          mesh=None, stop_at: int | None = None,
-          preemption: preemption_lib.PreemptionWatcher | None = None) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, *args, **kwargs
+          ) -> dict[str, Any]:
+  """`_train` holding the workdir's lock (process 0): a second run on it stops at start."""
+  lock = (workdir_lock_lib.WorkdirLock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _train(config, workdir, *args, **kwargs)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+           mesh=None, stop_at: int | None = None,
+           preemption: preemption_lib.PreemptionWatcher | None = None) -> dict[str, Any]:
   """Runs `config.total_steps` steps (resuming if the workdir has a checkpoint).
 
   total_steps=0 derives the length from the data: `config.num_epochs` passes over the
@@ -297,6 +312,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
                                    start_position=examples_seen, prepared=prepared)
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
+  if latest is not None:  # the position counts examples of the stream these records make
+    recovery_lib.check_data_fingerprint(checkpointer.data_position(latest),
+                                        data.fingerprint, config.data.get("on_change"))
   if data.tokenizer.vocab_size > config.model.llm.vocab_size:
     raise ValueError(f"config.model.llm.vocab_size={config.model.llm.vocab_size} is smaller "
                      f"than the tokenizer's vocabulary ({data.tokenizer.vocab_size})")
@@ -305,8 +323,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   policy = checkpoint_lib.SavePolicy(config.checkpoint)
   start_step = int(state.step)
   recovery_lib.truncate_metrics(workdir, start_step)  # rows a killed run wrote
-  # TensorBoard hides the events a killed run logged after the step resumed from.
-  writer = metrics_lib.MetricsWriter(workdir, purge_step=start_step + 1 if start_step else None)
+  # TensorBoard is rebuilt from the (truncated) metrics.jsonl: both show the same steps.
+  writer = metrics_lib.MetricsWriter(workdir)
   nonfinite = guards_lib.NonFiniteTracker(guards_lib.max_bad_steps(config))
   total = int(config.total_steps) if stop_at is None else min(stop_at, config.total_steps)
   bar = None
@@ -362,7 +380,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       checkpointer.save(done, state, {
           "examples_seen": examples_seen, "seed": int(config.data.seed),
           "global_batch_size": int(config.data.batch_size),
-          "process_count": jax.process_count(),
+          "process_count": jax.process_count(), "stage": int(config.stage),
+          "data_fingerprint": data.fingerprint,
           "checksums": recovery_lib.state_checksums(state)})
       policy.saved()
     if reason == "preempted":
@@ -393,23 +412,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     if not condition:
       raise ValueError(f"config.{field}: {message}")
   need(config.stage in (1, 2, 3), "stage", f"must be 1, 2 or 3, got {config.stage!r}")
-  need(config.total_steps >= 0, "total_steps",
-       "must be >= 1, or 0 to derive it from the data and num_epochs")
-  need(float(config.get("num_epochs", 1)) > 0, "num_epochs", "must be > 0")
-  need(config.log_every >= 1, "log_every", "must be >= 1")
-  need(config.optimizer.lr > 0, "optimizer.lr", "must be > 0")
-  need(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps", "must be >= 1")
-  need(config.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+  config_ranges.check_ranges(config)  # every numeric field (one table), before any use
   need(config.data.batch_size % config.optimizer.grad_accum_steps == 0,
        "optimizer.grad_accum_steps",
        f"must divide data.batch_size={config.data.batch_size}")
   need(config.optimizer.decay in ("cosine", "constant"), "optimizer.decay",
        "must be 'cosine' or 'constant'")
-  need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-  need((config.checkpoint.get("every_seconds") or 0) >= 0, "checkpoint.every_seconds",
-       "must be >= 0 (0 = off)")
   # Experts, reducer, MMoE, mesh, tokenizer, init_from; the schedule in TrainSetup.
   config_validation.validate_config(config, device_count=device_count, trace_model=False)
   leo_mini_lib.LeoMiniConfig.from_config(config.model)  # names bad model fields
-  if config.model.llm.vocab_size < 1:
-    raise ValueError("config.model.llm.vocab_size: must be >= 1")

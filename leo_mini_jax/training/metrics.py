@@ -2,11 +2,15 @@
 
 import json
 import logging
+import time
 from typing import Any
 
 from etils import epath
 import jax
 import numpy as np
+
+TENSORBOARD = "tensorboard"
+EVAL_EVENTS = "eval"  # evaluations' scalars: a run of their own beside the training curves
 
 
 def _is_remote(path: epath.Path) -> bool:
@@ -20,13 +24,14 @@ class MetricsWriter:
   Object stores cannot append: a remote metrics.jsonl is rewritten whole at each write
   (it holds one short line per logged step).
 
-  `purge_step`: a resumed run passes the first step it will run. A killed run may have
-  logged steps past its last checkpoint, which the resumed run logs again; the new
-  events file then starts with a SessionLog START at `purge_step`, and TensorBoard drops
-  the older events at steps >= it (its "orphaned data" purge), so each step shows once.
+  TensorBoard agrees with metrics.jsonl after any kill: each write is flushed to both,
+  and at start the events are rebuilt from metrics.jsonl (which the resumed run has
+  already cut to its restored step). Without the rebuild, a kill drops tensorboardX's
+  unflushed events for good, and a run that restarts before its first checkpoint shows
+  its first steps twice.
   """
 
-  def __init__(self, workdir: str, purge_step: int | None = None):
+  def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.lines: list[str] = []
@@ -40,12 +45,28 @@ class MetricsWriter:
     else:
       self.file = self.path.open("a")
     try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      # tensorboardX writes gs:// itself (google-cloud-storage).
-      self.tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
-                                       purge_step=purge_step)
+      from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top
     except ImportError:
       logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
+      return
+    events = epath.Path(workdir) / TENSORBOARD
+    if events.exists():  # the training events only: evaluations keep their own folder
+      for old in events.glob("events.*"):
+        old.unlink()
+    events.mkdir(parents=True, exist_ok=True)
+    # tensorboardX's synchronous writer (SummaryWriter queues events for a thread that
+    # flushes every 2 minutes); it writes gs:// itself (google-cloud-storage).
+    self.tensorboard = event_file_writer.EventsWriter(str(events / "events"))
+    for row in _read_rows(self.path):
+      self._add(int(row.pop("step")), row)
+    self.tensorboard.flush()
+
+  def _add(self, step: int, scalars: dict[str, float]) -> None:
+    from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+    values = [summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+              for name, value in scalars.items()]
+    self.tensorboard.write_event(event_pb2.Event(
+        wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -58,8 +79,8 @@ class MetricsWriter:
       self.lines.append(line)
       self.path.write_text("".join(self.lines))
     if self.tensorboard is not None:
-      for name, value in scalars.items():
-        self.tensorboard.add_scalar(name, value, step)
+      self._add(step, scalars)
+      self.tensorboard.flush()  # one small write per logged row; a kill loses none
 
   def close(self) -> None:
     if self.file is not None:
@@ -71,19 +92,33 @@ class MetricsWriter:
 
 
 def write_tensorboard(workdir: str, step: int, scalars: dict[str, float]) -> None:
-  """Adds `scalars` at `step` to the run's TensorBoard events (process 0), e.g. held-out
-  accuracy after training, beside the training curves."""
+  """Adds `scalars` at `step` to the run's TensorBoard (process 0), e.g. held-out
+  accuracy after training: under tensorboard/eval, which the training events' rebuild at
+  each start leaves alone, so TensorBoard shows them as a run beside the training curves."""
   if jax.process_index() != 0:
     return
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   except ImportError:
     return
-  writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+  writer = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD / EVAL_EVENTS))
   for name, value in scalars.items():
     if value is not None:
       writer.add_scalar(name, float(value), step)
   writer.close()
+
+
+def _read_rows(path: epath.Path) -> list[dict]:
+  """The parsed rows of metrics.jsonl (a cut last line skipped)."""
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      continue
+  return rows
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

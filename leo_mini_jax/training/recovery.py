@@ -21,8 +21,9 @@ exact integer sums, so they do not depend on the mesh or the order of reduction,
 single changed bit changes them (orbax reads a flipped byte in an uncompressed chunk
 without complaint).
 
-`truncate_metrics` drops metrics.jsonl rows after the restored step (and a half-written
-last line), so after any number of restarts the file holds one row per logged step.
+`truncate_metrics` drops metrics.jsonl rows after the restored step, a half-written
+last line and repeated steps, so after any number of restarts the file holds one row per
+logged step.
 """
 
 import json
@@ -61,8 +62,13 @@ def _checksums(tree: Any) -> Any:
 
 
 def state_checksums(state: Any) -> dict[str, int]:
-  """{'params/llm/...': checksum} over the train state's leaves (one small fetch)."""
-  tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  """{"['params']['llm']...": checksum} over the train state's leaves (one small fetch)."""
+  return tree_checksums(
+      {"step": state.step, "params": state.params, "opt_state": state.opt_state})
+
+
+def tree_checksums(tree: Any) -> dict[str, int]:
+  """{key path: checksum} of a tree (a subtree of the state keeps the state's keys)."""
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(_checksums(tree)))[0]
   return {jax.tree_util.keystr(path): int(value) for path, value in flat}
 
@@ -102,7 +108,7 @@ def check_restored(state: Any, abstract_state: Any, step: int,
       raise ValueError(f"checksum mismatch in {len(bad)} arrays: {', '.join(bad[:3])}")
 
 
-def _short(error: Exception) -> str:
+def short_error(error: Exception) -> str:
   text = f"{type(error).__name__}: {error}".replace("\n", " ")
   return text if len(text) <= 300 else text[:300] + " ..."
 
@@ -130,7 +136,7 @@ def restore_complete(checkpointer: Any, abstract_state: Any, step: int | None = 
                      checkpointer.data_position(candidate))
     except Exception as e:  # pylint: disable=broad-except
       logging.error("checkpoint %s is broken (%s); trying the previous one",
-                    checkpointer.directory / str(candidate), _short(e))
+                    checkpointer.directory / str(candidate), short_error(e))
       rejected.append((candidate, e))
       continue
     if rejected:
@@ -138,7 +144,7 @@ def restore_complete(checkpointer: Any, abstract_state: Any, step: int | None = 
       logging.warning("resuming from checkpoint %s, the latest complete one",
                       checkpointer.directory / str(candidate))
     return state, candidate
-  details = "; ".join(f"step {s}: {_short(e)}" for s, e in rejected) or "no steps"
+  details = "; ".join(f"step {s}: {short_error(e)}" for s, e in rejected) or "no steps"
   raise BrokenCheckpointError(
       f"no complete checkpoint in {checkpointer.directory} ({details}). If the config "
       "changed since these were written, use another workdir (or init_from)")
@@ -160,27 +166,30 @@ def set_aside(checkpointer: Any, steps: list[int]) -> None:
 
 
 def truncate_metrics(workdir: str, step: int) -> int:
-  """Keeps the metrics.jsonl rows with 'step' <= `step` (process 0); returns rows dropped.
+  """Keeps one metrics.jsonl row per step <= `step` (process 0); returns rows dropped.
 
-  A row is dropped too when it does not parse (a line cut by a kill mid-write).
+  Dropped: rows past `step` (a killed run logged them), a line that does not parse (cut
+  by a kill mid-write), and all but the last row of a step logged twice (two runs on
+  one workdir before the lock, or a restart before the first checkpoint).
   """
   path = epath.Path(workdir) / "metrics.jsonl"
   if jax.process_index() != 0 or not path.exists():
     return 0
-  kept, dropped = [], 0
-  for line in path.read_text().splitlines():
+  lines = path.read_text().splitlines()
+  by_step = {}
+  for line in lines:
     try:
-      row = json.loads(line)
-      keep = int(row["step"]) <= step
+      row_step = int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
-      keep = False
-    if keep:
-      kept.append(line + "\n")
-    else:
-      dropped += 1
+      continue
+    if row_step <= step:
+      by_step[row_step] = line + "\n"  # the later row of a step wins
+  kept = [by_step[s] for s in sorted(by_step)]
+  dropped = len(lines) - len(kept)
   if dropped:
     path.write_text("".join(kept))
-    logging.info("metrics.jsonl: dropped %d rows after step %d (a restart)", dropped, step)
+    logging.info("metrics.jsonl: dropped %d rows (after step %d, cut or repeated)",
+                 dropped, step)
   return dropped
 
 
@@ -212,3 +221,44 @@ def check_init_from(path: str) -> None:
         f"config.init_from: {path} holds no checkpoint (expected a train workdir with "
         "checkpoints/<step>/, a step directory with state/, or a params checkpoint "
         "written by porting.convert)")
+
+
+def warn_skipped_stage(source: dict, stage: int) -> bool:
+  """Warns (and returns True) when `init_from` read a run more than one stage before
+  `stage` (stage 1 into stage 3 skips the projector-and-reducer training of stage 2).
+
+  `source` is what `checkpoint.load_params` filled; its record names the source stage
+  (checkpoints from before the stage was recorded, and ports, say nothing).
+  """
+  from_stage = (source.get("record") or {}).get("stage")
+  if from_stage is None or int(from_stage) >= int(stage) - 1:
+    return False
+  logging.warning("init_from %s is a stage-%d checkpoint, initialising stage %d: stage "
+                  "%d is skipped", source.get("path"), int(from_stage), int(stage),
+                  int(from_stage) + 1)
+  return True
+
+
+class DataChangedError(RuntimeError):
+  """The usable records differ from those the checkpoint's data position counts."""
+
+
+def check_data_fingerprint(position: dict | None, fingerprint: str,
+                           on_change: str | None = "stop") -> bool:
+  """Stops (on_change 'stop', the default) or warns ('warn') when the records changed
+  since the checkpoint; returns True when they did. Checkpoints without a fingerprint
+  pass."""
+  saved = (position or {}).get("data_fingerprint")
+  if not saved or saved == fingerprint:
+    return False
+  on_change = on_change or "stop"
+  if on_change not in ("stop", "warn"):
+    raise ValueError(f"config.data.on_change: must be 'stop' or 'warn', got {on_change!r}")
+  message = (f"the usable data records changed since the checkpoint (fingerprint {saved} "
+             f"→ {fingerprint}: a record or image added, removed or fixed), so data "
+             f"position {(position or {}).get('examples_seen')} is in another order")
+  if on_change == "stop":
+    raise DataChangedError(message + "; restore the data, or set config.data.on_change="
+                           "'warn' to go on")
+  logging.warning("%s; going on (config.data.on_change='warn')", message)
+  return True

@@ -16,6 +16,7 @@ from leo_mini_jax.models import leo_mini as leo_mini_lib
 from leo_mini_jax.models import llama
 from leo_mini_jax.evaluation import runner
 from leo_mini_jax.training import loop
+from leo_mini_jax.training import metrics as metrics_lib
 from leo_mini_jax.training.loop import dummy_batch
 from tests.training import test_resume
 
@@ -192,10 +193,15 @@ def test_held_out_accuracy_reaches_tensorboard(stage3_run, tmp_path):
   setup = loop.TrainSetup(config, stage3_run.mesh)
   result = runner.evaluate(config, workdir, params=stage3_run.state.params, setup=setup,
                            verbose=False)
-  scalars = {}
-  for kind, step, tag, value in test_resume._scalar_events(workdir):
-    if kind == "scalar":
-      scalars.setdefault(tag, {})[step] = value
-  assert "loss" in scalars  # the training curves are in the same run
+  def scalars(run=""):
+    found = {}
+    for kind, step, tag, value in test_resume._scalar_events(workdir, run):  # pylint: disable=protected-access
+      if kind == "scalar":
+        found.setdefault(tag, {})[step] = value
+    return found
+  assert "loss" in scalars()  # the training curves, beside the eval run
   for qtype, accuracy in result["accuracy"].items():
-    assert scalars[f"eval/accuracy/{qtype}"] == {4: pytest.approx(accuracy)}
+    assert scalars("eval")[f"eval/accuracy/{qtype}"] == {4: pytest.approx(accuracy)}
+  # A later start rebuilds the training events from metrics.jsonl; the eval run stays.
+  metrics_lib.MetricsWriter(workdir).close()
+  assert "loss" in scalars() and "eval/accuracy/color" in scalars("eval")

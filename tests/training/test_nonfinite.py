@@ -11,6 +11,7 @@ from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import guards as guards_lib
 from leo_mini_jax.training import loop
+from leo_mini_jax.training import metrics as metrics_lib
 from tests.training.conftest import small_config
 
 
@@ -54,6 +55,29 @@ def test_a_nan_step_leaves_params_and_optimizer_state_unchanged(one_device_mesh)
       jax.tree.leaves(changed.params), jax.tree.leaves(before.params)))
 
 
+def test_a_non_finite_update_from_finite_gradients_is_not_applied(one_device_mesh):
+  # An infinite learning rate: loss and gradient norm are finite, the update is not.
+  config = small_config(2, **{"optimizer.lr": float("inf")})
+  setup = loop.TrainSetup(config, one_device_mesh)
+  state = setup.init_state(0)
+  train_step = setup.jit_train_step()
+  batch = setup.global_batch(next(pipeline_lib.make_dataset(config.data).iterator()))
+  before = jax.device_get(state)
+  state, metrics = train_step(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["nonfinite"]) == 1.0 and float(metrics["nonfinite_update"]) == 1.0
+  after = jax.device_get(state)
+  _equal_trees(after.params, before.params)
+  _equal_trees(after.opt_state, before.opt_state)
+
+  tracker = guards_lib.NonFiniteTracker(1)
+  row = metrics_lib.scalar_metrics(jax.device_get(metrics))
+  with pytest.raises(guards_lib.NonFiniteError,
+                     match=r"step 1: .*update \(new parameters.*no update since the "
+                           r"start of this run was applied"):
+    tracker.observe([row], 1)
+
+
 def test_bad_steps_are_counted_and_too_many_in_a_row_stop_the_run(
     tmp_path, one_device_mesh, monkeypatch):
   bad_steps = {2, 4, 5}
@@ -76,7 +100,7 @@ def test_bad_steps_are_counted_and_too_many_in_a_row_stop_the_run(
   monkeypatch.setattr(loop.pipeline_lib, "make_dataset", make_dataset)
   workdir = str(tmp_path / "run")
   with pytest.raises(guards_lib.NonFiniteError, match=r"step 5: 2 non-finite steps in a "
-                     r"row \(config.train.max_bad_steps=2\).*step 3"):
+                     r"row \(config.train.max_bad_steps=2;.*since step 3"):
     loop.train(config, workdir, progress=False, mesh=one_device_mesh)
 
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from leo_mini_jax import config_ranges
 from leo_mini_jax import config_validation
 from leo_mini_jax.training import loop
 from tests.training.conftest import small_config
@@ -105,3 +106,30 @@ def test_entry_points_validate_the_config(entry):
                          "--config.model.reducer.num_visual_tokens=0"])
   assert result.returncode != 0
   assert "config.model.reducer.num_visual_tokens" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer.clip_norm", -1.0, r"must be >= 0, got -1.0"),
+    ("optimizer.warmup_steps", -3, r"must be >= 0, got -3"),
+    ("optimizer.lr", float("inf"), r"must be finite > 0, got inf"),
+    ("optimizer.lr", float("nan"), r"must be finite > 0, got nan"),
+    ("optimizer.b1", 2.0, r"must be >= 0 and < 1, got 2.0"),
+    ("checkpoint.every_steps", -1, r"must be >= 0, got -1"),
+    ("checkpoint.keep_period", -1, r"must be >= 0, got -1"),
+    ("data.num_workers", -1, r"must be >= 0, got -1"),
+    ("data.max_length", 0, r"must be >= 2, got 0"),
+    ("data.resolution", 0, r"must be >= 1, got 0"),
+    ("optimizer.grad_accum_steps", 0, r"must be >= 1, got 0"),
+])
+def test_numeric_fields_out_of_range_stop_at_start_naming_the_field(field, value, message):
+  config = _set(small_config(2), field, value)
+  with pytest.raises(config_validation.ConfigError,
+                     match=rf"^config\.{field}: {message}"):
+    loop.validate_config(config, device_count=0)
+  with pytest.raises(config_validation.ConfigError, match=rf"^config\.{field}: "):
+    config_validation.validate_config(config, device_count=0, trace_model=False)
+
+
+def test_every_default_is_in_range():
+  for stage in (1, 2, 3):
+    config_ranges.check_ranges(small_config(stage))
