@@ -197,6 +197,8 @@ def check_conversation(record: dict, has_image: bool, length_check: LengthCheck 
         prompt_only=prompt_only, instruction_turns=instruction_turns)
   except (conversation_lib.ConversationError, KeyError, TypeError) as e:
     return RecordCheck("bad_conversation", str(e).strip("'\""))
+  except Exception as e:  # anything else one record's text raises (e.g. unencodable text)
+    return RecordCheck("bad_conversation", f"{type(e).__name__}: {e}")
   supervised = sum(full.loss_mask)
   try:
     cut, truncated = conversation_lib.fit_to_length(
