@@ -98,7 +98,8 @@ def load_image(path: str, data_cfg) -> np.ndarray:
   try:
     return images_lib.to_master_resolution(path, int(data_cfg.resolution),
                                            tuple(data_cfg.image_mean_rgb),
-                                           data_cfg.get("image_aspect", "pad"))
+                                           data_cfg.get("image_aspect", "pad"),
+                                           images_lib.limits_from_config(data_cfg))
   except OSError as e:  # its message names the path
     raise AskError(str(e).split(" <_io.")[0]) from None
   except ValueError as e:
