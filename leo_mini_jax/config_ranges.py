@@ -69,6 +69,8 @@ RANGES: dict[str, Range] = {
     "data.max_length": Range(2, integer=True),  # the image placeholder and a token
     "data.resolution": COUNT,
     "data.max_image_pixels": COUNT,
+    "data.max_image_bytes": COUNT,
+    "data.max_aspect_ratio": Range(1),
     "data.max_truncated_fraction": FRACTION,
     "data.batch_size": COUNT,
     "data.num_workers": COUNT_OR_OFF,

@@ -14,6 +14,7 @@ skipped and counted by reason, and with strict=True the first bad one stops the 
 start. With several processes each checks only its shard of the records.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -99,6 +100,10 @@ class LlavaSource:
   def __len__(self) -> int:
     return len(self._records)
 
+  @property
+  def image_root(self) -> str:
+    return self._image_root
+
   def __repr__(self):
     return f"LlavaSource({self.name!r}, {len(self)} records)"
 
@@ -122,7 +127,8 @@ def validate_records(records: Sequence[Any], image_root: str, source_name: str, 
                      image_check: str = "verify",
                      max_image_pixels: int = images_lib.MAX_IMAGE_PIXELS,
                      instruction_turns: str = "first", num_threads: int = 8,
-                     shard: tuple[int, int] = (0, 1), gather=None
+                     shard: tuple[int, int] = (0, 1), gather=None,
+                     image_limits: images_lib.ImageLimits | None = None
                      ) -> tuple[list[int], ValidationReport]:
   """(indices of usable records, report); validation.validate over LLaVA records."""
   image_of = lambda record: _image_path(record, image_root)
@@ -130,7 +136,7 @@ def validate_records(records: Sequence[Any], image_root: str, source_name: str, 
       records, source_name, image_of, length_check=length_check, strict=strict,
       image_check=image_check, max_image_pixels=max_image_pixels,
       instruction_turns=instruction_turns, num_threads=num_threads, shard=shard,
-      gather=gather)
+      gather=gather, image_limits=image_limits)
 
 
 def load_llava(json_path: str, image_root: str = "", *,
@@ -138,13 +144,16 @@ def load_llava(json_path: str, image_root: str = "", *,
                image_check: str = "verify", validate: bool = True,
                max_image_pixels: int = images_lib.MAX_IMAGE_PIXELS,
                instruction_turns: str = "first", shard: tuple[int, int] = (0, 1),
-               gather=None) -> tuple[LlavaSource, ValidationReport | None]:
+               gather=None, image_limits: images_lib.ImageLimits | None = None
+               ) -> tuple[LlavaSource, ValidationReport | None]:
   """Reads and validates a LLaVA JSON; image paths are relative to `image_root`
   (default: the JSON's folder). Returns the source of usable records and the report.
 
   validate=False skips the scan (report None): for huge, already-clean sets, where a bad
   record then only becomes an empty row in the transform. `shard=(p, P)` spreads the
-  checks over processes (see validation.validate).
+  checks over processes (see validation.validate). Images are checked against
+  `image_limits` (default ImageLimits(max_image_pixels)) with its root set to the image
+  root.
   """
   records = read_llava_json(json_path)
   if not image_root:
@@ -155,9 +164,11 @@ def load_llava(json_path: str, image_root: str = "", *,
     raise FileNotFoundError(f"image root not found: {image_root} (data.image_root)")
   if not validate:
     return LlavaSource(records, image_root, json_path), None
+  image_limits = dataclasses.replace(
+      image_limits or images_lib.ImageLimits(max_pixels=max_image_pixels), root=image_root)
   kept, report = validate_records(records, image_root, json_path, length_check=length_check,
                                   strict=strict, image_check=image_check,
                                   max_image_pixels=max_image_pixels,
                                   instruction_turns=instruction_turns, shard=shard,
-                                  gather=gather)
+                                  gather=gather, image_limits=image_limits)
   return LlavaSource([records[i] for i in kept], image_root, json_path), report

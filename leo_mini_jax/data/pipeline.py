@@ -74,6 +74,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.validate = True              # scan records at start (llava: images too; tfds: lengths)
   c.image_check = "verify"       # 'verify' (header/structure) | 'exists' | 'decode'
   c.max_image_pixels = 1 << 26   # larger images (decompression bombs) are skipped
+  c.max_image_bytes = 1 << 26    # larger image files are skipped (64 MiB)
+  c.max_aspect_ratio = 20.0      # thinner/taller images (long/short side) are skipped
+  # Image paths that resolve (links followed) outside image_root are skipped unless True.
+  c.allow_images_outside_root = False
   c.max_length = 256             # text tokens per row; the placeholder counts as one
   c.overlong = "truncate"        # 'truncate' | 'drop'
   c.allow_truncation = False     # else stop at start when > max_truncated_fraction is cut
@@ -132,6 +136,7 @@ class ExampleEncoder:
   prompt_only: bool
   instruction_turns: str = "first"
   image_aspect: str = "pad"
+  image_limits: images_lib.ImageLimits = images_lib.ImageLimits()
 
   def empty(self) -> dict[str, np.ndarray]:
     """A row with one real token and nothing to learn (padding and failed records)."""
@@ -167,7 +172,8 @@ class ExampleEncoder:
     image = None
     if has_image:
       image = images_lib.to_master_resolution(record["image"], self.resolution,
-                                              self.image_mean_rgb, self.image_aspect)
+                                              self.image_mean_rgb, self.image_aspect,
+                                              self.image_limits)
     return self._arrays(tokens, image)
 
   def __call__(self, record: dict[str, Any]):
@@ -179,7 +185,7 @@ class ExampleEncoder:
             "answer": str(record.get("answer", "")), "valid": True}
     try:
       return self.encode(record), meta
-    except (ValueError, OSError, KeyError, TypeError) as e:
+    except Exception as e:  # pylint: disable=broad-except  (MemoryError of one image too)
       logger.warning("record %r failed in the data transform and becomes an empty row: "
                      "%s: %s", meta["id"], type(e).__name__, e)
       return self.empty(), dict(meta, valid=False)
@@ -281,8 +287,9 @@ def build_source(data_cfg, split: str, encoder: ExampleEncoder,
     return llava.load_llava(json_path, data_cfg.image_root, length_check=length_check,
                             strict=data_cfg.strict, image_check=data_cfg.image_check,
                             validate=data_cfg.validate,
-                            max_image_pixels=int(data_cfg.get("max_image_pixels", 1 << 26)),
-                            instruction_turns=encoder.instruction_turns, shard=shard)
+                            max_image_pixels=encoder.image_limits.max_pixels,
+                            instruction_turns=encoder.instruction_turns, shard=shard,
+                            image_limits=encoder.image_limits)
   if kind == "tfds":
     from leo_mini_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
     tfds_split = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_eval_split
@@ -365,8 +372,12 @@ def prepare_source(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
                            prompt_only=(mode == "generate"),
                            instruction_turns=data_cfg.get("instruction_turns", "first"),
                            image_aspect=images_lib.check_image_aspect(
-                               data_cfg.get("image_aspect", "pad")))
+                               data_cfg.get("image_aspect", "pad")),
+                           image_limits=images_lib.limits_from_config(data_cfg))
   source, report = build_source(data_cfg, split, encoder, (process_index, process_count))
+  if isinstance(source, llava.LlavaSource):  # the transform enforces the same root
+    encoder = dataclasses.replace(encoder, image_limits=dataclasses.replace(
+        encoder.image_limits, root=source.image_root))
   if len(source) == 0:
     raise ValueError(f"{data_cfg.kind} {split} split has no usable records"
                      + (f" ({report.summary()})" if report else ""))

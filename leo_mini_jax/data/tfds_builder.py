@@ -28,6 +28,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import llava
 
 VERSION = "1.0.0"
@@ -73,11 +74,12 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
             for split, source in self._split_sources.items()}
 
   def _generate_examples(self, source: llava.LlavaSource):
+    limits = images_lib.ImageLimits(root=source.image_root)  # as load_llava checked them
     for index in range(len(source)):
       record = source[index]
       image = b""
       if record["image"] is not None:
-        image = epath.Path(record["image"]).read_bytes()
+        image = images_lib.read_image_file(record["image"], limits)
       yield index, {
           "id": record["id"],
           "image": image,

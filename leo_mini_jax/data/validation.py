@@ -11,8 +11,12 @@ before step 0, so a run never stops midway and never trains on a silently wrong 
   * the length against `max_length`: a record longer than it is truncated (or dropped
     with overlong='drop'); the report counts such records and the supervised (answer)
     tokens they lose, and records the length that would keep every record whole;
-  * the image (images.image_problem): present, not empty, within `max_image_pixels`,
-    decodable as far as the check mode goes.
+  * the image (images.image_problem): a regular file inside the image root, not empty,
+    within the images.ImageLimits (bytes, pixels, aspect ratio), decodable as far as the
+    check mode goes.
+
+Whatever a record makes the checks raise (a lone UTF-16 surrogate that no tokenizer can
+encode, a MemoryError from one image) skips that record, counted by reason and named.
 
 Skipped records are counted by reason kind (REASON_KINDS) and listed with their id and
 the full reason. With strict=True the first bad record in file order stops the run at
@@ -47,7 +51,7 @@ _CHUNK = 1024  # records checked per batch of threads (strict mode stops after a
 # Why a record was skipped; the status table carries the index into this tuple.
 REASON_KINDS = ("kept", "not_an_object", "bad_field", "bad_conversation",
                 "no_assistant_turn", "too_long", "image_missing", "image_empty",
-                "image_too_large", "image_unreadable")
+                "image_too_large", "image_unreadable", "image_bad_shape", "image_bad_path")
 _STATUS_FIELDS = 5  # kind, truncated, full length, lost supervised, supervised tokens
 
 
@@ -197,6 +201,8 @@ def check_conversation(record: dict, has_image: bool, length_check: LengthCheck 
         prompt_only=prompt_only, instruction_turns=instruction_turns)
   except (conversation_lib.ConversationError, KeyError, TypeError) as e:
     return RecordCheck("bad_conversation", str(e).strip("'\""))
+  except Exception as e:  # anything else one record's text raises (e.g. unencodable text)
+    return RecordCheck("bad_conversation", f"{type(e).__name__}: {e}")
   supervised = sum(full.loss_mask)
   try:
     cut, truncated = conversation_lib.fit_to_length(
@@ -211,16 +217,18 @@ def check_conversation(record: dict, has_image: bool, length_check: LengthCheck 
 
 def check_record(record: Any, image_of: Callable[[dict], Any], *,
                  length_check: LengthCheck | None, image_check: str,
-                 max_image_pixels: int, instruction_turns: str = "first") -> RecordCheck:
+                 max_image_pixels: int, instruction_turns: str = "first",
+                 image_limits: images_lib.ImageLimits | None = None) -> RecordCheck:
   """Every check of one record. `image_of(record)` gives its image (a path or encoded
-  bytes) or None for a text-only record."""
+  bytes) or None for a text-only record. image_limits defaults to
+  ImageLimits(max_image_pixels)."""
   problem = check_fields(record)
   if problem is not None:
     return problem
   image = image_of(record)
   result = check_conversation(record, image is not None, length_check, instruction_turns)
   if result.kind == "kept" and image is not None and image_check:
-    found = images_lib.image_problem(image, image_check, max_image_pixels)
+    found = images_lib.image_problem(image, image_check, max_image_pixels, image_limits)
     if found is not None:
       return RecordCheck(found[0], found[1], length=result.length,
                          supervised_tokens=result.supervised_tokens)
@@ -245,6 +253,7 @@ def validate(records: Sequence[Any], source_name: str, image_of: Callable[[dict]
              instruction_turns: str = "first", num_threads: int = 8,
              shard: tuple[int, int] = (0, 1),
              gather: Callable[[np.ndarray], np.ndarray] | None = None,
+             image_limits: images_lib.ImageLimits | None = None,
              ) -> tuple[list[int], ValidationReport]:
   """(indices of usable records, report); see the module docstring.
 
@@ -265,7 +274,7 @@ def validate(records: Sequence[Any], source_name: str, image_of: Callable[[dict]
   def check(index: int) -> RecordCheck:
     return check_record(records[index], image_of, length_check=length_check,
                         image_check=image_check, max_image_pixels=max_image_pixels,
-                        instruction_turns=instruction_turns)
+                        instruction_turns=instruction_turns, image_limits=image_limits)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
     for start in range(0, len(mine), _CHUNK):

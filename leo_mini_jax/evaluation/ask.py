@@ -96,12 +96,13 @@ def make_sampling_generate(model, max_new_tokens: int, eos_id: int, temperature:
 
 def load_image(path: str, data_cfg) -> np.ndarray:
   """uint8 [S, S, 3] through the training data's host preprocessing, or AskError."""
-  if not os.path.isfile(path):
+  if not os.path.exists(path):  # a FIFO or device exists: the reader names what it is
     raise AskError(f"image not found: {path}")
   try:
     return images_lib.to_master_resolution(path, int(data_cfg.resolution),
                                            tuple(data_cfg.image_mean_rgb),
-                                           data_cfg.get("image_aspect", "pad"))
+                                           data_cfg.get("image_aspect", "pad"),
+                                           images_lib.limits_from_config(data_cfg))
   except OSError as e:  # its message names the path
     raise AskError(str(e).split(" <_io.")[0]) from None
   except ValueError as e:

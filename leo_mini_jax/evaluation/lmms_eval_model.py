@@ -94,7 +94,8 @@ class Answerer:
   def load_image(self, source: Any) -> np.ndarray:
     data = self.config.data
     return images_lib.to_master_resolution(source, int(data.resolution),
-                                           tuple(data.image_mean_rgb))
+                                           tuple(data.image_mean_rgb),
+                                           limits=images_lib.limits_from_config(data))
 
   def prompt(self, question: str, image: Any) -> generate_lib.Prompt:
     if image is None:  # a marker without an image would be refused by the template

@@ -183,8 +183,9 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
   stop_ids = tuple({tokenizer.eos_id, template.end_of_turn_id(tokenizer)})
   resolution, mean_rgb = int(config.data.resolution), tuple(config.data.image_mean_rgb)
   aspect = config.data.get("image_aspect", "pad")
+  limits = images_lib.limits_from_config(config.data)
   load_image = lambda source: images_lib.to_master_resolution(source, resolution, mean_rgb,
-                                                              aspect)
+                                                              aspect, limits)
   eval_dir = output_dir(eval_cfg, workdir)
   benches = read_benchmarks(eval_cfg)
   generator = generate_lib.BatchGenerator(

@@ -11,6 +11,8 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
+from leo_mini_jax.data import images as images_lib
+
 
 class BenchmarkError(ValueError):
   """A benchmark's files or records cannot be used (the message names them)."""
@@ -154,10 +156,13 @@ def check_image(image: Any) -> None:
       with Image.open(io.BytesIO(image)) as im:
         im.verify()
     else:
-      if not os.path.isfile(image):
-        raise OSError(f"image file not found: {image}")
-      with Image.open(image) as im:
+      # The training data's reader: a regular file of at most data.max_image_bytes' default
+      # (a FIFO or a link to /dev/zero is refused, not read).
+      data = images_lib.read_image_file(image, images_lib.ImageLimits())
+      with Image.open(io.BytesIO(data)) as im:
         im.verify()
+  except FileNotFoundError:
+    raise OSError(f"image file not found: {image}") from None
   except OSError:
     raise
   except Exception as e:  # PIL raises several types for corrupt data
