@@ -91,14 +91,24 @@ def tpu_target(topology: str, chip_config: str = "default", slices: int = 1) -> 
   return Target(name, "tpu", devices, devices[0].device_kind, tpu_memory_bytes(devices))
 
 
+def gpu_memory_fraction() -> float:
+  """The share of GPU memory jax's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75
+  by default): what a run can use, so what a step must fit in."""
+  return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+
+
 def gpu_target(gpu: str, topology: str) -> Target:
-  """`topology` 'slices x hosts x GPUs per host', e.g. '1x8x8' for 64 GPUs on 8 hosts."""
+  """`topology` 'slices x hosts x GPUs per host', e.g. '1x8x8' for 64 GPUs on 8 hosts.
+
+  The target's memory is the GPU's times `gpu_memory_fraction()`.
+  """
   from jax.experimental import topologies
   spec = gpu_spec_text(gpu)
   devices = list(topologies.get_topology_desc(
       "", "cuda", target_config=spec, topology=topology).devices)
   return Target(f"{gpu} {topology}", "gpu", devices, devices[0].device_kind,
-                gpu_memory_bytes(spec), dict(GPU_COMPILER_OPTIONS))
+                int(gpu_memory_bytes(spec) * gpu_memory_fraction()),
+                dict(GPU_COMPILER_OPTIONS))
 
 
 def cpu_target(count: int | None = None) -> Target:
