@@ -68,7 +68,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def human(num_bytes: float | None) -> str:
-  if not num_bytes:
+  if num_bytes is None:  # not reported (a TPU over budget; no memory for fake CPUs)
     return "-"
   return (f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 4
           else f"{num_bytes / 2**20:.1f} MiB")

@@ -9,7 +9,7 @@ compiler and reads `compiled.memory_analysis()`:
   optimizer   Adam moments and counters (this device's shards)
   batch       the input batch shard
   temp        the compiler's temporary buffers: activations kept for the backward pass,
-              gradients, collectives' buffers, workspace
+              gradients, collectives' buffers, workspace (libtpu reports 0: read peak)
   total       arguments + temp + non-aliased outputs: what the step needs resident
   peak        the compiler's own peak estimate where it reports one (TPU, GPU)
 
@@ -102,7 +102,7 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh):
   return setup, batch, lowered
 
 
-def _fits(total: int, peak: int, memory: int | None) -> bool | None:
+def _fits(total: int, peak: int | None, memory: int | None) -> bool | None:
   if memory is None:
     return None
   return (peak or total) <= memory
@@ -149,7 +149,7 @@ def measure(config: ml_collections.ConfigDict, mesh, top: int = 6,
   temp = int(memory.temp_size_in_bytes)
   outputs = int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes)
   total = arguments + temp + max(outputs, 0)
-  peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)
+  peak = int(getattr(memory, "peak_memory_in_bytes", 0) or 0) or None  # None: not reported
   row.update(arguments=arguments, temp=temp, outputs_not_aliased=outputs, total=total,
              peak=peak, fits=_fits(total, peak, row["memory"]),
              compile_seconds=time.perf_counter() - start)
