@@ -35,19 +35,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed repeats (median).")
 
 
-def main(argv):
-  del argv
-  cfg = llama_lib.LlamaConfig(
-      vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value, intermediate_size=_FFN.value,
-      num_layers=_LAYERS.value, num_heads=_HEADS.value, dtype=_DTYPE.value,
-      max_position_embeddings=8192)
-  model = llama_lib.LlamaForCausalLM(cfg)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-                         ["params"])
-  batch, new = _BATCH.value, _NEW.value
-  print(f"{jax.devices()[0].device_kind}; LLM d{cfg.hidden_size}×{cfg.num_layers}, "
-        f"batch {batch}, {new} new tokens, {cfg.dtype}")
-  print(f"{'prompt':>7}{'cache MiB':>11}{'ms/step':>9}{'tokens/s':>10}")
+def make_decoder(model: llama_lib.LlamaForCausalLM, new: int):
+  """Jitted (prefill(params, ids, lengths) -> (logits, cache), generate(params, first,
+  cache) -> (tokens [new, B], cache)): `new` greedy steps in one `lax.scan`, the cache
+  donated."""
 
   @jax.jit
   def prefill(params, ids, lengths):
@@ -67,7 +58,24 @@ def main(argv):
     (_, cache), tokens = jax.lax.scan(body, (first, cache), None, length=new)
     return tokens, cache
 
-  generate = jax.jit(generate, donate_argnums=2)
+  return prefill, jax.jit(generate, donate_argnums=2)
+
+
+def main(argv):
+  del argv
+  cfg = llama_lib.LlamaConfig(
+      vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value, intermediate_size=_FFN.value,
+      num_layers=_LAYERS.value, num_heads=_HEADS.value, dtype=_DTYPE.value,
+      max_position_embeddings=8192)
+  model = llama_lib.LlamaForCausalLM(cfg)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+                         ["params"])
+  batch, new = _BATCH.value, _NEW.value
+  print(f"{jax.devices()[0].device_kind}; LLM d{cfg.hidden_size}×{cfg.num_layers}, "
+        f"batch {batch}, {new} new tokens, {cfg.dtype}")
+  print(f"{'prompt':>7}{'cache MiB':>11}{'ms/step':>9}{'tokens/s':>10}")
+
+  prefill, generate = make_decoder(model, new)
   for prompt in map(int, _PROMPTS.value):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)),
                       jnp.int32)

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models.vision.expert_config import ExpertConfig
 from leo_mini_jax.models import layers
 from leo_mini_jax.models.vision.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -78,10 +79,11 @@ class Eva02Config(ExpertConfig):
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False                  # rematerialise each block in the backward pass
-  attention_impl: str | None = None    # jax.nn.dot_product_attention `implementation`
+  attention_impl: str | None = "auto"  # see models/attention.py ('auto': cuDNN on GPU)
   scan_layers: bool = True             # nn.scan over repeating block groups (else unrolled)
 
   def __post_init__(self):
+    attention_lib.check_implementation(self.attention_impl, "Eva02Config.attention_impl")
     object.__setattr__(self, "window_block_indexes",
                        tuple(int(i) for i in self.window_block_indexes))
     if self.image_size % self.patch_size:
@@ -222,8 +224,8 @@ class Eva02Attention(nn.Module):
         self.side, cfg.rope_pretrain_grid, cfg.head_dim, cfg.rope_theta))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # The XLA path takes the softmax in float32 and casts back to the input dtype.
-    out = jax.nn.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5,
-                                       implementation=cfg.attention_impl)
+    out = attention_lib.dot_product_attention(q, k, v, cfg.attention_impl,
+                                              scale=cfg.head_dim ** -0.5)
     out = out.reshape(groups, length, dim)
     return _dense(dim, ("vision_heads", "vision_embed"), "proj", cfg)(out)
 

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models.vision.expert_config import ExpertConfig
 from leo_mini_jax.models.llama import RMSNorm
 
@@ -87,9 +88,10 @@ class Pix2StructConfig(ExpertConfig):
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False                  # rematerialise each encoder layer in the backward pass
-  attention_impl: str | None = None    # jax.nn.dot_product_attention `implementation`
+  attention_impl: str | None = "auto"  # see models/attention.py ('auto': cuDNN on GPU)
 
   def __post_init__(self):
+    attention_lib.check_implementation(self.attention_impl, "Pix2StructConfig.attention_impl")
     if self.dense_act_fn not in ACTIVATIONS:
       raise ValueError(f"Pix2StructConfig.dense_act_fn={self.dense_act_fn!r}: expected one of "
                        f"{ACTIVATIONS}")
@@ -205,8 +207,8 @@ class Pix2StructAttention(nn.Module):
     q = split(_dense(inner, ("vision_embed", "vision_heads"), "query", cfg)(x))
     k = split(_dense(inner, ("vision_embed", "vision_heads"), "key", cfg)(x))
     v = split(_dense(inner, ("vision_embed", "vision_heads"), "value", cfg)(x))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
-                                       implementation=cfg.attention_impl)
+    out = attention_lib.dot_product_attention(q, k, v, cfg.attention_impl, mask=mask,
+                                              scale=1.0)
     return _dense(dim, ("vision_heads", "vision_embed"), "output", cfg)(
         out.reshape(batch, length, inner))
 

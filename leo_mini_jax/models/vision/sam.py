@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models.vision.expert_config import ExpertConfig
 
 # SamImageProcessor's normalisation (the ImageNet statistics).
@@ -76,9 +77,10 @@ class SamConfig(ExpertConfig):
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False                  # rematerialise each block in the backward pass
-  attention_impl: str | None = None    # jax.nn.dot_product_attention `implementation`
+  attention_impl: str | None = "auto"  # see models/attention.py ('auto': cuDNN on GPU)
 
   def __post_init__(self):
+    attention_lib.check_implementation(self.attention_impl, "SamConfig.attention_impl")
     object.__setattr__(self, "global_attn_indexes",
                        tuple(int(i) for i in self.global_attn_indexes))
     if self.neck not in NECKS:
@@ -234,8 +236,8 @@ class SamAttention(nn.Module):
       bias_w = jnp.einsum("bhwnc,wkc->bnhwk", grid_q, rel_w)   # [N, heads, h, w, kw]
       bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(
           num, heads, height * width, height * width)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=head_dim ** -0.5,
-                                       implementation=cfg.attention_impl)
+    out = attention_lib.dot_product_attention(q, k, v, cfg.attention_impl, bias=bias,
+                                              scale=head_dim ** -0.5)
     out = out.reshape(num, height, width, dim)
     return _dense(dim, ("vision_heads", "vision_embed"), "proj", cfg)(out)
 
