@@ -206,6 +206,8 @@ def full_size_config(llm: dict, template: str, arg_string: str | None,
   config.data.tokenizer = ""  # the HF folder of the LLM (tokenizer.json / tokenizer.model)
   config.data.resolution = 1024  # EAGLE's master resolution
   config.data.max_length = 2048
+  # EAGLE/LLaVA cut the sequence with its visual tokens to model_max_length=2048.
+  config.data.max_length_counts_visual_tokens = True
   config.data.batch_size = FULL_SIZE_BATCH_SIZES[arg.stage]
   config.data.num_workers = 8
   config.optimizer.lr = FULL_SIZE_LEARNING_RATES[arg.stage]

@@ -49,7 +49,8 @@ def one_shot_jit(fn, **kwargs):
 
 
 def build_model(config: ml_collections.ConfigDict) -> leo_mini_lib.LeoMini:
-  return leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(config.model))
+  return leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(
+      config.model, max_llm_length=pipeline_lib.llm_length_limit(config.data)))
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -267,8 +268,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   """
   validate_config(config, device_count=0 if mesh is not None else None)
   prepared = None
+  num_visual = build_model(config).config.num_visual_tokens
   if int(config.total_steps) == 0:  # the length follows the data: validate it first
-    prepared = pipeline_lib.prepare_source(config.data, split="train")
+    prepared = pipeline_lib.prepare_source(config.data, split="train",
+                                           num_visual_tokens=num_visual)
     steps, how = optimizer_lib.derived_total_steps(config, prepared.num_examples)
     config = copy.deepcopy(config)
     config.total_steps = steps
@@ -292,7 +295,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   examples_seen = data_start(checkpointer, latest, config)
   logging.info("%s (data position %d)", how, examples_seen)
   data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed,
-                                   start_position=examples_seen, prepared=prepared)
+                                   start_position=examples_seen, prepared=prepared,
+                                   num_visual_tokens=num_visual)
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
   if data.tokenizer.vocab_size > config.model.llm.vocab_size:
