@@ -32,12 +32,13 @@ def mmoe_config(enabled: bool, router_inputs: str = "multimodal") -> dict:
 
   λ = balance_coef = 0.05 (§4.1) multiplies the balance loss averaged over the layers
   (balance_reduce='mean'); 'sum' adds one term per layer as Switch/GShard do (32× stronger
-  at 32 layers). The paper does not say which.
+  at 32 layers). The paper does not say which. lora_dropout 0.05 is LLaVA-1.5's LoRA
+  recipe (llava/train/train.py TrainingArguments.lora_dropout), which stage 3 follows.
   """
   return dict(enabled=enabled, num_experts=3, rank=16, alpha=32.0,
               targets=("gate_proj", "up_proj", "down_proj"), top_k=1,
               gate="straight_through", router_inputs=router_inputs, router_hidden_dim=128,
-              balance_coef=0.05, balance_reduce="mean")
+              balance_coef=0.05, balance_reduce="mean", lora_dropout=0.05)
 
 
 def vicuna_7b_llm() -> dict:
@@ -126,8 +127,11 @@ def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: st
   )
 
 
-def base_config(stage: int) -> ml_collections.ConfigDict:
-  """Every section a run needs, with defaults; model files fill `model` and adjust the rest."""
+def base_config(stage: int, train_sam_neck: bool = False) -> ml_collections.ConfigDict:
+  """Every section a run needs, with defaults; model files fill `model` and adjust the rest.
+
+  train_sam_neck: stage 1 also trains SAM's new EAGLE neck (EAGLE keeps it frozen).
+  """
   # Imported here so that config files stay importable for shape-only tools.
   from leo_mini_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from leo_mini_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
@@ -143,7 +147,7 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   config.data.image_aspect = "crop" if stage == 1 else "pad"
   config.optimizer = optimizer.default_optimizer_config()
   # Table 6 as (regex over parameter paths, group or None = frozen); first match wins.
-  config.schedule = [list(rule) for rule in optimizer.STAGE_SCHEDULES[stage]]
+  config.schedule = optimizer.stage_schedule(stage, train_sam_neck)
   config.total_steps = 1000
   # Passes over the usable training records when total_steps=0 (the length, and the
   # cosine horizon, then follow the data: "N records × E epochs / batch B → S steps").
@@ -196,14 +200,16 @@ def full_size_config(llm: dict, template: str, arg_string: str | None,
   `porting.convert`'s output for stage 1).
   """
   arg = parse_arg(arg_string, stage=3, tokens=64, reducer="cotr", router="multimodal",
-                  steps=0)
-  config = base_config(arg.stage)
+                  steps=0, train_sam_neck=False)
+  config = base_config(arg.stage, arg.train_sam_neck)
   config.model = full_size_model(llm, arg.stage, arg.tokens, arg.reducer, arg.router, variant)
   config.data.kind = "llava"
   config.data.template = "plain" if arg.stage == 1 else template
   config.data.tokenizer = ""  # the HF folder of the LLM (tokenizer.json / tokenizer.model)
   config.data.resolution = 1024  # EAGLE's master resolution
   config.data.max_length = 2048
+  # EAGLE/LLaVA cut the sequence with its visual tokens to model_max_length=2048.
+  config.data.max_length_counts_visual_tokens = True
   config.data.batch_size = FULL_SIZE_BATCH_SIZES[arg.stage]
   config.data.num_workers = 8
   config.optimizer.lr = FULL_SIZE_LEARNING_RATES[arg.stage]

@@ -27,7 +27,8 @@ def get_model_config(stage: int, tokens: int, reducer: str, router: str) -> dict
       llm=dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=2,
                num_heads=4, num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=512,
                tie_embeddings=False, mmoe=dict(common.mmoe_config(cotr_stage, router),
-                                               rank=8, router_hidden_dim=32)),
+                                               rank=8, router_hidden_dim=32,
+                                               lora_dropout=0.0)),
       experts=[
           dict(name="clip", image_size=32, patch_size=8, hidden_size=32,
                intermediate_size=64, num_layers=2, num_heads=2, cls_token="drop"),

@@ -108,11 +108,12 @@ def check_schedule(schedule: Sequence[Sequence[Any]], paths: Sequence[str],
     schedule: (regex, group or None) rules, first match wins.
     paths: the model's parameter paths.
     optional: rules that may match nothing (default: the built-in Table 6 rules of every
-      stage, which name modules only some expert sets have, e.g. SAM's EAGLE neck).
+      stage and SAM_NECK_RULE, which name modules only some expert sets have).
   """
   if optional is None:
     from leo_mini_jax.training import optimizer  # pylint: disable=g-import-not-at-top
     optional = [rule for rules in optimizer.STAGE_SCHEDULES.values() for rule in rules]
+    optional.append(optimizer.SAM_NECK_RULE)
   optional = {tuple(rule) for rule in optional}
   compiled = []
   for i, rule in enumerate(schedule):

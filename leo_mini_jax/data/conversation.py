@@ -197,10 +197,20 @@ def split_for_generation(turns: Any) -> tuple[list[dict], str | None]:
   return turns, None
 
 
+def extra_visual_tokens(tokenized: Tokenized, visual_tokens: int) -> int:
+  """Positions the image adds to the LLM sequence beyond its one placeholder token."""
+  return visual_tokens - 1 if IMAGE_PLACEHOLDER_ID in tokenized.input_ids else 0
+
+
 def fit_to_length(tokenized: Tokenized, max_length: int, overlong: str, *,
-                  prompt_only: bool = False) -> tuple[Tokenized, bool]:
+                  prompt_only: bool = False, visual_tokens: int = 1
+                  ) -> tuple[Tokenized, bool]:
   """(tokens that fit in `max_length`, whether they were truncated).
 
+  visual_tokens: what the image placeholder counts as. 1 counts text tokens only; N^V
+  makes max_length bound the LLM sequence (text + visual tokens), as EAGLE/LLaVA cut the
+  embedded sequence to model_max_length, so an image row keeps max_length − (N^V − 1)
+  text tokens.
   overlong='truncate' cuts the tail (masks stay aligned, they are cut with the ids);
   'drop' rejects the record. Raises ConversationError when the record cannot be used:
   dropped, truncated past the image placeholder or past every assistant token, or a
@@ -208,22 +218,24 @@ def fit_to_length(tokenized: Tokenized, max_length: int, overlong: str, *,
   """
   if overlong not in ("truncate", "drop"):
     raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
-  n = len(tokenized)
+  extra = extra_visual_tokens(tokenized, visual_tokens)
+  n, budget = len(tokenized) + extra, max_length - extra
   if n <= max_length:
     return tokenized, False
+  what = f"{n} tokens" + (f" ({visual_tokens} of them visual)" if extra else "")
   if prompt_only:
-    raise LengthError(f"prompt of {n} tokens exceeds max_length {max_length}", n)
+    raise LengthError(f"prompt of {what} exceeds max_length {max_length}", n)
   if overlong == "drop":
-    raise LengthError(f"{n} tokens exceed max_length {max_length} (overlong='drop')", n)
-  cut = tokenized.truncate(max_length)
+    raise LengthError(f"{what} exceed max_length {max_length} (overlong='drop')", n)
+  cut = tokenized.truncate(max(budget, 0))
   if (IMAGE_PLACEHOLDER_ID in tokenized.input_ids
       and IMAGE_PLACEHOLDER_ID not in cut.input_ids):
     raise LengthError(
-        f"{n} tokens: truncation to max_length {max_length} removes the image "
+        f"{what}: truncation to max_length {max_length} removes the image "
         "placeholder", n)
   if not any(cut.loss_mask):
     raise LengthError(
-        f"{n} tokens: truncation to max_length {max_length} removes every assistant "
+        f"{what}: truncation to max_length {max_length} removes every assistant "
         "token", n)
   return cut, True
 
@@ -244,12 +256,14 @@ def tokenize_full(conversations: Any, has_image: bool,
 def tokenize_record(conversations: Any, has_image: bool,
                     tokenizer: tokenizers_lib.Tokenizer, template: "str | Template",
                     max_length: int, overlong: str, prompt_only: bool = False,
-                    instruction_turns: str = "first") -> tuple[Tokenized, bool]:
-  """A record's tokens fitted to `max_length`: (tokens, truncated).
+                    instruction_turns: str = "first", visual_tokens: int = 1
+                    ) -> tuple[Tokenized, bool]:
+  """A record's tokens fitted to `max_length` (see fit_to_length): (tokens, truncated).
 
   prompt_only builds the generation prompt from the turns before the first gpt turn.
   Raises ConversationError (a ValueError) naming why a record is unusable.
   """
   tokenized = tokenize_full(conversations, has_image, tokenizer, template,
                             prompt_only=prompt_only, instruction_turns=instruction_turns)
-  return fit_to_length(tokenized, max_length, overlong, prompt_only=prompt_only)
+  return fit_to_length(tokenized, max_length, overlong, prompt_only=prompt_only,
+                       visual_tokens=visual_tokens)

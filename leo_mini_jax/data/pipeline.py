@@ -79,6 +79,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Image paths that resolve (links followed) outside image_root are skipped unless True.
   c.allow_images_outside_root = False
   c.max_length = 256             # text tokens per row; the placeholder counts as one
+  # True: max_length bounds the LLM sequence, text + N^V visual tokens (EAGLE/LLaVA cut
+  # the embedded sequence to model_max_length), so an image row keeps
+  # max_length − (N^V − 1) text tokens and the model's sequence is max_length long.
+  c.max_length_counts_visual_tokens = False
   c.overlong = "truncate"        # 'truncate' | 'drop'
   c.allow_truncation = False     # else stop at start when > max_truncated_fraction is cut
   c.max_truncated_fraction = 0.01
@@ -137,6 +141,7 @@ class ExampleEncoder:
   instruction_turns: str = "first"
   image_aspect: str = "pad"
   image_limits: images_lib.ImageLimits = images_lib.ImageLimits()
+  visual_tokens: int = 1  # what the image placeholder counts against max_length
 
   def empty(self) -> dict[str, np.ndarray]:
     """A row with one real token and nothing to learn (padding and failed records)."""
@@ -168,7 +173,7 @@ class ExampleEncoder:
     tokens, _ = conversation_lib.tokenize_record(
         record["conversations"], has_image, self.tokenizer, self.template,
         self.max_length, self.overlong, prompt_only=self.prompt_only,
-        instruction_turns=self.instruction_turns)
+        instruction_turns=self.instruction_turns, visual_tokens=self.visual_tokens)
     image = None
     if has_image:
       image = images_lib.to_master_resolution(record["image"], self.resolution,
@@ -250,7 +255,8 @@ def _check_synthetic_lengths(source: synthetic.SyntheticVQA, encoder: ExampleEnc
     try:
       _, truncated = conversation_lib.tokenize_record(
           turns, True, encoder.tokenizer, encoder.template, encoder.max_length,
-          encoder.overlong, prompt_only=encoder.prompt_only)
+          encoder.overlong, prompt_only=encoder.prompt_only,
+          visual_tokens=encoder.visual_tokens)
     except conversation_lib.ConversationError as e:
       truncated, reason = True, str(e)
     else:
@@ -272,7 +278,7 @@ def build_source(data_cfg, split: str, encoder: ExampleEncoder,
   length_check = llava.LengthCheck(
       encoder.tokenizer, encoder.template, encoder.max_length, encoder.overlong,
       encoder.prompt_only, bool(data_cfg.get("allow_truncation", False)),
-      float(data_cfg.get("max_truncated_fraction", 0.01)))
+      float(data_cfg.get("max_truncated_fraction", 0.01)), encoder.visual_tokens)
   if kind == "synthetic":
     style = data_cfg.synthetic_style
     if style == "auto":
@@ -349,14 +355,42 @@ class PreparedSource:
     return len(self.source)
 
 
+def llm_length_limit(data_cfg) -> int:
+  """The LLM sequence length the model may cut its rows to: data.max_length when
+  data.max_length_counts_visual_tokens (the rows were fitted to it), else 0 (no limit:
+  a row is max_length + N^V − 1 long)."""
+  return int(data_cfg.max_length) if data_cfg.get("max_length_counts_visual_tokens") else 0
+
+
+def counted_visual_tokens(data_cfg, mode: str, num_visual_tokens: int | None) -> int:
+  """What an image placeholder counts against max_length in `mode` (see fit_to_length).
+
+  Generation prompts always count it as one: prefill never cuts the sequence, so a
+  prompt is only checked against the model's context.
+  """
+  if not data_cfg.get("max_length_counts_visual_tokens") or mode == "generate":
+    return 1
+  if num_visual_tokens is None:
+    raise ValueError("data.max_length_counts_visual_tokens=True needs the model's number "
+                     "of visual tokens: pass num_visual_tokens (model.config."
+                     "num_visual_tokens) to prepare_source / make_dataset")
+  if not 1 <= num_visual_tokens < int(data_cfg.max_length):
+    raise ValueError(f"data.max_length={data_cfg.max_length} leaves no text beside "
+                     f"{num_visual_tokens} visual tokens (data.max_length_counts_visual_"
+                     "tokens=True): raise data.max_length")
+  return int(num_visual_tokens)
+
+
 def prepare_source(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
                    template: Any = None, split: str = "train",
                    process_index: int | None = None, process_count: int | None = None,
-                   *, mode: str | None = None) -> PreparedSource:
+                   *, mode: str | None = None,
+                   num_visual_tokens: int | None = None) -> PreparedSource:
   """Loads and validates `split` (arguments as for make_dataset)."""
   mode = mode or ("train" if split == "train" else "generate")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  visual_tokens = counted_visual_tokens(data_cfg, mode, num_visual_tokens)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -373,7 +407,8 @@ def prepare_source(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
                            instruction_turns=data_cfg.get("instruction_turns", "first"),
                            image_aspect=images_lib.check_image_aspect(
                                data_cfg.get("image_aspect", "pad")),
-                           image_limits=images_lib.limits_from_config(data_cfg))
+                           image_limits=images_lib.limits_from_config(data_cfg),
+                           visual_tokens=visual_tokens)
   source, report = build_source(data_cfg, split, encoder, (process_index, process_count))
   if isinstance(source, llava.LlavaSource):  # the transform enforces the same root
     encoder = dataclasses.replace(encoder, image_limits=dataclasses.replace(
@@ -389,7 +424,8 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  seed: int | None = None, *, mode: str | None = None,
                  start_position: int = 0,
-                 prepared: PreparedSource | None = None) -> DataPipeline:
+                 prepared: PreparedSource | None = None,
+                 num_visual_tokens: int | None = None) -> DataPipeline:
   """Builds the pipeline of `split` for this process.
 
   Args:
@@ -408,10 +444,12 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
       of the process count and batch size that consumed them.
     prepared: the split as `prepare_source` already validated it (the other arguments
       that select the data are then taken from it).
+    num_visual_tokens: the model's N^V; needed (train and eval modes) when
+      data.max_length_counts_visual_tokens.
   """
   if prepared is None:
     prepared = prepare_source(data_cfg, tokenizer, template, split, process_index,
-                              process_count, mode=mode)
+                              process_count, mode=mode, num_visual_tokens=num_visual_tokens)
   mode, split = prepared.mode, prepared.split
   process_index, process_count = prepared.process_index, prepared.process_count
   source, report, encoder = prepared.source, prepared.report, prepared.encoder

@@ -74,6 +74,7 @@ class LengthCheck:
   prompt_only: bool = False
   allow_truncation: bool = False
   max_truncated_fraction: float = 0.01
+  visual_tokens: int = 1  # what the image placeholder counts against max_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,13 +205,16 @@ def check_conversation(record: dict, has_image: bool, length_check: LengthCheck 
   except Exception as e:  # anything else one record's text raises (e.g. unencodable text)
     return RecordCheck("bad_conversation", f"{type(e).__name__}: {e}")
   supervised = sum(full.loss_mask)
+  # The length max_length is compared with (the one that keeps the record whole).
+  length = len(full) + conversation_lib.extra_visual_tokens(full, length_check.visual_tokens)
   try:
     cut, truncated = conversation_lib.fit_to_length(
-        full, length_check.max_length, length_check.overlong, prompt_only=prompt_only)
+        full, length_check.max_length, length_check.overlong, prompt_only=prompt_only,
+        visual_tokens=length_check.visual_tokens)
   except conversation_lib.LengthError as e:
-    return RecordCheck("too_long", str(e), length=len(full), supervised_tokens=supervised,
+    return RecordCheck("too_long", str(e), length=length, supervised_tokens=supervised,
                        lost_tokens=supervised)
-  return RecordCheck(truncated=truncated, length=len(full),
+  return RecordCheck(truncated=truncated, length=length,
                      lost_tokens=supervised - sum(cut.loss_mask),
                      supervised_tokens=supervised)
 

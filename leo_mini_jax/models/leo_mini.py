@@ -5,7 +5,8 @@ token ids with one image placeholder per image example, masks, and one uint8
 master-resolution image per example. The projected visual tokens replace each example's
 placeholder; the text after it shifts right by N^V − 1. Every output row has length
 L + N^V − 1, so examples without an image (text-only) end in N^V − 1 padding slots and run
-in the same batch.
+in the same batch. With `max_llm_length` (data.max_length_counts_visual_tokens) the training
+forward cuts rows to that length, as the references cut to model_max_length.
 """
 
 import dataclasses
@@ -36,6 +37,11 @@ class LeoMiniConfig:
   # How each expert's input is resized from the master image (experts.preprocess_images):
   # 'antialias', or 'eagle' for EAGLE's align_corners bilinear (ported EAGLE releases).
   image_resize: str = "antialias"
+  # > 0: the training/scoring forward cuts the LLM sequence (text + visual tokens) to this
+  # length, as EAGLE/LLaVA cut to model_max_length. Set from data.max_length when
+  # data.max_length_counts_visual_tokens (the pipeline then fits image rows to
+  # max_length − (N^V − 1) text tokens, so only padding is cut). 0: L + N^V − 1.
+  max_llm_length: int = 0
 
   def __post_init__(self):
     if self.image_resize not in experts_lib.IMAGE_RESIZES:
@@ -43,8 +49,9 @@ class LeoMiniConfig:
                        f"{experts_lib.IMAGE_RESIZES}")
 
   @classmethod
-  def from_config(cls, cfg: Any) -> "LeoMiniConfig":
-    """From the `model` ConfigDict: llm, experts (list of dicts with 'name'), reducer."""
+  def from_config(cls, cfg: Any, max_llm_length: int = 0) -> "LeoMiniConfig":
+    """From the `model` ConfigDict: llm, experts (list of dicts with 'name'), reducer;
+    max_llm_length comes from the data config (`pipeline.llm_length_limit`)."""
     values = config_utils.to_plain(cfg)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
@@ -61,6 +68,7 @@ class LeoMiniConfig:
         dtype=values.get("dtype", "float32"),
         param_dtype=values.get("param_dtype", "float32"),
         image_resize=values.get("image_resize", "antialias"),
+        max_llm_length=int(max_llm_length),
     )
 
   @property
@@ -180,12 +188,15 @@ class LeoMini(nn.Module):
     """Training / scoring forward.
 
     Returns:
-      logits [B, L + N^V − 1, vocab] and aux: targets and target_mask aligned with the
+      logits [B, training_sequence_length(L), vocab] (L + N^V − 1, or max_llm_length)
+      and aux: targets and target_mask aligned with the
       logits, attention_mask, balance_loss (already × λ; 0 without MMoE), routing
       (per-layer expert_fraction [layers, E] and top_expert [layers, B, T]),
       num_visual_tokens.
     """
     sequence, router_context = self._inputs(batch)
+    length = self.training_sequence_length(batch["input_ids"].shape[1])
+    sequence = {k: v[:, :length] for k, v in sequence.items()}
     logits, layer_aux = self.llm.forward(sequence["inputs_embeds"],
                                          token_mask=sequence["attention_mask"],
                                          router_context=router_context)
@@ -229,5 +240,12 @@ class LeoMini(nn.Module):
     return logits, new_cache, routing
 
   def sequence_length(self, text_length: int) -> int:
-    """Length of the LLM sequence for text rows of `text_length` tokens."""
+    """Length of the LLM sequence for text rows of `text_length` tokens (prefill: never
+    cut, prompts are checked against the context instead)."""
     return text_length + self.config.num_visual_tokens - 1
+
+  def training_sequence_length(self, text_length: int) -> int:
+    """Length of the training/scoring forward's LLM sequence: `sequence_length`, cut to
+    `max_llm_length` when set."""
+    full = self.sequence_length(text_length)
+    return min(full, self.config.max_llm_length) if self.config.max_llm_length else full

@@ -337,7 +337,7 @@ class LlamaForCausalLM(nn.Module):
       self.layers = nn.scan(
           layer_cls,
           variable_axes={"params": 0},
-          split_rngs={"params": True},
+          split_rngs={"params": True, "dropout": True},  # a different mask per layer
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},

@@ -54,8 +54,14 @@ class MMoEConfig:
   # How the per-layer balance losses combine before × λ: 'mean' over layers (this
   # project's default) or 'sum' (Switch/GShard add one term per MoE layer: L× stronger).
   balance_reduce: str = "mean"
+  # Dropout on each LoRA bank's input, as PEFT's LoraConfig(lora_dropout=...) in
+  # LLaVA-1.5's LoRA recipe (0.05). Active only when the caller passes a 'dropout' RNG:
+  # the train step does; evaluation, scoring and generation do not.
+  lora_dropout: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"mmoe.lora_dropout={self.lora_dropout}: expected a rate in [0, 1)")
     if self.balance_reduce not in BALANCE_REDUCES:
       raise ValueError(f"mmoe.balance_reduce={self.balance_reduce!r}: expected one of "
                        f"{BALANCE_REDUCES}")
@@ -182,8 +188,10 @@ class MMoERouter(nn.Module):
 class LoRAExperts(nn.Module):
   """The LoRA deltas of one projection: E routed experts plus the general expert.
 
-  delta = (alpha / r) · [ x A_gen B_gen + Σ_i w_i · x A_i B_i ]
-  B starts at zero, so a fresh bank leaves the frozen layer's output unchanged.
+  delta = (alpha / r) · [ x̃ A_gen B_gen + Σ_i w_i · x̃ A_i B_i ]
+  B starts at zero, so a fresh bank leaves the frozen layer's output unchanged. x̃ is x
+  with `lora_dropout` applied when a 'dropout' RNG is given (one mask per projection,
+  shared by its experts, as PEFT drops the input of each adapted layer), else x.
   """
   config: MMoEConfig
   features: int
@@ -212,6 +220,8 @@ class LoRAExperts(nn.Module):
     experts_b = param("experts_b", zeros, (cfg.num_experts, cfg.rank, self.features),
                       ("lora_experts", "lora_rank", self.out_axis))
     x = x.astype(self.dtype)
+    if cfg.lora_dropout > 0.0 and self.has_rng("dropout"):
+      x = nn.Dropout(cfg.lora_dropout, deterministic=False)(x)
     cast = lambda p: jnp.asarray(p, self.dtype)
     general = (x @ cast(general_a)) @ cast(general_b)
     low_rank = jnp.einsum("btd,edr->bter", x, cast(experts_a))

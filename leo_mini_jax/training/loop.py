@@ -53,7 +53,8 @@ def one_shot_jit(fn, **kwargs):
 
 
 def build_model(config: ml_collections.ConfigDict) -> leo_mini_lib.LeoMini:
-  return leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(config.model))
+  return leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(
+      config.model, max_llm_length=pipeline_lib.llm_length_limit(config.data)))
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -147,7 +148,7 @@ class TrainSetup:
   def jit_train_step(self):
     step_fn = step_lib.make_train_step(
         self.model, self.tx, self.trainable, self.lr_schedule,
-        int(self.config.optimizer.grad_accum_steps))
+        int(self.config.optimizer.grad_accum_steps), dropout_seed=int(self.config.seed))
     # A NaN/inf step leaves params and optimizer state as they were (no host sync).
     step_fn = guards_lib.skip_nonfinite(step_fn, self.trainable)
     jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -283,8 +284,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   """
   validate_config(config, device_count=0 if mesh is not None else None)
   prepared = None
+  num_visual = build_model(config).config.num_visual_tokens
   if int(config.total_steps) == 0:  # the length follows the data: validate it first
-    prepared = pipeline_lib.prepare_source(config.data, split="train")
+    prepared = pipeline_lib.prepare_source(config.data, split="train",
+                                           num_visual_tokens=num_visual)
     steps, how = optimizer_lib.derived_total_steps(config, prepared.num_examples)
     config = copy.deepcopy(config)
     config.total_steps = steps
@@ -309,7 +312,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   examples_seen = data_start(checkpointer, latest, config)
   logging.info("%s (data position %d)", how, examples_seen)
   data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed,
-                                   start_position=examples_seen, prepared=prepared)
+                                   start_position=examples_seen, prepared=prepared,
+                                   num_visual_tokens=num_visual)
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
   if latest is not None:  # the position counts examples of the stream these records make

@@ -26,17 +26,31 @@ FROZEN = "frozen"
 
 # Table 6. Stage 3's new modules are CoTR ('reducer/...') and MMoE-LLM ('.../mmoe_...').
 STAGE_SCHEDULES: dict[int, tuple[tuple[str, str | None], ...]] = {
-    # Stage 1 also trains modules that are new on top of the ported experts (SAM's EAGLE
-    # neck): frozen at their fresh init they would feed the projector noise.
-    1: (("projector/.*", "main"), ("vision/sam/eagle_neck/.*", "main"), (".*", None)),
+    # Only the projector, as EAGLE's pre-training (model.requires_grad_(False), then
+    # mm_projector): SAM's freshly initialised EAGLE neck stays frozen until stage 2.
+    1: (("projector/.*", "main"), (".*", None)),
     2: ((".*", "main"),),
     3: (("projector/.*", "main"), ("reducer/.*", "main"), ("llm/.*/mmoe_.*", "main"),
         (".*", None)),
 }
+# Optional stage-1 rule (`stage_schedule(1, train_sam_neck=True)`): also train SAM's new
+# EAGLE neck, so the projector does not learn on the output of a random 1×1 conv.
+SAM_NECK_RULE = ("vision/sam/eagle_neck/.*", "main")
 # What a stage may initialise fresh when it starts from the previous stage's checkpoint.
 # (SAM's EAGLE neck is new on top of a SAM checkpoint, as EAGLE initialises it.)
 STAGE_NEW_PARAMS = {1: r"(projector|reducer|vision/sam/eagle_neck)/.*", 2: r"$^",
                     3: r"(reducer/.*|llm/.*/mmoe_.*)"}
+
+
+
+def stage_schedule(stage: int, train_sam_neck: bool = False) -> list[list[Any]]:
+  """`config.schedule` of a stage (Table 6); train_sam_neck adds SAM_NECK_RULE in stage 1
+  (later stages train the neck anyway)."""
+  rules = [list(rule) for rule in STAGE_SCHEDULES[stage]]
+  if train_sam_neck and stage == 1:
+    rules.insert(0, list(SAM_NECK_RULE))
+  return rules
+
 
 # No weight decay on norms, biases, learned queries and position/class embeddings.
 DEFAULT_NO_DECAY = (r".*/bias$", r".*/scale$", r".*_queries$", r".*position_embedding.*",

@@ -49,9 +49,21 @@ def split_micro(batch: dict, steps: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+# Separates the dropout stream from parameter init, which uses PRNGKey(seed) itself.
+DROPOUT_STREAM = 0x0D0
+
+
+def dropout_key(seed: int, step: jax.Array, micro_batch: jax.Array | int = 0) -> jax.Array:
+  """The 'dropout' RNG of optimizer step `step` (and micro-batch): a function of the
+  config seed and the step number only, so a resumed run draws the same masks."""
+  base = jax.random.fold_in(jax.random.PRNGKey(seed), DROPOUT_STREAM)
+  return jax.random.fold_in(jax.random.fold_in(base, step), micro_batch)
+
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     trainable: Any, lr_schedule: optax.Schedule,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, dropout_seed: int = 0) -> Callable:
   """Builds `train_step(state, batch) -> (state, metrics)` (jit it with shardings).
 
   Args:
@@ -60,18 +72,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     trainable: bool tree over params (True = trained).
     lr_schedule: base schedule, for the metric.
     grad_accum_steps: micro-batches per update.
+    dropout_seed: seed of the dropout masks (`dropout_key`; used by mmoe.lora_dropout).
   """
 
-  def sums(trainable_params, frozen_params, batch):
+  def sums(trainable_params, frozen_params, batch, key):
     params = optimizer_lib.merge_trainable(trainable_params, frozen_params)
-    logits, aux = model.apply({"params": params}, batch)
+    logits, aux = model.apply({"params": params}, batch, rngs={"dropout": key})
     loss_sum, count, correct = token_losses(logits, aux)
     routing = aux["routing"].get("expert_fraction")
     return loss_sum, (count, correct, aux["balance_loss"], routing,
                       jnp.sum(aux["attention_mask"]))
 
-  def objective(trainable_params, frozen_params, batch, total_count):
-    loss_sum, extra = sums(trainable_params, frozen_params, batch)
+  def objective(trainable_params, frozen_params, batch, total_count, key):
+    loss_sum, extra = sums(trainable_params, frozen_params, batch, key)
     balance = extra[2]
     return loss_sum / total_count + balance / grad_accum_steps, (loss_sum, extra)
 
@@ -83,22 +96,27 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     supervised = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
     total_count = jnp.maximum(jnp.sum(supervised), 1).astype(jnp.float32)
     if grad_accum_steps == 1:
-      grads, (loss_sum, extra) = grad_fn(trainable_params, frozen_params, batch, total_count)
+      grads, (loss_sum, extra) = grad_fn(trainable_params, frozen_params, batch, total_count,
+                                         dropout_key(dropout_seed, state.step))
     else:
       micro = split_micro(batch, grad_accum_steps)
 
-      def body(carry, micro_batch):
+      def body(carry, inputs):
         grads_acc, stats = carry
-        g, (l, e) = grad_fn(trainable_params, frozen_params, micro_batch, total_count)
+        micro_batch, index = inputs
+        g, (l, e) = grad_fn(trainable_params, frozen_params, micro_batch, total_count,
+                            dropout_key(dropout_seed, state.step, index))
         grads_acc = jax.tree.map(jnp.add, grads_acc, g)
         stats = jax.tree.map(jnp.add, stats, (l, e))
         return (grads_acc, stats), None
 
       zeros = jax.tree.map(jnp.zeros_like, trainable_params)
       first = jax.eval_shape(lambda: sums(trainable_params, frozen_params,
-                                          jax.tree.map(lambda x: x[0], micro)))
+                                          jax.tree.map(lambda x: x[0], micro),
+                                          dropout_key(dropout_seed, state.step)))
       stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
-      (grads, (loss_sum, extra)), _ = jax.lax.scan(body, (zeros, stats0), micro)
+      (grads, (loss_sum, extra)), _ = jax.lax.scan(
+          body, (zeros, stats0), (micro, jnp.arange(grad_accum_steps)))
       extra = extra[:2] + (extra[2] / grad_accum_steps,
                            None if extra[3] is None else extra[3] / grad_accum_steps,
                            extra[4])

@@ -9,6 +9,7 @@ from leo_mini_jax.data import conversation as conv
 from leo_mini_jax.data import pipeline
 from leo_mini_jax.data import synthetic
 from leo_mini_jax.data import tokenizers as tokenizers_lib
+from leo_mini_jax.data import validation
 
 R = 32
 L = 64
@@ -206,3 +207,42 @@ def test_worker_processes_give_the_same_batches():
     json.dumps(it.get_state())
   finally:  # the worker process and its shared memory end here, not at a later GC
     it.close()
+
+
+def _long_record(has_image):
+  words = " ".join(f"w{i}" for i in range(40))
+  turns = [{"from": "human", "value": ("<image>\n" if has_image else "") + "Describe."},
+           {"from": "gpt", "value": words}]
+  return turns
+
+
+@pytest.mark.parametrize("has_image,kept", [(True, 40 - 8), (False, 40)])
+def test_max_length_can_bound_text_plus_visual_tokens(has_image, kept):
+  # EAGLE/LLaVA cut the sequence *with* its visual tokens to model_max_length: an image
+  # row of N^V = 9 visual tokens keeps max_length − 8 text tokens (the placeholder is one
+  # of them); a text-only row keeps max_length.
+  tok = tokenizers_lib.ByteTokenizer()
+  template = conv.get_template("vicuna_v1", "")
+  args = (_long_record(has_image), has_image, tok, template, 40, "truncate")
+  counted, truncated = conv.tokenize_record(*args, visual_tokens=9)
+  assert truncated and len(counted) == kept
+  assert len(conv.tokenize_record(*args)[0]) == 40  # text only: the old count
+  full = conv.tokenize_full(args[0], has_image, tok, template)
+  check = validation.LengthCheck(tok, template, 40, visual_tokens=9)
+  # The report's length is what max_length is compared with (the one that keeps it whole).
+  result = validation.check_conversation({"conversations": args[0]}, has_image, check)
+  assert result.truncated and result.length == len(full) + (8 if has_image else 0)
+
+
+def test_counting_visual_tokens_fits_every_image_row_and_needs_their_number():
+  cfg = config(max_length_counts_visual_tokens=True)
+  with pytest.raises(ValueError, match="max_length_counts_visual_tokens"):
+    build(cfg)
+  with pytest.raises(ValueError, match="do not fit data.max_length"):
+    build(cfg, num_visual_tokens=L - 8)  # synthetic rows are longer than 8 tokens
+  batch = next(iter(build(cfg, num_visual_tokens=8)))
+  assert batch["input_ids"].shape == (4, L)
+  assert (batch["attention_mask"].sum(1) <= L - 7).all()
+  assert pipeline.llm_length_limit(cfg) == L and pipeline.llm_length_limit(config()) == 0
+  # Generation prompts are never cut by the model, so they count the placeholder as one.
+  assert pipeline.counted_visual_tokens(cfg, "generate", None) == 1

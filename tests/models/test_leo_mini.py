@@ -1,5 +1,6 @@
 """LeoMini: placeholder placement, shapes per reducer, text-only rows beside image rows."""
 
+import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from configs import tiny
 from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID
 from leo_mini_jax.models import leo_mini as leo_mini_lib
 from leo_mini_jax.models import llama
+from leo_mini_jax.training import loop
 
 LENGTH = 10
 
@@ -153,3 +155,30 @@ def test_balance_loss_sum_over_layers_is_layers_times_the_mean():
   config.llm.mmoe.balance_reduce = "max"
   with pytest.raises(ValueError, match="mmoe.balance_reduce"):
     leo_mini_lib.LeoMiniConfig.from_config(config)
+
+
+def test_max_llm_length_cuts_the_training_sequence_to_max_length():
+  # data.max_length_counts_visual_tokens: rows were fitted to L text + visual tokens, so
+  # the forward's LLM sequence is L long (not L + N^V − 1) and only padding is cut.
+  cfg, model, params = _model("stage=3,tokens=4")
+  batch = _batch()
+  batch["attention_mask"][0, LENGTH - 3:] = 0  # image row 0 fitted to L − (4 − 1) tokens
+  batch["loss_mask"] *= batch["attention_mask"]
+  full_logits, full_aux = model.apply({"params": params}, batch)
+  capped = leo_mini_lib.LeoMini(dataclasses.replace(cfg, max_llm_length=LENGTH))
+  assert capped.training_sequence_length(LENGTH) == LENGTH
+  assert capped.sequence_length(LENGTH) == LENGTH + 3  # prefill is never cut
+  logits, aux = capped.apply({"params": params}, batch)
+  assert logits.shape == (3, LENGTH, cfg.llm.vocab_size)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(full_logits)[:, :LENGTH],
+                             atol=1e-5)
+  # Every supervised target and every real token survives the cut.
+  assert int(aux["target_mask"].sum()) == int(full_aux["target_mask"].sum())
+  assert int(aux["attention_mask"].sum()) == int(full_aux["attention_mask"].sum())
+
+
+def test_build_model_takes_the_length_limit_from_the_data_config():
+  config = tiny.get_config("stage=3,tokens=4")
+  assert loop.build_model(config).config.max_llm_length == 0
+  config.data.max_length_counts_visual_tokens = True
+  assert loop.build_model(config).config.max_llm_length == config.data.max_length

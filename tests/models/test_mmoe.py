@@ -12,12 +12,12 @@ from leo_mini_jax.models import llama, mmoe
 HIDDEN, MLP_DIM, EXPERTS, RANK = 16, 24, 3, 4
 
 
-def _mlp(top_k=1, gate="straight_through", router_inputs="multimodal"):
+def _mlp(top_k=1, gate="straight_through", router_inputs="multimodal", lora_dropout=0.0):
   cfg = from_config(llama.LlamaConfig, dict(
       vocab_size=32, hidden_size=HIDDEN, intermediate_size=MLP_DIM, num_layers=1,
       num_heads=2, mmoe=dict(enabled=True, num_experts=EXPERTS, rank=RANK, alpha=8.0,
                              top_k=top_k, gate=gate, router_inputs=router_inputs,
-                             router_hidden_dim=8)))
+                             router_hidden_dim=8, lora_dropout=lora_dropout)))
   module = llama.MLP(cfg)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 5, HIDDEN)).astype(np.float32)
@@ -191,3 +191,32 @@ def test_bad_mmoe_config_names_the_field():
     mmoe.MMoEConfig(enabled=True, num_experts=3, top_k=4)
   with pytest.raises(ValueError, match="mmoe.targets"):
     mmoe.MMoEConfig(targets=("q_proj",))
+
+
+def test_lora_dropout_acts_only_with_a_dropout_rng():
+  cfg, apply, params, x, context, mask = _mlp(lora_dropout=0.5)
+  module = llama.MLP(cfg)
+  run = lambda rngs=None: np.asarray(
+      module.apply({"params": params}, x, context, mask, rngs=rngs)[0])
+  # Evaluation and generation pass no dropout RNG: the output is Eq. 9 exactly.
+  probs = _router_probs(params, x, context, cfg)
+  onehot = jax.nn.one_hot(np.argmax(probs, -1), EXPERTS)
+  want = _numpy_eq9(cfg, params, x, np.asarray(onehot), probs, 1, "straight_through")
+  np.testing.assert_allclose(run(), want, rtol=1e-4, atol=1e-4)
+  # Training passes one: the LoRA inputs are dropped, the frozen projection is not.
+  key = jax.random.PRNGKey(3)
+  dropped = run({"dropout": key})
+  assert not np.allclose(dropped, want, atol=1e-3)
+  np.testing.assert_array_equal(dropped, run({"dropout": key}))  # same key, same masks
+  assert not np.allclose(dropped, run({"dropout": jax.random.PRNGKey(4)}))
+  # With the LoRA deltas zeroed (fresh B), dropout changes nothing: only LoRA inputs drop.
+  zero_b = jax.tree_util.tree_map_with_path(
+      lambda path, p: p * 0 if str(path[-1].key).endswith("_b") else p, params)
+  np.testing.assert_allclose(
+      np.asarray(module.apply({"params": zero_b}, x, context, mask, rngs={"dropout": key})[0]),
+      np.asarray(module.apply({"params": zero_b}, x, context, mask)[0]), rtol=1e-6)
+
+
+def test_lora_dropout_rate_is_checked():
+  with pytest.raises(ValueError, match="lora_dropout"):
+    mmoe.MMoEConfig(enabled=True, lora_dropout=1.0)

@@ -96,3 +96,19 @@ def test_total_steps_zero_trains_num_epochs_of_the_data(tmp_path, capsys, one_de
   assert float(schedule(7)) == pytest.approx(config.optimizer.lr / 2, rel=1e-6)
   with pytest.raises(ValueError, match="config.num_epochs"):
     loop.validate_config(small_config(1, total_steps=0, num_epochs=0))
+
+
+NECK = "vision/sam/eagle_neck/conv/kernel"
+
+
+@pytest.mark.parametrize("arg,stage1_group", [("stage=1", optimizer_lib.FROZEN),
+                                              ("stage=1,train_sam_neck=true", "main")])
+def test_sam_neck_frozen_in_stage1_like_eagle_pretraining(arg, stage1_group):
+  # EAGLE's pre-training trains only mm_projector; its new SAM neck trains from stage 2.
+  schedule = leo_mini_vicuna_7b.get_config(arg).schedule
+  assert optimizer_lib.group_of(NECK, schedule) == stage1_group
+  assert optimizer_lib.group_of("projector/fc1/kernel", schedule) == "main"
+  assert optimizer_lib.group_of("vision/sam/blocks/0/attn/qkv/kernel", schedule) == \
+      optimizer_lib.FROZEN
+  stage2 = leo_mini_vicuna_7b.get_config("stage=2").schedule
+  assert optimizer_lib.group_of(NECK, stage2) == "main"

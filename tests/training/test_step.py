@@ -5,6 +5,7 @@ import numpy as np
 
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.training import loop
+from leo_mini_jax.training import step as step_lib
 from tests.training.conftest import small_config
 
 
@@ -82,3 +83,28 @@ def test_train_step_donates_the_state_and_compiles_ahead_from_abstract_shapes(
   new_state, metrics = compiled(state, setup.global_batch(batch))
   assert all(x.is_deleted() for x in old_leaves)
   assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_lora_dropout_masks_follow_the_step_number_and_seed(one_device_mesh):
+  config = small_config(3)
+  config.model.llm.mmoe.lora_dropout = 0.5
+  setup = loop.TrainSetup(config, one_device_mesh)
+  batch = setup.global_batch(loop.dummy_batch(config, config.data.batch_size) | {
+      "loss_mask": np.tile((np.arange(config.data.max_length) >= 2).astype(np.int32),
+                           (config.data.batch_size, 1))})
+  step = setup.jit_train_step()
+  state = setup.init_state(0)
+  copy = lambda s, **changes: jax.tree.map(lambda x: x.copy(), s).replace(**changes)
+  states = [copy(state), copy(state), copy(state, step=state.step + 1)]
+  (first, m_first), (again, m_again), (_, m_next) = [
+      jax.device_get(step(s, batch)) for s in states]
+  # Same step → same key → bit-identical update (a resumed run redraws the same masks).
+  assert float(m_first["grad_norm"]) == float(m_again["grad_norm"])
+  for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(a, b)
+  # Another step number draws other masks: the gradient (not only the lr) changes.
+  assert float(m_next["grad_norm"]) != float(m_first["grad_norm"])
+  key = step_lib.dropout_key
+  assert np.array_equal(jax.random.key_data(key(0, 5)), jax.random.key_data(key(0, 5)))
+  assert not np.array_equal(key(0, 5), key(0, 6))
+  assert not np.array_equal(key(0, 5), key(1, 5))
