@@ -12,7 +12,7 @@ Checks, one table:
                      remat 'full' as the paper configs) on stage-3 rows: step time, MFU
                      (model matmul FLOPs over the device's bf16 dense peak)
   decode             the same LLM's greedy KV-cache decoding: tokens/s
-Record the printed table with the device's name (README "Compiling for TPU and GPU").
+Record the printed table with the device's name in docs/performance.md ("GPU").
 """
 
 import json

@@ -116,7 +116,7 @@ def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: st
       # Full remat (each layer keeps only its input for the backward pass) is what fits
       # 8-way FSDP on an 80 GB H100 in stage 2 and 256-way on a 16 GiB v5e in stage 3;
       # 'dots_no_batch' keeps every projection's output, ~4x the per-row activations
-      # (benchmarks/scale.py; README "Memory at paper scale").
+      # (benchmarks/scale.py; docs/scale.md "Memory at paper scale").
       llm=dict(llm, dtype="bfloat16", param_dtype="float32", remat_policy="full",
                mmoe=mmoe_config(cotr_stage, router)),
       experts=full_size_experts(variant, stage),

@@ -32,7 +32,7 @@ GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 REGENERATE = "python -m tests.parallel.sharding_golden --update"
 CONFIGS = {"llama3_8b": leo_mini_llama3_8b, "vicuna_7b": leo_mini_vicuna_7b}
 STAGES = (2, 3)
-# The paper configs' meshes (FSDP over every device) and README's 256-chip variant.
+# The paper configs' meshes (FSDP over every device) and docs/scale.md's 256-chip variant.
 MESHES = {8: dict(data=1, fsdp=8, tensor=1), 64: dict(data=1, fsdp=64, tensor=1),
           256: dict(data=1, fsdp=128, tensor=2)}
 
