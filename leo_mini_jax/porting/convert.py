@@ -35,7 +35,6 @@ about one copy of the weights.
 import dataclasses
 import os
 import re
-import sys
 import time
 from typing import Any, Mapping
 
@@ -216,8 +215,6 @@ def main() -> None:
   allow = flags.DEFINE_string("allow_missing", None,
                               "Regex of parameter paths left for train.py to initialise "
                               f"(default {NEW_MODULES!r}; with --eagle {EAGLE_NEW_MODULES!r}).")
-  # (absl's own -v is its log verbosity)
-  verbose = flags.DEFINE_bool("verbose", False, "On an error, show the traceback.")
   flags.mark_flags_as_required(["config", "out"])
 
   def run(argv):
@@ -226,13 +223,9 @@ def main() -> None:
     logging.set_verbosity(logging.WARNING)
     try:
       convert_from_flags()
-    except (ValueError, KeyError, OSError) as e:  # PortError is a ValueError
-      if verbose.value:
-        raise
-      # The message names the file / key / config field; the traceback adds nothing.
-      print(f"convert: {type(e).__name__}: {e}" if isinstance(e, KeyError) else
-            f"convert: {e}", file=sys.stderr)
-      sys.exit(1)
+    except KeyError as e:  # a missing checkpoint key: cli.run prints it like the others
+      raise mapping.PortError(f"{type(e).__name__}: {e}") from e
+
 
   def convert_from_flags():
     # Conversion uses no mesh and reads no init_from; the run that loads it checks both.
