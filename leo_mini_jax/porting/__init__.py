@@ -13,21 +13,13 @@ import importlib
 import os
 from typing import Any
 
+from leo_mini_jax.models.vision import experts
 from leo_mini_jax.porting.mapping import PortError
 from leo_mini_jax.porting.readers import open_checkpoint
 
-# Vision expert name → its port module, imported on first use. A port module provides
-#   load_expert(path, **kw) -> (tower module, params)       (`load_vision_expert`)
-#   RUN_FIELDS: config fields the checkpoint does not determine
-#   open_source(path, expert_config, run_overrides) -> (reader, rules, derived config)
-#                                                           (`porting.convert`)
-VISION_PORTS = {
-    "clip": "leo_mini_jax.porting.clip",
-    "convnext": "leo_mini_jax.porting.convnext",
-    "eva02": "leo_mini_jax.porting.eva02",
-    "pix2struct": "leo_mini_jax.porting.pix2struct",
-    "sam": "leo_mini_jax.porting.sam",
-}
+# Vision expert name → its port module, imported on first use: the expert registry's
+# `port` (`models/vision/experts.py`); the module's contract is `expert_port.ExpertPort`.
+VISION_PORTS = experts.port_modules()
 
 
 def vision_port(name: str):

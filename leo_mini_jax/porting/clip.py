@@ -155,6 +155,12 @@ def load_clip(path: str | os.PathLike, cls_token: str = "keep", image_size: int 
 
 load_expert = load_clip
 
+
+def eagle_rules(cfg: clip_lib.ClipConfig) -> list[mapping.Rule]:
+  """EAGLE's CLIP tower holds HF's CLIPVisionModel; its table needs no config."""
+  del cfg
+  return clip_rules()
+
 # ClipConfig fields a checkpoint does not determine (taken from the run's config).
 RUN_FIELDS = ("image_size", "cls_token", "mean", "std", "dtype", "param_dtype", "remat",
               "attention_impl")

@@ -48,9 +48,10 @@ from leo_mini_jax.porting import llama as llama_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
-# Parameters of modules that LEO-MINI adds on top of the ported LLM and experts (SAM's
-# EAGLE neck is new on top of a SAM checkpoint).
-NEW_MODULES = r"(projector|reducer)/.*|llm/.*/mmoe_.*|vision/sam/eagle_neck/.*"
+# Parameters of modules that LEO-MINI adds on top of the ported LLM and experts, and the
+# experts' own parameters that are new on top of their checkpoints (the expert registry's
+# `fresh`: SAM's EAGLE neck).
+NEW_MODULES = r"(projector|reducer)/.*|llm/.*/mmoe_.*|" + porting.experts.fresh_params()
 # What an EAGLE release (= a stage-2 model) lacks for stage 3: CoTR and MMoE-LLM.
 EAGLE_NEW_MODULES = r"reducer/.*|llm/.*/mmoe_.*"
 

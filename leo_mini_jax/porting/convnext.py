@@ -177,6 +177,12 @@ def load_convnext(path: str | os.PathLike, image_size: int = 1024,
 
 load_expert = load_convnext
 
+
+def eagle_rules(cfg: convnext_lib.ConvNextConfig) -> list[mapping.Rule]:
+  """EAGLE's ConvNeXt tower holds the timm trunk (no open_clip prefix); no config needed."""
+  del cfg
+  return convnext_rules(open_clip=False)
+
 # ConvNextConfig fields a checkpoint does not determine (taken from the run's config).
 RUN_FIELDS = ("image_size", "layer_norm_eps", "mean", "std", "dtype", "param_dtype", "remat")
 

@@ -29,18 +29,14 @@ import os
 from typing import Any
 
 from leo_mini_jax import porting
+from leo_mini_jax.models.vision import experts
 from leo_mini_jax.porting import llama as llama_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
-# EAGLE's tower names (mm_vision_tower entries) → our expert registry names.
-EAGLE_TOWERS = {
-    "clip-448": "clip", "clip-336": "clip", "clip-224": "clip",
-    "convnext-1024": "convnext",
-    "det-1024": "eva02",
-    "pix2struct-1024": "pix2struct",
-    "sam-1024": "sam",
-}
+# EAGLE's tower names (mm_vision_tower entries) → our expert registry names: each
+# expert's `eagle_towers` in the registry (`models/vision/experts.py`).
+EAGLE_TOWERS = experts.eagle_tower_experts()
 TOWER_PREFIXES = ("model.vision_tower.vision_tower.vision_towers.",
                   "model.vision_tower.vision_towers.")
 # EAGLE's wrappers hold the reference model as `self.vision_tower`.
@@ -100,14 +96,7 @@ def projector_rules(target_prefix: str = "projector/") -> list[mapping.Rule]:
 
 def _expert_rules(name: str, cfg: Any) -> list[mapping.Rule]:
   """The expert's own mapping table (keys relative to the reference model's root)."""
-  port = porting.vision_port(name)
-  if name == "convnext":
-    return port.convnext_rules(open_clip=False)
-  if name == "sam":  # its scan groups follow the config's global-block pattern
-    return port.sam_rules(neck="eagle", config=cfg)
-  if name == "eva02":  # likewise its windowed/global pattern
-    return port.eva02_rules(config=cfg)
-  return getattr(port, f"{name}_rules")()
+  return porting.vision_port(name).eagle_rules(cfg)
 
 
 def _tower_prefix(reader: readers.CheckpointReader, where: str) -> str:

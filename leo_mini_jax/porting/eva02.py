@@ -210,6 +210,12 @@ def load_eva02(path: str | os.PathLike, image_size: int = 1024, num_heads: int =
 
 load_expert = load_eva02
 
+
+def eagle_rules(cfg: eva02_lib.Eva02Config) -> list[mapping.Rule]:
+  """EAGLE's EVA-02 tower holds the backbone without `backbone.net.`; the block layout
+  follows the config's windowed/global pattern."""
+  return eva02_rules(config=cfg)
+
 # Eva02Config fields a checkpoint does not determine (taken from the run's config).
 RUN_FIELDS = ("image_size", "num_heads", "window_size", "window_block_indexes",
               "rope_pretrain_grid", "rope_theta", "layer_norm_eps", "mean", "std", "dtype",

@@ -236,6 +236,12 @@ def load_encoder(path: str | os.PathLike, image_size: int = 1024, max_patches: i
 
 load_expert = load_pix2struct
 
+
+def eagle_rules(cfg: p2s_lib.Pix2StructConfig) -> list[mapping.Rule]:
+  """EAGLE's Pix2Struct tower holds HF's Pix2StructVisionModel; no config needed."""
+  del cfg
+  return pix2struct_rules()
+
 # Pix2StructConfig fields a checkpoint does not determine (taken from the run's config).
 RUN_FIELDS = ("image_size", "max_patches", "mean", "std", "dtype", "param_dtype", "remat",
               "attention_impl")

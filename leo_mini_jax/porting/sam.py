@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from leo_mini_jax.models.vision import experts
 from leo_mini_jax.models.vision import sam as sam_lib
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
@@ -52,7 +53,8 @@ HF_VISION_DEFAULTS = {
 # What `sam_rules` does with the checkpoint's `neck.*` keys.
 NECK_SOURCES = ("eagle", "hf", "skip")
 # The fresh parameters of the 'eagle' tower when the source is a SAM checkpoint.
-EAGLE_NECK = r"eagle_neck/.*"
+# EAGLE's neck, new on top of a SAM checkpoint: the registry's `fresh` regex for SAM.
+EAGLE_NECK = experts.expert_spec("sam").fresh
 
 _PREFIX = r"(?:vision_encoder\.)?"
 _LAYER = _PREFIX + r"layers\.(?P<layer>\d+)\."
@@ -297,6 +299,12 @@ def _check_shapes(reader, config: sam_lib.SamConfig, path) -> None:
 
 load_expert = load_sam
 
+
+def eagle_rules(cfg: sam_lib.SamConfig) -> list[mapping.Rule]:
+  """EAGLE's SAM tower holds SamVisionEncoder with EAGLE's short neck; the scan groups
+  follow the config's global-block pattern."""
+  return sam_rules(neck="eagle", config=cfg)
+
 # SamConfig fields a checkpoint does not determine (taken from the run's config).
 RUN_FIELDS = ("neck", "pixel_unshuffle", "mean", "std", "dtype", "param_dtype", "remat",
               "attention_impl")
@@ -318,5 +326,5 @@ def open_source(path: str, cfg: sam_lib.SamConfig, overrides: dict):
   return reader, sam_rules(neck="hf" if derived.neck == "hf" else "skip", config=derived), derived
 
 
-__all__ = ["sam_rules", "config_from_shapes", "config_from_hf", "load_sam", "load_expert",
+__all__ = ["sam_rules", "config_from_shapes", "config_from_hf", "load_sam", "load_expert", "eagle_rules",
            "RUN_FIELDS", "open_source", "EAGLE_NECK", "POS_EMBED"]

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from leo_mini_jax.models.vision import experts
+
 FROZEN = "frozen"
 
 # Table 6. Stage 3's new modules are CoTR ('reducer/...') and MMoE-LLM ('.../mmoe_...').
@@ -33,12 +35,14 @@ STAGE_SCHEDULES: dict[int, tuple[tuple[str, str | None], ...]] = {
     3: (("projector/.*", "main"), ("reducer/.*", "main"), ("llm/.*/mmoe_.*", "main"),
         (".*", None)),
 }
+# The experts' parameters that are new on top of their checkpoints (the registry's
+# `fresh`, `models/vision/experts.py`): SAM's EAGLE neck, as EAGLE initialises it.
+_EXPERTS_FRESH = experts.fresh_params()
 # Optional stage-1 rule (`stage_schedule(1, train_sam_neck=True)`): also train SAM's new
 # EAGLE neck, so the projector does not learn on the output of a random 1×1 conv.
-SAM_NECK_RULE = ("vision/sam/eagle_neck/.*", "main")
+SAM_NECK_RULE = (_EXPERTS_FRESH, "main")
 # What a stage may initialise fresh when it starts from the previous stage's checkpoint.
-# (SAM's EAGLE neck is new on top of a SAM checkpoint, as EAGLE initialises it.)
-STAGE_NEW_PARAMS = {1: r"(projector|reducer|vision/sam/eagle_neck)/.*", 2: r"$^",
+STAGE_NEW_PARAMS = {1: r"(projector|reducer)/.*|" + _EXPERTS_FRESH, 2: r"$^",
                     3: r"(reducer/.*|llm/.*/mmoe_.*)"}
 
 

@@ -2,9 +2,17 @@
 
 MMoE-Vision: docs/design.md §2.1.
 
-An expert is registered once by name with its config dataclass and its tower module:
+An expert is registered once by name with its config dataclass, its tower module and
+what the rest of the code needs to know about it beyond the tower:
 
-    register_expert("eva02", Eva02Config, Eva02Tower)
+    register_expert("eva02", Eva02Config, Eva02Tower, port="leo_mini_jax.porting.eva02",
+                    eagle_towers=("det-1024",))
+
+`port` is the module path of its weight port (`porting.expert_port.ExpertPort`), named
+as a string so that importing the model never imports the porting code (or torch).
+`eagle_towers` are the `mm_vision_tower` names an EAGLE release gives it. `fresh` is a
+regex, relative to the tower, of parameters that the tower adds on top of its reference
+checkpoint (SAM's EAGLE neck): a port leaves them out, stage 1 initialises them.
 
 The config declares what the rest of the model needs through properties:
 `input_size` (square side the tower runs at), `mean`/`std` (per-channel, on [0, 1]
@@ -27,6 +35,7 @@ differences, not a change of the input distribution.
 """
 
 import dataclasses
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -48,6 +57,9 @@ class ExpertSpec:
   name: str
   config_cls: type
   module_cls: type
+  port: str                           # module path of the weight port
+  eagle_towers: tuple[str, ...] = ()  # EAGLE's mm_vision_tower names for it
+  fresh: str | None = None            # regex (under vision/<name>/) new on the checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +80,22 @@ class ExpertInfo:
 _REGISTRY: dict[str, ExpertSpec] = {}
 
 
-def register_expert(name: str, config_cls: type, module_cls: type) -> None:
-  """Adds an expert; its config must have input_size, mean, std, output_grid, feature_dim."""
+def register_expert(name: str, config_cls: type, module_cls: type, *, port: str,
+                    eagle_towers: Sequence[str] = (), fresh: str | None = None) -> None:
+  """Adds an expert; its config must have input_size, mean, std, output_grid, feature_dim.
+
+  See the module docstring for `port`, `eagle_towers` and `fresh`.
+  """
   if name in _REGISTRY:
     raise ValueError(f"vision expert {name!r} is already registered")
-  _REGISTRY[name] = ExpertSpec(name, config_cls, module_cls)
+  claimed = eagle_tower_experts()
+  for tower in eagle_towers:
+    if tower in claimed:
+      raise ValueError(f"vision expert {name!r}: EAGLE tower {tower!r} is already "
+                       f"registered for {claimed[tower]!r}")
+  if fresh is not None:
+    re.compile(fresh)  # a typo fails here, not in a later stage's checkpoint load
+  _REGISTRY[name] = ExpertSpec(name, config_cls, module_cls, port, tuple(eagle_towers), fresh)
 
 
 def registered_experts() -> tuple[str, ...]:
@@ -86,11 +109,37 @@ def expert_spec(name: str) -> ExpertSpec:
   return _REGISTRY[name]
 
 
-register_expert("clip", ClipConfig, ClipVisionTower)
-register_expert("convnext", ConvNextConfig, ConvNextTower)
-register_expert("eva02", Eva02Config, Eva02Tower)
-register_expert("pix2struct", Pix2StructConfig, Pix2StructTower)
-register_expert("sam", SamConfig, SamVisionTower)
+def port_modules() -> dict[str, str]:
+  """Expert name → the module path of its weight port."""
+  return {name: spec.port for name, spec in sorted(_REGISTRY.items())}
+
+
+def eagle_tower_experts() -> dict[str, str]:
+  """EAGLE's tower names (mm_vision_tower entries) → expert names."""
+  return {tower: name for name, spec in sorted(_REGISTRY.items())
+          for tower in spec.eagle_towers}
+
+
+def fresh_params() -> str:
+  """A regex over model parameter paths (`vision/<name>/...`) of every expert's parameters
+  that are new on top of its checkpoint; one that matches nothing when no expert has any."""
+  patterns = [f"vision/{name}/{spec.fresh}" for name, spec in sorted(_REGISTRY.items())
+              if spec.fresh is not None]
+  return "|".join(patterns) or r"$^"
+
+
+_PORTS = "leo_mini_jax.porting."
+register_expert("clip", ClipConfig, ClipVisionTower, port=_PORTS + "clip",
+                eagle_towers=("clip-448", "clip-336", "clip-224"))
+register_expert("convnext", ConvNextConfig, ConvNextTower, port=_PORTS + "convnext",
+                eagle_towers=("convnext-1024",))
+register_expert("eva02", Eva02Config, Eva02Tower, port=_PORTS + "eva02",
+                eagle_towers=("det-1024",))
+register_expert("pix2struct", Pix2StructConfig, Pix2StructTower, port=_PORTS + "pix2struct",
+                eagle_towers=("pix2struct-1024",))
+# EAGLE's short neck (conv1 + layer_norm1) is not part of a SAM checkpoint.
+register_expert("sam", SamConfig, SamVisionTower, port=_PORTS + "sam",
+                eagle_towers=("sam-1024",), fresh="eagle_neck/.*")
 
 
 def expert_info(name: str, config: Any) -> ExpertInfo:
