@@ -38,7 +38,7 @@ divide by the exact count.
 """
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -90,27 +90,11 @@ def masked_pool(tokens: Array, mask: Array | None, pool: str) -> Array:
   return total / count if pool == "mean" else total
 
 
-class RMSNorm(nn.Module):
-  """x / rms(x) · scale over the last axis, in float32; scale [C] starts at one."""
-  axis_name: str = "cotr"
-  eps: float = 1e-6
+class CoTR(layers.PerExpertModule):
+  """Reduces every expert's tokens to N^V, conditioned on the other experts and the text.
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                             (self.axis_name,)),
-                       (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return x * scale
-
-
-class CoTR(nn.Module):
-  """Reduces every expert's tokens to N^V, conditioned on the other experts and the text."""
-  config: CoTRConfig
-  expert_names: tuple[str, ...]
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  `config` is a CoTRConfig.
+  """
 
   @nn.compact
   def __call__(self, features: Sequence[Array], text_embeds: Array,
@@ -135,7 +119,8 @@ class CoTR(nn.Module):
     scale = cfg.cotr_dim ** -0.5
 
     if cfg.score_norm == "rms":
-      norm = lambda name, x: RMSNorm(name=name)(x).astype(self.dtype)
+      norm = lambda name, x: layers.RMSNorm(1e-6, axis_name="cotr", name=name)(x).astype(
+          self.dtype)
     else:  # the raw projections, as Eq. 2–5 print them
       norm = lambda name, x: x.astype(self.dtype)
     # Î_j [B, N_j, c] for every expert j.

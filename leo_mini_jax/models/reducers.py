@@ -108,12 +108,8 @@ class QueryTransformerBlock(nn.Module):
     return queries + dense(dim, ("vision_mlp", "vision_embed"), "fc2")(nn.gelu(hidden))
 
 
-class QueryTransformer(nn.Module):
+class QueryTransformer(layers.PerExpertModule):
   """reducer.kind='mqt': N^V learnable queries per expert attend to that expert only."""
-  config: ReducerConfig
-  expert_names: tuple[str, ...]
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features, grids, text_embeds, text_mask):
@@ -132,12 +128,8 @@ class QueryTransformer(nn.Module):
     return jnp.concatenate(outputs, axis=-1)
 
 
-class CoTRReducer(nn.Module):
+class CoTRReducer(layers.PerExpertModule):
   """reducer.kind='cotr' behind the common interface."""
-  config: ReducerConfig
-  expert_names: tuple[str, ...]
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features, grids, text_embeds, text_mask):

@@ -30,17 +30,15 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from leo_mini_jax.models.vision.expert_config import ExpertConfig
 from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models import layers
+from leo_mini_jax.models.layers import TOKEN_AXES
+from leo_mini_jax.models.vision.expert_config import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+                                                      ExpertConfig)
 from leo_mini_jax.models.vision.positions import interpolate_patch_positions
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
 CLS_TOKEN_MODES = ("drop", "keep")
-TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,22 +96,6 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-def _dense(features: int, axes: tuple[str, str], name: str, cfg: ClipConfig) -> nn.Dense:
-  return nn.Dense(
-      features, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
-
-
-def _layer_norm(name: str, cfg: ClipConfig) -> nn.LayerNorm:
-  # use_fast_variance=False: E[x²]−E[x]² loses digits on the large residual stream.
-  return nn.LayerNorm(
-      epsilon=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype),
-      param_dtype=jnp.dtype(cfg.param_dtype), use_fast_variance=False, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
 class ClipAttention(nn.Module):
   """Multi-head self-attention with biased q/k/v/out projections, scale head_dim^-½."""
   config: ClipConfig
@@ -125,26 +107,14 @@ class ClipAttention(nn.Module):
     batch, length, dim = x.shape
     head_dim = dim // cfg.num_heads
     split = lambda t: t.reshape(batch, length, cfg.num_heads, head_dim)
-    q = split(_dense(dim, ("vision_embed", "vision_heads"), "q_proj", cfg)(x))
-    k = split(_dense(dim, ("vision_embed", "vision_heads"), "k_proj", cfg)(x))
-    v = split(_dense(dim, ("vision_embed", "vision_heads"), "v_proj", cfg)(x))
+    q = split(layers.dense(dim, layers.QKV_AXES, "q_proj", *cfg.dtypes)(x))
+    k = split(layers.dense(dim, layers.QKV_AXES, "k_proj", *cfg.dtypes)(x))
+    v = split(layers.dense(dim, layers.QKV_AXES, "v_proj", *cfg.dtypes)(x))
     # The XLA path takes the softmax in float32 and casts back to the input dtype.
     out = attention_lib.dot_product_attention(q, k, v, cfg.attention_impl,
                                               scale=head_dim ** -0.5)
     out = out.reshape(batch, length, dim)
-    return _dense(dim, ("vision_heads", "vision_embed"), "out_proj", cfg)(out)
-
-
-class ClipMlp(nn.Module):
-  """fc1 → activation → fc2."""
-  config: ClipConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    h = _dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), "fc1", cfg)(x)
-    h = quick_gelu(h) if cfg.hidden_act == "quick_gelu" else nn.gelu(h, approximate=False)
-    return _dense(cfg.hidden_size, ("vision_mlp", "vision_embed"), "fc2", cfg)(h)
+    return layers.dense(dim, layers.ATTN_OUT_AXES, "out_proj", *cfg.dtypes)(out)
 
 
 class ClipEncoderLayer(nn.Module):
@@ -157,8 +127,12 @@ class ClipEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
     cfg = self.config
-    x = x + ClipAttention(cfg, name="self_attn")(_layer_norm("layer_norm1", cfg)(x))
-    x = x + ClipMlp(cfg, name="mlp")(_layer_norm("layer_norm2", cfg)(x))
+    norm = lambda name: layers.layer_norm(name, cfg.layer_norm_eps, *cfg.dtypes)
+    x = x + ClipAttention(cfg, name="self_attn")(norm("layer_norm1")(x))
+    act = quick_gelu if cfg.hidden_act == "quick_gelu" else layers.exact_gelu
+    mlp = layers.Mlp(cfg.intermediate_size, cfg.hidden_size, act, ("fc1", "fc2"), *cfg.dtypes,
+                     name="mlp")
+    x = x + mlp(norm("layer_norm2")(x))
     return nn.with_logical_constraint(x, TOKEN_AXES), None
 
 
@@ -181,13 +155,9 @@ class ClipVisionTower(nn.Module):
     grid = (height // cfg.patch_size, width // cfg.patch_size)
     dim = cfg.hidden_size
 
-    patches = nn.Conv(
-        dim, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
-        padding="VALID", use_bias=False, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(),
-            ("conv_height", "conv_width", "conv_in", "vision_embed")),
-        name="patch_embedding")(pixels.astype(dtype))
+    patches = layers.conv(dim, cfg.patch_size, "patch_embedding", dtype, param_dtype,
+                          stride=cfg.patch_size, use_bias=False,
+                          axes=layers.PATCH_EMBED_AXES)(pixels.astype(dtype))
     patches = patches.reshape(batch, grid[0] * grid[1], dim)
 
     class_embedding = self.param(
@@ -207,7 +177,7 @@ class ClipVisionTower(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, dim)), x], axis=1)
     x = nn.with_logical_constraint(x, TOKEN_AXES)
 
-    x = _layer_norm("pre_layernorm", cfg)(x)
+    x = layers.layer_norm("pre_layernorm", cfg.layer_norm_eps, *cfg.dtypes)(x)
     x, _ = layers.scanned(ClipEncoderLayer, cfg.num_layers, cfg.remat, cfg, name="layers")(x)
 
     if cfg.cls_token == "keep":

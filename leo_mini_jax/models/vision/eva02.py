@@ -41,12 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from leo_mini_jax.models import attention as attention_lib
-from leo_mini_jax.models.vision.expert_config import ExpertConfig
+from leo_mini_jax.models.vision.expert_config import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+                                                      ExpertConfig)
 from leo_mini_jax.models import layers
-from leo_mini_jax.models.vision.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from leo_mini_jax.models.layers import TOKEN_AXES
 from leo_mini_jax.models.vision.positions import interpolate_patch_positions
 
-TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision_embed")
 
 # EVA-02-L in EAGLE: blocks 2, 5, 8, ..., 23 attend globally, all others in windows.
 EVA02_L_WINDOW_BLOCKS = tuple(i for i in range(24) if i % 3 != 2)
@@ -178,21 +178,6 @@ def window_unpartition(windows: jax.Array, window: int, padded: tuple[int, int],
   return x[:, :height, :width]
 
 
-def _layer_norm(name: str, cfg: Eva02Config) -> nn.LayerNorm:
-  # use_fast_variance=False: E[x²]−E[x]² loses digits on the large residual stream.
-  return nn.LayerNorm(
-      epsilon=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype),
-      param_dtype=jnp.dtype(cfg.param_dtype), use_fast_variance=False, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
-def _dense(features: int, axes: tuple[str, str], name: str, cfg: Eva02Config,
-           use_bias: bool = True) -> nn.Dense:
-  return layers.dense(features, axes, name, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
-                      use_bias=use_bias)
-
-
 class Eva02Attention(nn.Module):
   """Rotary multi-head attention over token groups: [G, N, D] → [G, N, D].
 
@@ -214,9 +199,9 @@ class Eva02Attention(nn.Module):
         (dim,), param_dtype)
     split = lambda t: t.reshape(groups, length, cfg.num_heads, cfg.head_dim)
     # EVA: q and v carry a bias, k does not (a k bias would cancel in the softmax).
-    q = _dense(dim, ("vision_embed", "vision_heads"), "q_proj", cfg, use_bias=False)(x)
-    k = _dense(dim, ("vision_embed", "vision_heads"), "k_proj", cfg, use_bias=False)(x)
-    v = _dense(dim, ("vision_embed", "vision_heads"), "v_proj", cfg, use_bias=False)(x)
+    q = layers.dense(dim, layers.QKV_AXES, "q_proj", *cfg.dtypes, use_bias=False)(x)
+    k = layers.dense(dim, layers.QKV_AXES, "k_proj", *cfg.dtypes, use_bias=False)(x)
+    v = layers.dense(dim, layers.QKV_AXES, "v_proj", *cfg.dtypes, use_bias=False)(x)
     q = split(q + bias("q_bias").astype(q.dtype))
     k = split(k)
     v = split(v + bias("v_bias").astype(v.dtype))
@@ -227,7 +212,7 @@ class Eva02Attention(nn.Module):
     out = attention_lib.dot_product_attention(q, k, v, cfg.attention_impl,
                                               scale=cfg.head_dim ** -0.5)
     out = out.reshape(groups, length, dim)
-    return _dense(dim, ("vision_heads", "vision_embed"), "proj", cfg)(out)
+    return layers.dense(dim, layers.ATTN_OUT_AXES, "proj", *cfg.dtypes)(out)
 
 
 class Eva02SwiGLU(nn.Module):
@@ -238,10 +223,10 @@ class Eva02SwiGLU(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     hidden = cfg.intermediate_size
-    gate = _dense(hidden, ("vision_embed", "vision_mlp"), "w1", cfg)(x)
-    up = _dense(hidden, ("vision_embed", "vision_mlp"), "w2", cfg)(x)
-    h = _layer_norm("ffn_ln", cfg)(nn.silu(gate) * up)
-    return _dense(cfg.hidden_size, ("vision_mlp", "vision_embed"), "w3", cfg)(h)
+    gate = layers.dense(hidden, layers.MLP_IN_AXES, "w1", *cfg.dtypes)(x)
+    up = layers.dense(hidden, layers.MLP_IN_AXES, "w2", *cfg.dtypes)(x)
+    h = layers.layer_norm("ffn_ln", cfg.layer_norm_eps, *cfg.dtypes)(nn.silu(gate) * up)
+    return layers.dense(cfg.hidden_size, layers.MLP_OUT_AXES, "w3", *cfg.dtypes)(h)
 
 
 class Eva02Block(nn.Module):
@@ -254,7 +239,8 @@ class Eva02Block(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     batch, length, dim = x.shape
-    h = _layer_norm("norm1", cfg)(x)
+    norm = lambda name: layers.layer_norm(name, cfg.layer_norm_eps, *cfg.dtypes)
+    h = norm("norm1")(x)
     if self.windowed:
       windows, padded = window_partition(h.reshape(batch, self.grid, self.grid, dim),
                                          cfg.window_size)
@@ -264,7 +250,7 @@ class Eva02Block(nn.Module):
     else:
       out = Eva02Attention(cfg, self.grid, name="attn")(h)
     x = x + out
-    x = x + Eva02SwiGLU(cfg, name="mlp")(_layer_norm("norm2", cfg)(x))
+    x = x + Eva02SwiGLU(cfg, name="mlp")(norm("norm2")(x))
     return nn.with_logical_constraint(x, TOKEN_AXES)
 
 
@@ -303,14 +289,8 @@ class Eva02Tower(nn.Module):
     grid = height // cfg.patch_size
     dim = cfg.hidden_size
 
-    x = nn.Conv(
-        dim, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
-        padding="VALID", dtype=dtype, param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(),
-            ("conv_height", "conv_width", "conv_in", "vision_embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vision_embed",)),
-        name="patch_embed")(pixels.astype(dtype))
+    x = layers.conv(dim, cfg.patch_size, "patch_embed", dtype, param_dtype,
+                    stride=cfg.patch_size, axes=layers.PATCH_EMBED_AXES)(pixels.astype(dtype))
     x = x.reshape(batch, grid * grid, dim)
 
     num_positions = cfg.pretrain_grid ** 2 + int(cfg.pos_cls_token)

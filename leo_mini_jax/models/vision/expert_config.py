@@ -8,7 +8,13 @@ fields); experts whose token grid or width differ override the property.
 
 from typing import Any
 
+import jax.numpy as jnp
+
 from leo_mini_jax import config_utils
+
+# The ImageNet-style normalisation of OpenAI CLIP, which the CLIP-trained towers share.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ExpertConfig:
@@ -23,6 +29,11 @@ class ExpertConfig:
   def input_size(self) -> int:
     """The square side the tower runs at."""
     return self.image_size
+
+  @property
+  def dtypes(self) -> tuple[Any, Any]:
+    """(compute dtype, parameter dtype), as the `models.layers` builders take them."""
+    return jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
 
   @property
   def output_grid(self) -> tuple[int, int]:

@@ -41,10 +41,10 @@ import jax.numpy as jnp
 
 from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models.vision.expert_config import ExpertConfig
-from leo_mini_jax.models.llama import RMSNorm
+from leo_mini_jax.models import layers
+from leo_mini_jax.models.layers import TOKEN_AXES
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
-TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision_embed")
 # The processor standardises pixel values in [0, 255] (EAGLE multiplies its [0, 1] images
 # by 255 before calling it); the scale matters only through the std floor 1/√(H·W·3).
 PIXEL_SCALE = 255.0
@@ -178,19 +178,15 @@ def flattened_patches(pixels: jax.Array, patch_size: int, grid: tuple[int, int] 
   return jnp.concatenate([ids, patches], axis=-1)
 
 
-def _dense(features: int, axes: tuple[str, str], name: str, cfg: Pix2StructConfig,
-           use_bias: bool = False) -> nn.Dense:
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=jnp.dtype(cfg.dtype),
-      param_dtype=jnp.dtype(cfg.param_dtype), name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+def _bias_free_dense(features: int, axes: tuple[str, str], name: str,
+                     cfg: Pix2StructConfig) -> nn.Dense:
+  # T5 has no biases in its blocks.
+  return layers.dense(features, axes, name, *cfg.dtypes, use_bias=False)
 
 
-def _norm(name: str, cfg: Pix2StructConfig) -> RMSNorm:
-  # T5's norm: f32 statistics, cast back to the compute dtype, then the scale; the same
-  # arithmetic as the LLM's RMSNorm.
-  return RMSNorm(cfg.layer_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
+def _norm(name: str, cfg: Pix2StructConfig) -> layers.RMSNorm:
+  # T5's norm: f32 statistics, cast back to the compute dtype, then the scale.
+  return layers.RMSNorm(cfg.layer_norm_eps, *cfg.dtypes, name=name)
 
 
 class Pix2StructAttention(nn.Module):
@@ -204,12 +200,12 @@ class Pix2StructAttention(nn.Module):
     batch, length, dim = x.shape
     inner = cfg.num_heads * cfg.head_dim
     split = lambda t: t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
-    q = split(_dense(inner, ("vision_embed", "vision_heads"), "query", cfg)(x))
-    k = split(_dense(inner, ("vision_embed", "vision_heads"), "key", cfg)(x))
-    v = split(_dense(inner, ("vision_embed", "vision_heads"), "value", cfg)(x))
+    q = split(_bias_free_dense(inner, layers.QKV_AXES, "query", cfg)(x))
+    k = split(_bias_free_dense(inner, layers.QKV_AXES, "key", cfg)(x))
+    v = split(_bias_free_dense(inner, layers.QKV_AXES, "value", cfg)(x))
     out = attention_lib.dot_product_attention(q, k, v, cfg.attention_impl, mask=mask,
                                               scale=1.0)
-    return _dense(dim, ("vision_heads", "vision_embed"), "output", cfg)(
+    return _bias_free_dense(dim, layers.ATTN_OUT_AXES, "output", cfg)(
         out.reshape(batch, length, inner))
 
 
@@ -220,11 +216,11 @@ class Pix2StructMlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    gate = _dense(cfg.mlp_dim, ("vision_embed", "vision_mlp"), "wi_0", cfg)(x)
-    linear = _dense(cfg.mlp_dim, ("vision_embed", "vision_mlp"), "wi_1", cfg)(x)
+    gate = _bias_free_dense(cfg.mlp_dim, layers.MLP_IN_AXES, "wi_0", cfg)(x)
+    linear = _bias_free_dense(cfg.mlp_dim, layers.MLP_IN_AXES, "wi_1", cfg)(x)
     # 'gelu_new' / 'gelu_pytorch_tanh' are the tanh approximation, 'gelu' the exact erf form.
     gate = nn.gelu(gate, approximate=cfg.dense_act_fn != "gelu")
-    return _dense(cfg.hidden_size, ("vision_mlp", "vision_embed"), "wo", cfg)(gate * linear)
+    return _bias_free_dense(cfg.hidden_size, layers.MLP_OUT_AXES, "wo", cfg)(gate * linear)
 
 
 class Pix2StructLayer(nn.Module):
@@ -252,8 +248,8 @@ class Pix2StructEncoder(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.patch_projection = _dense(cfg.hidden_size, ("conv_in", "vision_embed"),
-                                   "patch_projection", cfg, use_bias=True)
+    self.patch_projection = layers.dense(cfg.hidden_size, ("conv_in", "vision_embed"),
+                                         "patch_projection", dtype, param_dtype)
     table = lambda name: nn.Embed(
         cfg.seq_len, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, name=name,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.hidden_size ** -0.5),

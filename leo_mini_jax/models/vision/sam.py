@@ -28,13 +28,13 @@ like HF (whose patch embedding rejects other sizes) the tower runs at that size.
 """
 
 import dataclasses
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from leo_mini_jax.models import attention as attention_lib
+from leo_mini_jax.models import layers
+from leo_mini_jax.models.layers import MAP_AXES, TOKEN_AXES
 from leo_mini_jax.models.vision.expert_config import ExpertConfig
 
 # SamImageProcessor's normalisation (the ImageNet statistics).
@@ -42,9 +42,6 @@ SAM_MEAN = (0.485, 0.456, 0.406)
 SAM_STD = (0.229, 0.224, 0.225)
 
 NECKS = ("eagle", "hf")
-TOKEN_AXES = ("activation_batch", "activation_vision_tokens", "activation_vision_embed")
-MAP_AXES = ("activation_batch", None, None, "activation_vision_embed")
-CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 # The neck's LayerNorm2d is not a config field in HF (SamLayerNorm's default).
 NECK_NORM_EPS = 1e-6
 
@@ -137,34 +134,6 @@ class SamConfig(ExpertConfig):
     return self.num_layers
 
 
-def _dense(features: int, axes: tuple[str, str], name: str, cfg: SamConfig,
-           use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=jnp.dtype(cfg.dtype),
-      param_dtype=jnp.dtype(cfg.param_dtype), name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
-
-
-def _layer_norm(name: str, cfg: SamConfig, eps: float) -> nn.LayerNorm:
-  # use_fast_variance=False: E[x²]−E[x]² loses digits on the large residual stream.
-  return nn.LayerNorm(
-      epsilon=eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-      use_fast_variance=False, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
-def _conv(features: int, kernel: int, name: str, cfg: SamConfig, use_bias: bool = False,
-          stride: int = 1, padding: Any = "VALID",
-          axes: tuple[str, ...] = CONV_AXES) -> nn.Conv:
-  return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=use_bias,
-      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
-
-
 def relative_positions(table: jax.Array, size: int) -> jax.Array:
   """[2·size−1, d] table → [size, size, d] with out[q, k] = table[q − k + size − 1].
 
@@ -220,7 +189,7 @@ class SamAttention(nn.Module):
     heads, head_dim = cfg.num_heads, cfg.head_dim
     split = lambda t: t.reshape(num, height * width, heads, head_dim)
     # HF's fused qkv is stored as three projections (split by the port).
-    q, k, v = (split(_dense(dim, ("vision_embed", "vision_heads"), name, cfg,
+    q, k, v = (split(layers.dense(dim, layers.QKV_AXES, name, *cfg.dtypes,
                             use_bias=cfg.qkv_bias)(x))
                for name in ("q_proj", "k_proj", "v_proj"))
     bias = None
@@ -239,19 +208,7 @@ class SamAttention(nn.Module):
     out = attention_lib.dot_product_attention(q, k, v, cfg.attention_impl, bias=bias,
                                               scale=head_dim ** -0.5)
     out = out.reshape(num, height, width, dim)
-    return _dense(dim, ("vision_heads", "vision_embed"), "proj", cfg)(out)
-
-
-class SamMlp(nn.Module):
-  """lin1 → GELU (exact) → lin2."""
-  config: SamConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    h = _dense(cfg.mlp_dim, ("vision_embed", "vision_mlp"), "lin1", cfg)(x)
-    h = nn.gelu(h, approximate=False)
-    return _dense(cfg.hidden_size, ("vision_mlp", "vision_embed"), "lin2", cfg)(h)
+    return layers.dense(dim, layers.ATTN_OUT_AXES, "proj", *cfg.dtypes)(out)
 
 
 class SamBlock(nn.Module):
@@ -264,7 +221,8 @@ class SamBlock(nn.Module):
     """[B, g, g, D] → [B, g, g, D]."""
     cfg = self.config
     _, height, width, _ = x.shape
-    h = _layer_norm("layer_norm1", cfg, cfg.layer_norm_eps)(x)
+    norm = lambda name: layers.layer_norm(name, cfg.layer_norm_eps, *cfg.dtypes)
+    h = norm("layer_norm1")(x)
     if self.window > 0:
       windows, padded = window_partition(h, self.window)
       windows = SamAttention(cfg, self.window, name="attn")(windows)
@@ -272,7 +230,9 @@ class SamBlock(nn.Module):
     else:
       h = SamAttention(cfg, height, name="attn")(h)
     x = x + h
-    x = x + SamMlp(cfg, name="mlp")(_layer_norm("layer_norm2", cfg, cfg.layer_norm_eps)(x))
+    mlp = layers.Mlp(cfg.mlp_dim, cfg.hidden_size, layers.exact_gelu, ("lin1", "lin2"),
+                     *cfg.dtypes, name="mlp")
+    x = x + mlp(norm("layer_norm2")(x))
     return nn.with_logical_constraint(x, MAP_AXES)
 
 
@@ -300,10 +260,11 @@ class SamNeck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    x = _conv(cfg.output_channels, 1, "conv1", cfg)(x)
-    x = _layer_norm("layer_norm1", cfg, NECK_NORM_EPS)(x)
-    x = _conv(cfg.output_channels, 3, "conv2", cfg, padding=((1, 1), (1, 1)))(x)
-    return _layer_norm("layer_norm2", cfg, NECK_NORM_EPS)(x)
+    x = layers.conv(cfg.output_channels, 1, "conv1", *cfg.dtypes, use_bias=False)(x)
+    x = layers.layer_norm("layer_norm1", NECK_NORM_EPS, *cfg.dtypes)(x)
+    x = layers.conv(cfg.output_channels, 3, "conv2", *cfg.dtypes, padding=((1, 1), (1, 1)),
+                    use_bias=False)(x)
+    return layers.layer_norm("layer_norm2", NECK_NORM_EPS, *cfg.dtypes)(x)
 
 
 class EagleSamNeck(nn.Module):
@@ -313,8 +274,8 @@ class EagleSamNeck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    x = _conv(cfg.output_channels, 1, "conv1", cfg)(x)
-    return _layer_norm("layer_norm1", cfg, NECK_NORM_EPS)(x)
+    x = layers.conv(cfg.output_channels, 1, "conv1", *cfg.dtypes, use_bias=False)(x)
+    return layers.layer_norm("layer_norm1", NECK_NORM_EPS, *cfg.dtypes)(x)
 
 
 def pixel_unshuffle(x: jax.Array, factor: int) -> jax.Array:
@@ -346,8 +307,8 @@ class SamVisionTower(nn.Module):
                        f"are for {cfg.image_size}×{cfg.image_size} (SamConfig.image_size)")
     grid, dim = cfg.grid, cfg.hidden_size
 
-    x = _conv(dim, cfg.patch_size, "patch_embed", cfg, use_bias=True, stride=cfg.patch_size,
-              axes=("conv_height", "conv_width", "conv_in", "vision_embed"))(pixels.astype(dtype))
+    x = layers.conv(dim, cfg.patch_size, "patch_embed", dtype, param_dtype,
+                    stride=cfg.patch_size, axes=layers.PATCH_EMBED_AXES)(pixels.astype(dtype))
     if cfg.use_abs_pos:
       pos_embed = self.param(
           "pos_embed",
