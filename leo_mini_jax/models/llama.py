@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from leo_mini_jax.models import attention as attention_lib
+from leo_mini_jax.models import layers
 from leo_mini_jax.models import mmoe as mmoe_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 
@@ -155,19 +156,7 @@ def _kernel(names):
   return nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
 
 
-class RMSNorm(nn.Module):
-  eps: float = 1e-5
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    # HF casts back to the input dtype before the scale.
-    return jnp.asarray(scale, self.dtype) * x32.astype(self.dtype)
+RMSNorm = layers.RMSNorm  # the towers' and the LLM's norm (HF LLaMA's arithmetic)
 
 
 class Projection(nn.Module):
