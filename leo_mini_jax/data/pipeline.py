@@ -42,6 +42,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from leo_mini_jax.batch import BATCH_KEYS
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import fingerprint as fingerprint_lib
 from leo_mini_jax.data import images as images_lib
@@ -56,8 +57,6 @@ logger = logging.getLogger(__name__)
 MODES = ("train", "eval", "generate")
 KINDS = ("synthetic", "llava", "tfds")
 PADDING_RECORD = {"id": "", "padding": True}  # grain drops None elements, so pad with this
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "instruction_mask", "image",
-              "has_image")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
