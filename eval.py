@@ -45,7 +45,7 @@ def main(argv):
                         "(config.json)")
   run_record.check(config, _WORKDIR.value)
   mesh_lib.initialize_distributed(config.distributed)
-  # The schedule is checked when runner builds the TrainSetup; init_from is not read.
+  # The schedule is checked when runner builds the ModelRuntime; init_from is not read.
   config_validation.validate_config(config, trace_model=False, init_from=False)
   if not epath.Path(_WORKDIR.value).exists():
     raise cli.UserError(f"run not found: {_WORKDIR.value} does not exist")

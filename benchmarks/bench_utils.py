@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from leo_mini_jax.training import loop  # noqa: E402
+from leo_mini_jax import batch as batch_lib  # noqa: E402
 
 
 def block(x):
@@ -121,7 +121,7 @@ def matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
 
 def synthetic_batch(config) -> dict[str, np.ndarray]:
   """A full-length batch: every row an image example with a supervised answer."""
-  batch = loop.dummy_batch(config, config.data.batch_size)
+  batch = batch_lib.dummy_batch(config, config.data.batch_size)
   rng = np.random.default_rng(0)
   batch["input_ids"][:, 2:] = rng.integers(1, 200, batch["input_ids"][:, 2:].shape)
   batch["loss_mask"][:, config.data.max_length // 2:] = 1

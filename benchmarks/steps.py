@@ -41,7 +41,7 @@ import numpy as np
 
 from configs import common
 from configs import tiny
-from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID
+from leo_mini_jax.batch import IMAGE_PLACEHOLDER_ID
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import step as step_lib

@@ -20,11 +20,9 @@ from typing import Any, Callable, Iterable
 from absl import app
 from absl import flags
 
+from leo_mini_jax.errors import UserError
+
 VERBOSE_FLAGS = ("--verbose", "-v")
-
-
-class UserError(Exception):
-  """A failure the user fixes (input, config, files); printed without a traceback."""
 
 
 # ValueError / OSError: what config validation, data readers, tokenizers and checkpoint

@@ -100,9 +100,12 @@ def _lookup(config: Any, field: str) -> Any:
   return node
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work; the message starts with the field."""
+
+
 def check_ranges(config: Any, ranges: dict[str, Range] | None = None) -> None:
   """Raises ConfigError naming the first field (in table order) out of its range."""
-  from leo_mini_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
   for field, allowed in (RANGES if ranges is None else ranges).items():
     value = _lookup(config, field)
     if value is None:

@@ -1,13 +1,14 @@
 """Start-up checks of a run config that name the field, run by every entry point.
 
-train.py (through `loop.validate_config`), eval.py, `porting.convert` and the benchmark
-scripts call `validate_config` before they build anything, so a typo fails in seconds
-with the config field in the message instead of hours later (or never: a `schedule`
-regex that matches nothing would silently freeze the parameters it meant to train).
+train.py (through `loop.validate_config`, a thin alias), eval.py, `porting.convert` and
+the benchmark scripts call `validate_config` before they build anything, so a typo fails
+in seconds with the config field in the message instead of hours later (or never: a
+`schedule` regex that matches nothing would silently freeze the parameters it meant to
+train).
 
 The checks that need the model's parameter paths (`check_schedule`) run on abstract
-shapes only (`jax.eval_shape`); `loop.TrainSetup` runs them on the shapes it builds
-anyway, so train and eval trace the model once.
+shapes only (`models.factory.abstract_params`); `runtime.ModelRuntime` runs them on the
+shapes it builds anyway, so train and eval trace the model once.
 """
 
 import math
@@ -18,11 +19,8 @@ from etils import epath
 import jax
 
 from leo_mini_jax import config_ranges
+from leo_mini_jax.config_ranges import ConfigError  # the one error type of config checks
 from leo_mini_jax.parallel.axes import MESH_AXES
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message starts with the field."""
 
 
 def _fail(field: str, message: str):
@@ -146,12 +144,19 @@ def check_schedule(schedule: Sequence[Sequence[Any]], paths: Sequence[str],
 def parameter_paths(config: Any) -> list[str]:
   """The model's parameter paths ('llm/layers/...'), from abstract shapes only."""
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from leo_mini_jax.training import loop  # pylint: disable=g-import-not-at-top
-  model = loop.build_model(config)
-  batch = loop.dummy_batch(config)
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
-  return list(traverse_util.flatten_dict(nn.unbox(params), sep="/"))
+  from leo_mini_jax.models import factory  # pylint: disable=g-import-not-at-top
+  params = factory.abstract_params(config, boxed=False)
+  return list(traverse_util.flatten_dict(params, sep="/"))
+
+
+def check_optimizer(config: Any) -> None:
+  """Gradient accumulation splits the batch evenly; the decay is one the schedule knows."""
+  optimizer = config.get("optimizer") or {}
+  batch_size, accum = config.data.batch_size, optimizer.get("grad_accum_steps", 1)
+  if batch_size % accum:
+    _fail("optimizer.grad_accum_steps", f"must divide data.batch_size={batch_size}")
+  if optimizer.get("decay", "cosine") not in ("cosine", "constant"):
+    _fail("optimizer.decay", "must be 'cosine' or 'constant'")
 
 
 def check_tokenizer(config: Any) -> None:
@@ -189,13 +194,14 @@ def validate_config(config: Any, *, device_count: int | None = None,
     paths: the model's parameter paths for the schedule check; None with
       `trace_model` computes them (one abstract trace of the model).
     trace_model: False skips the schedule check when `paths` is None (the caller runs
-      `check_schedule` itself, as `loop.TrainSetup` does).
+      `check_schedule` itself, as `runtime.ModelRuntime` does).
     init_from: check that `init_from` exists (False for evaluation, which reads the
       run's own checkpoints).
   """
   if config.get("stage") not in (1, 2, 3):
     _fail("stage", f"must be 1, 2 or 3, got {config.get('stage')!r}")
-  config_ranges.check_ranges(config)
+  config_ranges.check_ranges(config)  # every numeric field (one table), before any use
+  check_optimizer(config)
   check_experts(config)
   check_reducer(config)
   check_mmoe(config)
@@ -206,6 +212,8 @@ def validate_config(config: Any, *, device_count: int | None = None,
   check_tokenizer(config)
   if init_from:
     check_init_from(config)
+  from leo_mini_jax.models import leo_mini  # pylint: disable=g-import-not-at-top
+  leo_mini.LeoMiniConfig.from_config(config.model)  # names bad model fields
   if paths is None and trace_model:
     paths = parameter_paths(config)
   if paths is not None:

@@ -23,7 +23,7 @@ from etils import epath
 import jax
 import ml_collections
 
-from leo_mini_jax import cli
+from leo_mini_jax import errors
 
 CONFIG_FILE = "config.json"
 IDENTITY_FILE = "run.json"
@@ -36,7 +36,7 @@ RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers",
                         "remat_policy", "balance_coef")
 
 
-class RunMismatchError(cli.UserError):
+class RunMismatchError(errors.UserError):
   """The config given contradicts the run's own record."""
 
 

@@ -15,7 +15,7 @@ from configs import leo_mini_vicuna_7b
 from configs import tiny
 from leo_mini_jax.models.leo_mini import LeoMini, LeoMiniConfig
 from leo_mini_jax.models.vision import experts as experts_lib
-from leo_mini_jax.training.loop import dummy_batch
+from leo_mini_jax.batch import dummy_batch
 
 PAPER = {
     "llama3_8b": (leo_mini_llama3_8b, ("clip", "convnext", "eva02", "pix2struct")),

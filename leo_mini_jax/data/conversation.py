@@ -29,13 +29,13 @@ choice are in templates.py; this module normalises turns, places the marker and 
 import dataclasses
 from typing import Any, Sequence
 
+from leo_mini_jax.batch import IMAGE_PLACEHOLDER_ID  # pylint: disable=unused-import (re-exported)
 from leo_mini_jax.data import tokenizers as tokenizers_lib
 from leo_mini_jax.data.templates import (  # pylint: disable=unused-import (re-exported)
     IMAGE_MARKER, IMAGE_POSITIONS, LLAVA_NEXT_LLAMA3_SYSTEM, TEMPLATES, VICUNA_SYSTEM,
     ConversationError, Llama3, LlavaNextLlama3, Plain, Segment, Template, VicunaV1,
     Turn, check_image_position, get_template, token_id)
 
-IMAGE_PLACEHOLDER_ID = -200
 INSTRUCTION_TURNS = ("first", "all")
 
 _ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}

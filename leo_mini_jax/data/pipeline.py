@@ -42,6 +42,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from leo_mini_jax import batch as batch_lib
+from leo_mini_jax.batch import BATCH_KEYS
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import fingerprint as fingerprint_lib
 from leo_mini_jax.data import images as images_lib
@@ -56,8 +58,6 @@ logger = logging.getLogger(__name__)
 MODES = ("train", "eval", "generate")
 KINDS = ("synthetic", "llava", "tfds")
 PADDING_RECORD = {"id": "", "padding": True}  # grain drops None elements, so pad with this
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "instruction_mask", "image",
-              "has_image")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -355,11 +355,7 @@ class PreparedSource:
     return len(self.source)
 
 
-def llm_length_limit(data_cfg) -> int:
-  """The LLM sequence length the model may cut its rows to: data.max_length when
-  data.max_length_counts_visual_tokens (the rows were fitted to it), else 0 (no limit:
-  a row is max_length + N^V − 1 long)."""
-  return int(data_cfg.max_length) if data_cfg.get("max_length_counts_visual_tokens") else 0
+llm_length_limit = batch_lib.llm_length_limit  # the batch contract owns it
 
 
 def counted_visual_tokens(data_cfg, mode: str, num_visual_tokens: int | None) -> int:

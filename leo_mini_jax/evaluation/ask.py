@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 from absl import flags
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -45,8 +44,8 @@ from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.data import tokenizers as tokenizers_lib
 from leo_mini_jax.evaluation import generate as generate_lib
+from leo_mini_jax.models import factory
 from leo_mini_jax.training import checkpoint as checkpoint_lib
-from leo_mini_jax.training import loop
 
 LENGTH_BUCKET = 64  # prompts are padded to a multiple of this: few shapes to compile
 
@@ -113,10 +112,9 @@ def restore_params(config: ml_collections.ConfigDict, checkpoint: str, model) ->
   """Params of a run workdir / step dir / params-only checkpoint on device 0, or AskError."""
   if not os.path.exists(checkpoint):
     raise AskError(f"checkpoint not found: {checkpoint}")
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), loop.dummy_batch(config)))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nn.unbox(boxed["params"]))
+                          factory.abstract_params(config, model, boxed=False))
   try:
     params, _ = checkpoint_lib.load_params(checkpoint, abstract)
   except FileNotFoundError as e:
@@ -156,7 +154,7 @@ class Assistant:
       raise AskError(f"tokenizer (data.tokenizer={config.data.tokenizer!r}): {e}; set "
                      "--config.data.tokenizer to the LLM's tokenizer folder") from None
     self.template = pipeline_lib.resolve_template(config.data, self.tokenizer)
-    self.model = loop.build_model(config)
+    self.model = factory.build_model(config)
     self.params = restore_params(config, checkpoint, self.model)
     self.max_new_tokens = int(max_new_tokens or config.eval.max_new_tokens
                               or generate_lib.DEFAULT_ANSWER_TOKENS)

@@ -19,7 +19,6 @@ import re
 import time
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +26,7 @@ import numpy as np
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import tokenizers as tokenizers_lib
 from leo_mini_jax.evaluation import flops as flops_lib
+from leo_mini_jax.models import factory
 from leo_mini_jax.models import leo_mini as leo_mini_lib
 from leo_mini_jax.models import llama as llama_lib
 
@@ -60,8 +60,7 @@ def prefill_program(config: leo_mini_lib.LeoMiniConfig, text_length: int,
       "image": np.zeros((1, resolution, resolution, 3), np.uint8),
       "has_image": np.ones((1,), bool),
   }
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(abstract))
+  abstract = factory.init_shapes(model, batch, boxed=False)
   return PrefillProgram(model, abstract, batch, model.sequence_length(text_length))
 
 

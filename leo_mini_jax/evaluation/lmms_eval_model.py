@@ -81,9 +81,9 @@ class Answerer:
 
   def __init__(self, config: ml_collections.ConfigDict, run: str, mesh=None):
     from leo_mini_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
-    from leo_mini_jax.training import loop  # pylint: disable=import-outside-toplevel
+    from leo_mini_jax import runtime  # pylint: disable=import-outside-toplevel
     self.config = config
-    self.setup = loop.TrainSetup(config, mesh)
+    self.setup = runtime.ModelRuntime(config, mesh)
     self.params = runner.restore_params(self.setup, run)
     self.tokenizer = tokenizers_lib.load_tokenizer(config.data.tokenizer)
     self.template = pipeline_lib.resolve_template(config.data, self.tokenizer)

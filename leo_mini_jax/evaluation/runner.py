@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from leo_mini_jax import run_record
+from leo_mini_jax import runtime as runtime_lib
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.data import tokenizers as tokenizers_lib
@@ -30,26 +31,25 @@ from leo_mini_jax.evaluation import metrics as metrics_lib
 from leo_mini_jax.evaluation import routing as routing_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
-from leo_mini_jax.training import loop
 from leo_mini_jax.training import metrics as log_metrics
 
 
-def restore_params(setup: loop.TrainSetup, workdir: str, source: dict | None = None) -> Any:
+def restore_params(setup: runtime_lib.ModelRuntime, workdir: str, source: dict | None = None) -> Any:
   """The params of the workdir's latest complete checkpoint, with the setup's shardings
   (verified as on resume; `source` receives the step read)."""
-  params, _ = checkpoint_lib.load_params(workdir, setup.abstract_state.params,
+  params, _ = checkpoint_lib.load_params(workdir, setup.abstract_params,
                                          source=source)
   return params
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None,
-             setup: loop.TrainSetup | None = None, verbose: bool = True) -> dict[str, Any]:
+             setup: runtime_lib.ModelRuntime | None = None, verbose: bool = True) -> dict[str, Any]:
   """Generates answers for the eval split and scores them.
 
   Writes <workdir>/eval/predictions.jsonl and metrics.json. Returns the metrics dict.
   With `eval.benchmark` set, runs `evaluate_benchmarks` instead.
   """
-  setup = setup or loop.TrainSetup(config)
+  setup = setup or runtime_lib.ModelRuntime(config)
   source = {}  # which checkpoint step is scored (None: params given by the caller)
   if params is None:
     params = restore_params(setup, workdir, source)
@@ -170,7 +170,7 @@ def read_benchmarks(eval_cfg: ml_collections.ConfigDict) -> list[tuple[Any, list
 
 
 def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params: Any,
-                        setup: loop.TrainSetup, verbose: bool = True,
+                        setup: runtime_lib.ModelRuntime, verbose: bool = True,
                         checkpoint_step: int | None = None) -> dict[str, Any]:
   """Runs `eval.benchmark` ('mme,pope', 'all') from `eval.data_dir`; returns
   {name: metrics}. Every process generates its share; process 0 writes the files under

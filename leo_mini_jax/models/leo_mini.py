@@ -1,6 +1,6 @@
 """LEO-MINI: vision experts → reducer → projector → LLM with MMoE-LLM (paper Fig. 2).
 
-The model takes the data pipeline's batch (see `leo_mini_jax/data/conversation.py`):
+The model takes the data pipeline's batch (the contract is `leo_mini_jax/batch.py`):
 token ids with one image placeholder per image example, masks, and one uint8
 master-resolution image per example. The projected visual tokens replace each example's
 placeholder; the text after it shifts right by N^V − 1. Every output row has length
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from leo_mini_jax import config_utils
-from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID
+from leo_mini_jax.batch import IMAGE_PLACEHOLDER_ID
 from leo_mini_jax.models import llama as llama_lib
 from leo_mini_jax.models import projector as projector_lib
 from leo_mini_jax.models import reducers as reducers_lib
@@ -51,7 +51,7 @@ class LeoMiniConfig:
   @classmethod
   def from_config(cls, cfg: Any, max_llm_length: int = 0) -> "LeoMiniConfig":
     """From the `model` ConfigDict: llm, experts (list of dicts with 'name'), reducer;
-    max_llm_length comes from the data config (`pipeline.llm_length_limit`)."""
+    max_llm_length comes from the data config (`batch.llm_length_limit`)."""
     values = config_utils.to_plain(cfg)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

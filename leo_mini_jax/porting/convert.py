@@ -38,7 +38,6 @@ import re
 import time
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import ml_collections
 
@@ -136,12 +135,11 @@ def _convert(config: ml_collections.ConfigDict, build_sources_fn, out_dir: str,
   config) -> (reader, rules)` (and `fresh_experts` from a fresh init), saves it at
   `out_dir`; returns a summary."""
   from leo_mini_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  from leo_mini_jax.training import loop  # pylint: disable=import-outside-toplevel
+  from leo_mini_jax import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  from leo_mini_jax.models import factory  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
-  model = loop.build_model(config)
-  batch = loop.dummy_batch(config)
-  expected = nn.meta.unbox(
-      jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"])
+  model = factory.build_model(config)
+  expected = factory.abstract_params(config, model, boxed=False)
   reader, rules = build_sources_fn(model.config)
   fresh_pattern = "|".join(f"vision/{name}/.*" for name in fresh_experts)
   if fresh_pattern:
@@ -156,7 +154,7 @@ def _convert(config: ml_collections.ConfigDict, build_sources_fn, out_dir: str,
   fresh = sorted(p for p in mapping.flatten_tree(expected)
                  if fresh_pattern and re.fullmatch(fresh_pattern, p))
   if fresh:
-    written.update(_fresh_params(model, batch, int(config.seed), fresh, host))
+    written.update(_fresh_params(model, batch_lib.dummy_batch(config), int(config.seed), fresh, host))
   checkpoint_lib.save_params(os.fspath(out_dir), mapping.unflatten_tree(written))
   left = sorted(set(mapping.flatten_tree(expected)) - set(written))
   return {

@@ -13,20 +13,17 @@ import logging
 import time
 from typing import Any
 
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from leo_mini_jax import config_ranges
+from leo_mini_jax import batch as batch_lib
 from leo_mini_jax import config_validation
 from leo_mini_jax import run_record
-from leo_mini_jax.data import conversation as conversation_lib
+from leo_mini_jax import runtime as runtime_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
-from leo_mini_jax.models import leo_mini as leo_mini_lib
+from leo_mini_jax.models import factory
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import guards as guards_lib
@@ -39,63 +36,25 @@ from leo_mini_jax.training import workdir_lock as workdir_lock_lib
 
 # On a 2-core CPU, collectives stall when dozens of steps are queued: block at least this often.
 MAX_QUEUED_STEPS = 8
-# Programs that run once (initialisers, optimizer-state init) compile on CPU without LLVM
-# optimisation: XLA:CPU spends most of their compile time optimising code that then runs
-# for milliseconds (tiny stage-1 init: 38 → 13 s compile, run 41 → 147 ms, loaded machine).
-# The train step keeps the default: at level 0 it runs ~40% slower.
-ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
+# Re-exported: the model runtime (leo_mini_jax/runtime.py) and the batch contract
+# (leo_mini_jax/batch.py) own these.
+ONE_SHOT_CPU_OPTIONS = runtime_lib.ONE_SHOT_CPU_OPTIONS
+one_shot_jit = runtime_lib.one_shot_jit
+sharding_rules = runtime_lib.sharding_rules
+build_model = factory.build_model
+dummy_batch = batch_lib.dummy_batch
 
 
-def one_shot_jit(fn, **kwargs):
-  """`jax.jit` for a function called once per run (see ONE_SHOT_CPU_OPTIONS)."""
-  options = ONE_SHOT_CPU_OPTIONS if jax.default_backend() == "cpu" else None
-  return jax.jit(fn, compiler_options=options, **kwargs)
-
-
-def build_model(config: ml_collections.ConfigDict) -> leo_mini_lib.LeoMini:
-  return leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(
-      config.model, max_llm_length=pipeline_lib.llm_length_limit(config.data)))
-
-
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
-  """A zero batch with the pipeline's shapes (for init and abstract compilation)."""
-  length, resolution = config.data.max_length, config.data.resolution
-  ids = np.zeros((batch_size, length), np.int32)
-  ids[:, 1] = conversation_lib.IMAGE_PLACEHOLDER_ID
-  return {
-      "input_ids": ids,
-      "attention_mask": np.ones((batch_size, length), np.int32),
-      "loss_mask": np.zeros((batch_size, length), np.int32),
-      "instruction_mask": np.zeros((batch_size, length), np.int32),
-      "image": np.zeros((batch_size, resolution, resolution, 3), np.uint8),
-      "has_image": np.ones((batch_size,), bool),
-  }
-
-
-def sharding_rules(config) -> tuple:
-  rules = config.get("sharding_rules")
-  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules) if rules else (
-      mesh_lib.DEFAULT_RULES)
-
-
-class TrainSetup:
-  """Everything derived from the config that the step and checkpoints need.
-
-  Shardings come from the abstract state (`jax.eval_shape`), never from materialised
-  arrays, so the same code sizes an 8B run's state before allocating anything.
-  """
+class TrainSetup(runtime_lib.ModelRuntime):
+  """The model runtime plus what only training needs: the optimizer, the train state's
+  shardings (parameters and optimizer state) and the jitted step."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
-    self.config = config
-    self.mesh = mesh or mesh_lib.make_mesh(dict(config.mesh))
-    self.rules = sharding_rules(config)
-    self.model = build_model(config)
-    batch = dummy_batch(config)
-    boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), batch))["params"]
-    config_validation.check_schedule(
-        config.schedule, list(traverse_util.flatten_dict(nn.unbox(boxed), sep="/")))
+    super().__init__(config, mesh)
+    boxed = self.abstract_boxed_params
     self.tx, self.lr_schedule = optimizer_lib.make_optimizer(config, boxed)
     self.trainable = optimizer_lib.trainable_mask(nn.unbox(boxed), config.schedule)
+    batch = batch_lib.dummy_batch(config)
 
     def init_boxed(rng):
       params = self.model.init(rng, batch)["params"]
@@ -110,32 +69,12 @@ class TrainSetup:
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nn.unbox(abstract_boxed), self.state_shardings)
-    self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
-    self.replicated = NamedSharding(self.mesh, P())
 
   def init_state(self, seed: int) -> step_lib.TrainState:
     with mesh_lib.activate(self.mesh, self.rules):
       init = one_shot_jit(lambda rng: nn.unbox(self._init_boxed(rng)),
                           out_shardings=self.state_shardings)
       return init(jax.random.PRNGKey(seed))
-
-  def init_params_subset(self, paths: list[str], seed: int) -> dict[str, jax.Array]:
-    """{path: freshly initialised value} for `paths` only, each in its target sharding.
-
-    The values equal those of a full `init_state(seed)`; XLA drops the initialisers of
-    every other parameter, so no full random copy of the model is ever allocated.
-    """
-    shardings = traverse_util.flatten_dict(self.state_shardings.params, sep="/")
-    batch = dummy_batch(self.config)
-
-    def init(rng):
-      params = nn.unbox(self.model.init(rng, batch)["params"])
-      flat = traverse_util.flatten_dict(params, sep="/")
-      return {p: flat[p] for p in paths}
-
-    with mesh_lib.activate(self.mesh, self.rules):
-      return one_shot_jit(init, out_shardings={p: shardings[p] for p in paths})(
-          jax.random.PRNGKey(seed))
 
   def state_from_params(self, params) -> step_lib.TrainState:
     """Step 0 and a fresh optimizer state around `params` (already sharded)."""
@@ -160,17 +99,6 @@ class TrainSetup:
         return jitted(state, batch)
     run.lower = lambda state, batch: _lower(jitted, self, state, batch)
     return run
-
-  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global train batch's shapes, dtypes and sharding (to compile ahead of data)."""
-    local = dummy_batch(self.config, int(self.config.data.batch_size) // jax.process_count())
-    return {k: jax.ShapeDtypeStruct((int(self.config.data.batch_size),) + v.shape[1:],
-                                    v.dtype, sharding=self.batch_sharding)
-            for k, v in local.items() if k in pipeline_lib.BATCH_KEYS}
-
-  def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    local = {k: local_batch[k] for k in pipeline_lib.BATCH_KEYS}
-    return mesh_lib.make_global_batch(local, self.mesh)
 
   def trainable_params(self, params) -> Any:
     return optimizer_lib.split_trainable(params, self.trainable)[0]
@@ -408,20 +336,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None
                     ) -> None:
-  """Fails at start, naming the field, on values that would fail later.
-
-  `device_count`: as for `config_validation.validate_config` (0 = a mesh is given).
-  """
-  def need(condition, field, message):
-    if not condition:
-      raise ValueError(f"config.{field}: {message}")
-  need(config.stage in (1, 2, 3), "stage", f"must be 1, 2 or 3, got {config.stage!r}")
-  config_ranges.check_ranges(config)  # every numeric field (one table), before any use
-  need(config.data.batch_size % config.optimizer.grad_accum_steps == 0,
-       "optimizer.grad_accum_steps",
-       f"must divide data.batch_size={config.data.batch_size}")
-  need(config.optimizer.decay in ("cosine", "constant"), "optimizer.decay",
-       "must be 'cosine' or 'constant'")
-  # Experts, reducer, MMoE, mesh, tokenizer, init_from; the schedule in TrainSetup.
+  """train.py's call of the one validator, `config_validation.validate_config`: the
+  schedule is checked on the shapes TrainSetup builds (`device_count` as there)."""
   config_validation.validate_config(config, device_count=device_count, trace_model=False)
-  leo_mini_lib.LeoMiniConfig.from_config(config.model)  # names bad model fields

@@ -17,7 +17,7 @@ from leo_mini_jax.models import llama
 from leo_mini_jax.evaluation import runner
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import metrics as metrics_lib
-from leo_mini_jax.training.loop import dummy_batch
+from leo_mini_jax.batch import dummy_batch
 from tests.training import test_resume
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID
+from leo_mini_jax.batch import IMAGE_PLACEHOLDER_ID
 from leo_mini_jax.models import leo_mini as leo_mini_lib
 from leo_mini_jax.models import llama
 from leo_mini_jax.training import loop

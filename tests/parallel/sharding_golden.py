@@ -24,9 +24,8 @@ from jax.sharding import AbstractMesh
 
 from configs import leo_mini_llama3_8b
 from configs import leo_mini_vicuna_7b
-from leo_mini_jax.models.leo_mini import LeoMini, LeoMiniConfig
+from leo_mini_jax.models import factory
 from leo_mini_jax.parallel import mesh as mesh_lib
-from leo_mini_jax.training.loop import dummy_batch
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 REGENERATE = "python -m tests.parallel.sharding_golden --update"
@@ -47,9 +46,7 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
 
 def trace_model(config) -> tuple[Any, list[tuple[str, tuple]]]:
   """(boxed abstract params, [(module path, logical names)] of every activation constraint
-  the forward pass makes), from one `jax.eval_shape` of the model's init."""
-  model = LeoMini(LeoMiniConfig.from_config(config.model))
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dummy_batch(config))
+  the forward pass makes), from one `factory.abstract_params` (an eval_shape of the model's init)."""
   constraints = []
   original = nn.with_logical_constraint
 
@@ -60,7 +57,7 @@ def trace_model(config) -> tuple[Any, list[tuple[str, tuple]]]:
 
   nn.with_logical_constraint = recording
   try:
-    boxed = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
+    boxed = factory.abstract_params(config)
   finally:
     nn.with_logical_constraint = original
   return boxed, constraints

@@ -21,7 +21,7 @@ torch, transformers, timm = reference_libraries("torch", "transformers", "timm")
 import torch.nn.functional as F  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID  # noqa: E402
+from leo_mini_jax.batch import IMAGE_PLACEHOLDER_ID  # noqa: E402
 from leo_mini_jax.porting import PortError  # noqa: E402
 from leo_mini_jax.porting import convert  # noqa: E402
 from leo_mini_jax.porting import eagle  # noqa: E402

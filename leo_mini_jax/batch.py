@@ -1,0 +1,53 @@
+"""The batch contract between the data pipeline and the model.
+
+The pipeline (`data/`) produces batches with these keys; the model (`models/`) reads them.
+Both import this module, so neither depends on the other for the contract:
+
+  input_ids         int32 [B, L]: token ids, one IMAGE_PLACEHOLDER_ID per image example
+  attention_mask    int32 [B, L]: 1 on real tokens
+  loss_mask         int32 [B, L]: 1 on supervised (answer) tokens
+  instruction_mask  int32 [B, L]: 1 on instruction tokens (CoTR's text query)
+  image             uint8 [B, R, R, 3]: one master-resolution image per example
+  has_image         bool [B]: False for text-only examples
+"""
+
+import jax
+import ml_collections
+import numpy as np
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "instruction_mask", "image",
+              "has_image")
+# The token the model replaces with the example's visual tokens (LLaVA's IMAGE_TOKEN_INDEX).
+IMAGE_PLACEHOLDER_ID = -200
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1
+                ) -> dict[str, np.ndarray]:
+  """A zero batch with the pipeline's shapes (for init and abstract compilation)."""
+  length, resolution = config.data.max_length, config.data.resolution
+  ids = np.zeros((batch_size, length), np.int32)
+  ids[:, 1] = IMAGE_PLACEHOLDER_ID
+  return {
+      "input_ids": ids,
+      "attention_mask": np.ones((batch_size, length), np.int32),
+      "loss_mask": np.zeros((batch_size, length), np.int32),
+      "instruction_mask": np.zeros((batch_size, length), np.int32),
+      "image": np.zeros((batch_size, resolution, resolution, 3), np.uint8),
+      "has_image": np.ones((batch_size,), bool),
+  }
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, sharding=None
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of a `batch_size`-row batch (no memory), in `sharding`."""
+  row = dummy_batch(config, 1)
+  return {k: jax.ShapeDtypeStruct((batch_size,) + row[k].shape[1:], row[k].dtype,
+                                  sharding=sharding)
+          for k in BATCH_KEYS}
+
+
+def llm_length_limit(data_cfg) -> int:
+  """The LLM sequence length the model may cut its rows to: data.max_length when
+  data.max_length_counts_visual_tokens (the rows were fitted to it), else 0 (no limit:
+  a row is max_length + N^V − 1 long)."""
+  return int(data_cfg.max_length) if data_cfg.get("max_length_counts_visual_tokens") else 0
