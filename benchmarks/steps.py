@@ -2,7 +2,7 @@
 
 Used by `components.py` as its `step2` / `step3` entries:
 
-  python benchmarks/components.py --size tiny|small --components step2,step3 [--rounds 5]
+  python -m benchmarks.components --size tiny|small --components step2,step3 [--rounds 5]
 
 JAX side: the real train step — `loop.TrainSetup` on a config built from the size's
 dimensions (`model_config`), jitted as training runs it (donated state, non-finite guard),
@@ -33,15 +33,15 @@ the JAX model, so the two sides compute the same operations on different random 
 (losses are not compared). Nothing is approximated beyond that.
 """
 
-import bench_utils  # noqa: F401  (puts the repository root on sys.path)
-
 import jax
 import ml_collections
 import numpy as np
 
+from benchmarks import bench_utils
 from configs import common
 from configs import tiny
 from leo_mini_jax.data.conversation import IMAGE_PLACEHOLDER_ID
+from leo_mini_jax.evaluation import workload
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import step as step_lib
@@ -92,7 +92,7 @@ def jax_step(config: ml_collections.ConfigDict):
   """(zero-argument callable running one real train step, its model FLOPs, the batch)."""
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
-  numpy_batch = bench_utils.synthetic_batch(config)
+  numpy_batch = workload.synthetic_batch(config)
   batch = setup.global_batch(numpy_batch)
   step = setup.jit_train_step()
   # FLOPs from the unjitted step traced under the mesh (the jitted wrapper enters the mesh
