@@ -202,13 +202,18 @@ def accuracy_by(records: Iterable[dict], correct: Callable[[dict], bool],
                 key: Callable[[dict], str] | None = None) -> dict[str, Any]:
   """{'score': overall %, 'by_<group>': {group: %}, 'num_questions'}."""
   records = list(records)
-  hits = [bool(correct(r)) for r in records]
-  out: dict[str, Any] = {"score": 100.0 * sum(hits) / max(len(hits), 1),
-                         "num_questions": len(hits)}
+  return _mean_percent(records, [float(bool(correct(r))) for r in records], key)
+
+
+def _mean_percent(records: Sequence[dict], values: Sequence[float],
+                  key: Callable[[dict], str] | None) -> dict[str, Any]:
+  """{'score': mean of per-question values in %, 'num_questions'[, 'by_category']}."""
+  out: dict[str, Any] = {"score": 100.0 * sum(values) / max(len(values), 1),
+                         "num_questions": len(values)}
   if key is not None:
-    groups: dict[str, list[bool]] = {}
-    for r, hit in zip(records, hits):
-      groups.setdefault(str(key(r)), []).append(hit)
+    groups: dict[str, list[float]] = {}
+    for r, v in zip(records, values):
+      groups.setdefault(str(key(r)), []).append(v)
     out["by_category"] = {g: 100.0 * sum(v) / len(v) for g, v in sorted(groups.items())}
   return out
 
@@ -252,14 +257,7 @@ def score_vqa(records: Sequence[dict], measure: Callable[[str, list], float],
               key: Callable[[dict], str] | None = None) -> dict[str, Any]:
   """Mean of a per-question soft score (VQA accuracy, ANLS) in %, optionally by group."""
   values = [measure(r["prediction"], r["target"]["answers"]) for r in records]
-  out: dict[str, Any] = {"score": 100.0 * sum(values) / max(len(values), 1),
-                         "num_questions": len(values)}
-  if key is not None:
-    groups: dict[str, list[float]] = {}
-    for r, v in zip(records, values):
-      groups.setdefault(str(key(r)), []).append(v)
-    out["by_category"] = {g: 100.0 * sum(v) / len(v) for g, v in sorted(groups.items())}
-  return out
+  return _mean_percent(records, values, key)
 
 
 def write_xlsx(path: str, rows: Sequence[dict], header: Sequence[str] = ()) -> None:
