@@ -74,13 +74,19 @@ class Benchmark:
   """Base class; subclasses set the class attributes and implement the hooks."""
   name: str = ""          # registry key and output folder (lower case)
   title: str = ""         # column header of the summary table
-  folders: tuple[str, ...] = ()  # sub-folders of data_dir tried in order
+  folders: tuple[str, ...] = ()  # sub-folders of data_dir tried in order (default:
+                                 # title, name)
   suffix: str = SINGLE_WORD
   headline_key: str = "score"    # metrics key shown in the summary table
   max_new_tokens: int = 16       # the lmms-eval task's generation length
   column: int | None = None      # position in the paper's tables (Table 3)
   default_split: str = ""        # the split an lmms-lab export is read for
   llava_files: str = ""          # the LLaVA-layout files, for the missing-file message
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "folders" not in cls.__dict__:  # LLaVA's eval folders are named as the title
+      cls.folders = (cls.title, cls.name)
 
   def __init__(self, root: str, skip_bad: bool = False, split: str = ""):
     self.root, self.skip_bad, self.split = root, skip_bad, split
