@@ -6,7 +6,7 @@ Used by `components.py` as its `step2` / `step3` entries:
 
 JAX side: the real train step — `loop.TrainSetup` on a config built from the size's
 dimensions (`model_config`), jitted as training runs it (donated state, non-finite guard),
-on `bench_utils.synthetic_batch` (a full-length batch: an image per row, instruction tokens
+on `workload.synthetic_batch` (a full-length batch: an image per row, instruction tokens
 in the first half, supervised answer tokens in the second). Loss, gradients of the stage's
 trainable set (Table 6, `optimizer.STAGE_SCHEDULES`) and the clipped AdamW update.
 
@@ -55,7 +55,8 @@ SIZES = {
                   num_layers=2, num_heads=2),
         llm=dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=2,
                  num_heads=4, num_kv_heads=2),
-        seq=64, visual_tokens=4, mmoe=dict(rank=8, router_hidden_dim=32), cotr_dim=32),
+        seq=64, visual_tokens=4, cotr_dim=32,
+        mmoe=dict(rank=8, router_hidden_dim=32, lora_dropout=0.0)),  # as configs/tiny.py
     "small": dict(
         batch=8,
         convnext=dict(image_size=128, dims=(64, 128, 256, 512), depths=(1, 1, 1, 1)),
