@@ -1,6 +1,6 @@
 """Forward + backward time of each component in JAX beside the PyTorch reference module.
 
-  python benchmarks/components.py [--size tiny|small] [--rounds 7] [--batch N]
+  python -m benchmarks.components [--size tiny|small] [--rounds 7] [--batch N]
       [--components convnext,clip,projector,reducer,llm2,llm3] [--threads 2]
 
 For each component, one JAX program (jit of the gradient of a scalar loss) and the same
@@ -18,7 +18,7 @@ measured in the same run.
   reducer: CoTR over the two experts' tokens (no PyTorch reference: JAX only).
   step2, step3: the whole train step of LEO-MINI (both experts, reducer, projector, LLM,
         loss, gradients of the stage's trainable set, AdamW update) beside the same model
-        in torch eager (benchmarks/steps.py says what each side runs); also prints the
+        in torch eager (benchmarks.steps says what each side runs); also prints the
         examples/s of each and their ratio (above 1: JAX faster). Not in the default list.
 
 Sizes: 'tiny' is configs/tiny.py's model (batch 32, as the demo trains); 'small' is
@@ -27,9 +27,6 @@ d512×8 (ffn 1376, 8 heads, vocab 8192) at sequence 144, batch 8. The torch refe
 are skipped when torch / timm / transformers are absent.
 """
 
-import bench_utils  # puts the repository root on sys.path
-import steps
-
 from absl import app
 from absl import flags
 import flax.linen as nn
@@ -37,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import bench_utils
+from benchmarks import steps
 from leo_mini_jax.models import cotr as cotr_lib
 from leo_mini_jax.models import llama as llama_lib
 from leo_mini_jax.models import mmoe as mmoe_lib
@@ -44,14 +43,20 @@ from leo_mini_jax.models import projector as projector_lib
 from leo_mini_jax.models.vision import clip as clip_lib
 from leo_mini_jax.models.vision import convnext as convnext_lib
 
-_SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "small"], "Model sizes.")
-_ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed calls of each implementation.")
-_BATCH = flags.DEFINE_integer("batch", 0, "Batch size (0: the size's default).")
-_COMPONENTS = flags.DEFINE_list("components",
-                                ["convnext", "clip", "projector", "reducer", "llm2", "llm3"],
-                                "Components to run.")
-_THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags (defined only when run: the modules import side by side)."""
+  flags.DEFINE_enum("size", "tiny", ["tiny", "small"], "Model sizes.")
+  flags.DEFINE_integer("rounds", 7, "Timed calls of each implementation.")
+  flags.DEFINE_integer("batch", 0, "Batch size (0: the size's default).")
+  flags.DEFINE_list("components",
+                    ["convnext", "clip", "projector", "reducer", "llm2", "llm3"],
+                    "Components to run.")
+  flags.DEFINE_integer("threads", 2, "torch intra-op threads.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype.")
+
 
 SIZES = steps.SIZES
 
@@ -67,7 +72,7 @@ def _unbox_init(module, *args):
 def _try_torch():
   try:
     import torch
-    torch.set_num_threads(_THREADS.value)
+    torch.set_num_threads(FLAGS.threads)
     return torch
   except ImportError:
     return None
@@ -245,19 +250,19 @@ COMPONENTS = {
 
 def main(argv):
   del argv
-  size = SIZES[_SIZE.value]
-  batch = _BATCH.value or size["batch"]
+  size = SIZES[FLAGS.size]
+  batch = FLAGS.batch or size["batch"]
   torch = _try_torch()
-  peak = bench_utils.matmul_peak(jnp.dtype(_DTYPE.value))
-  print(f"{jax.devices()[0].device_kind}, size {_SIZE.value}, batch {batch}, JAX {_DTYPE.value}; "
+  peak = bench_utils.matmul_peak(jnp.dtype(FLAGS.dtype))
+  print(f"{jax.devices()[0].device_kind}, size {FLAGS.size}, batch {batch}, JAX {FLAGS.dtype}; "
         f"matmul peak {peak / 1e9:.0f} GFLOP/s; torch "
         f"{'absent' if torch is None else torch.__version__ + f' ({torch.get_num_threads()} threads)'}")
   print(f"{'component':<10}{'JAX ms':>9}{'torch ms':>10}{'JAX/torch':>10}{'GFLOP':>8}"
         f"{'JAX GFLOP/s':>12}{'% peak':>8}{'torch GFLOP/s':>14}")
-  for name in _COMPONENTS.value:
-    jax_fn, torch_fn, flops = COMPONENTS[name](size, batch, _DTYPE.value, torch)
+  for name in FLAGS.components:
+    jax_fn, torch_fn, flops = COMPONENTS[name](size, batch, FLAGS.dtype, torch)
     fns = {"jax": jax_fn} if torch_fn is None else {"jax": jax_fn, "torch": torch_fn}
-    times = bench_utils.alternate(fns, _ROUNDS.value)
+    times = bench_utils.alternate(fns, FLAGS.rounds)
     j = bench_utils.median(times["jax"])
     t = bench_utils.median(times["torch"]) if "torch" in times else float("nan")
     print(f"{name:<10}{1e3 * j:>9.1f}{1e3 * t:>10.1f}{j / t:>10.2f}{flops / 1e9:>8.2f}"
@@ -269,4 +274,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

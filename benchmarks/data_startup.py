@@ -9,7 +9,7 @@ LLaVA-665K has one image file per record), then measures
   3. examples/s of the train pipeline (decode, pad, resize, tokenize, batch) with 0 and
      --workers grain worker processes.
 
-  python benchmarks/data_startup.py --records 20000 --workers 2
+  python -m benchmarks.data_startup --records 20000 --workers 2
 
 Generating 665K image files takes long on a small machine, so the default set is smaller
 and the 665K figures are extrapolated (validation cost is linear in the records).
@@ -22,7 +22,6 @@ import os
 import tempfile
 import time
 
-import bench_utils  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 from PIL import Image
 

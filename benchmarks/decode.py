@@ -1,6 +1,6 @@
 """KV-cache decoding speed of the LLM against prompt length (prints numbers; not a test).
 
-  python benchmarks/decode.py [--prompts 64,256,1024] [--new_tokens 32] [--batch 4]
+  python -m benchmarks.decode [--prompts 64,256,1024] [--new_tokens 32] [--batch 4]
       [--hidden 512 --layers 8 --ffn 1376 --heads 8 --vocab 8192] [--dtype float32]
 
 For each prompt length P: prefill P tokens into a cache of P + new_tokens slots, then
@@ -12,8 +12,6 @@ read of the cache; a cache copied through the scan on every token would add a wr
 the whole cache per token.
 """
 
-import bench_utils  # puts the repository root on sys.path
-
 from absl import app
 from absl import flags
 import flax.linen as nn
@@ -21,18 +19,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import bench_utils
 from leo_mini_jax.models import llama as llama_lib
 
-_PROMPTS = flags.DEFINE_list("prompts", ["64", "256", "1024"], "Prompt lengths.")
-_NEW = flags.DEFINE_integer("new_tokens", 32, "Decode steps timed per prompt length.")
-_BATCH = flags.DEFINE_integer("batch", 4, "Rows decoded together.")
-_HIDDEN = flags.DEFINE_integer("hidden", 512, "LLM width.")
-_LAYERS = flags.DEFINE_integer("layers", 8, "LLM layers.")
-_FFN = flags.DEFINE_integer("ffn", 1376, "MLP width.")
-_HEADS = flags.DEFINE_integer("heads", 8, "Attention heads.")
-_VOCAB = flags.DEFINE_integer("vocab", 8192, "Vocabulary size.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed repeats (median).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags (defined only when run: the modules import side by side)."""
+  flags.DEFINE_list("prompts", ["64", "256", "1024"], "Prompt lengths.")
+  flags.DEFINE_integer("new_tokens", 32, "Decode steps timed per prompt length.")
+  flags.DEFINE_integer("batch", 4, "Rows decoded together.")
+  flags.DEFINE_integer("hidden", 512, "LLM width.")
+  flags.DEFINE_integer("layers", 8, "LLM layers.")
+  flags.DEFINE_integer("ffn", 1376, "MLP width.")
+  flags.DEFINE_integer("heads", 8, "Attention heads.")
+  flags.DEFINE_integer("vocab", 8192, "Vocabulary size.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_integer("rounds", 3, "Timed repeats (median).")
 
 
 def make_decoder(model: llama_lib.LlamaForCausalLM, new: int):
@@ -64,19 +68,19 @@ def make_decoder(model: llama_lib.LlamaForCausalLM, new: int):
 def main(argv):
   del argv
   cfg = llama_lib.LlamaConfig(
-      vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value, intermediate_size=_FFN.value,
-      num_layers=_LAYERS.value, num_heads=_HEADS.value, dtype=_DTYPE.value,
+      vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, intermediate_size=FLAGS.ffn,
+      num_layers=FLAGS.layers, num_heads=FLAGS.heads, dtype=FLAGS.dtype,
       max_position_embeddings=8192)
   model = llama_lib.LlamaForCausalLM(cfg)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
                          ["params"])
-  batch, new = _BATCH.value, _NEW.value
+  batch, new = FLAGS.batch, FLAGS.new_tokens
   print(f"{jax.devices()[0].device_kind}; LLM d{cfg.hidden_size}×{cfg.num_layers}, "
         f"batch {batch}, {new} new tokens, {cfg.dtype}")
   print(f"{'prompt':>7}{'cache MiB':>11}{'ms/step':>9}{'tokens/s':>10}")
 
   prefill, generate = make_decoder(model, new)
-  for prompt in map(int, _PROMPTS.value):
+  for prompt in map(int, FLAGS.prompts):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)),
                       jnp.int32)
     lengths = jnp.full((batch,), prompt, jnp.int32)
@@ -85,7 +89,7 @@ def main(argv):
     first = jnp.argmax(logits, -1).astype(jnp.int32)
     bench_utils.block(generate(params, first, cache))  # compile (the cache is donated)
     times = []
-    for _ in range(_ROUNDS.value):
+    for _ in range(FLAGS.rounds):
       _, cache = bench_utils.block(fresh())
       times.append(bench_utils.timed(lambda: generate(params, first, cache)))
     step_s = bench_utils.median(times) / new
@@ -95,4 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

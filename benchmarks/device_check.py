@@ -1,7 +1,7 @@
 """One command for the day a GPU is at hand: does the code run, and how fast (< 8 min).
 
-  python benchmarks/device_check.py [--json out.json]
-  python benchmarks/device_check.py --dry_run      # the same checks at toy sizes, any CPU
+  python -m benchmarks.device_check [--json out.json]
+  python -m benchmarks.device_check --dry_run      # the same checks at toy sizes, any CPU
 
 Checks, one table:
   train_tiny         the tiny stage-3 config's train step, 20 steps on one fixed batch:
@@ -18,8 +18,6 @@ Record the printed table with the device's name in docs/performance.md ("GPU").
 import json
 import time
 
-import bench_utils  # puts the repository root on sys.path
-
 from absl import app
 from absl import flags
 import flax.linen as nn
@@ -28,14 +26,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import decode
+from benchmarks import bench_utils
+from benchmarks import decode
 from configs import tiny
+from leo_mini_jax.evaluation import workload
 from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models import llama as llama_lib
 from leo_mini_jax.training import loop
 
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Toy sizes (runs on a CPU in seconds).")
-_JSON = flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags (defined only when run: the modules import side by side)."""
+  flags.DEFINE_bool("dry_run", False, "Toy sizes (runs on a CPU in seconds).")
+  flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
+
 
 # bf16 dense matmul peak per device kind (vendor datasheets, no sparsity), FLOP/s.
 BF16_PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
@@ -60,7 +66,7 @@ def train_tiny(dry_run: bool, steps: int = 20) -> dict:
   config.data.batch_size = 8 if dry_run else 32
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
-  batch = setup.global_batch(bench_utils.synthetic_batch(config))
+  batch = setup.global_batch(workload.synthetic_batch(config))
   step = setup.jit_train_step()
   losses = []
   for _ in range(steps):
@@ -185,14 +191,15 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  rows = run_checks(_DRY_RUN.value)
+  rows = run_checks(FLAGS.dry_run)
   print(format_table(rows))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump({"device_kind": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
   if not all(r["ok"] for r in rows):
     raise SystemExit(1)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

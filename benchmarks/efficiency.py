@@ -1,6 +1,6 @@
 """Table 4 of the paper: prefill cost of one image + "What is shown in this image?".
 
-  python benchmarks/efficiency.py --config configs/leo_mini_llama3_8b.py --out table4.json
+  python -m benchmarks.efficiency --config configs/leo_mini_llama3_8b.py --out table4.json
 
 Rows: the config at stage 3 with N^V = 1, 16, 64, 256 (CoTR, MMoE-LLM) and at stage 2
 (no reduction: EAGLE's fusion of every expert onto one grid, 1024 tokens at paper scale).
@@ -18,6 +18,7 @@ says so. Extra config knobs pass through: --config path.py:reducer=mqt.
 
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -25,9 +26,7 @@ from absl import flags
 from absl import logging
 import jax
 
-import bench_utils  # puts the repository root on sys.path
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
+from leo_mini_jax import config_files
 from leo_mini_jax import config_validation
 from leo_mini_jax.evaluation import efficiency
 from leo_mini_jax.models import leo_mini as leo_mini_lib
@@ -67,7 +66,7 @@ def row_configs(config_arg: str, tokens: list[int]) -> list[tuple[str, object]]:
   for item in items:
     if item.split("=")[0].strip() in ("stage", "tokens"):
       raise ValueError(f"--config {config_arg}: stage and tokens are set per row")
-  module = bench_utils.load_config_module(path)
+  module = config_files.load_config_module(path)
   join = lambda *xs: ",".join(list(xs) + items)
   rows = [(f"N^V={n}", module.get_config(join("stage=3", f"tokens={n}"))) for n in tokens]
   rows.append(("no reduction", module.get_config(join("stage=2"))))
@@ -172,7 +171,7 @@ def main(argv):
     tokens = sorted(int(t) for t in f.tokens)  # ascending: see the peak note
     report = build_rows(f.config, tokens, f.measure, f.repeats, f.param_dtype)
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"benchmarks/efficiency.py: {e}")
+    sys.exit(f"benchmarks.efficiency: {e}")
   print(format_table(report))
   if f.out:
     os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)

@@ -1,6 +1,6 @@
 """Where a train step's time goes: a `jax.profiler` trace, summed per model component.
 
-  python benchmarks/profile_step.py [--config configs/tiny.py | --size small] [--stage 2]
+  python -m benchmarks.profile_step [--config configs/tiny.py | --size small] [--stage 2]
       [--steps 5] [--depth 3] [--top 15] [--trace_dir /tmp/leo_mini_profile]
 
 Traces --steps steady-state steps on a device-resident synthetic batch, then attributes
@@ -26,12 +26,13 @@ import json
 import os
 import re
 
-import bench_utils  # puts the repository root on sys.path
 from absl import logging
 import jax
 
+from benchmarks import steps as steps_bench
+from leo_mini_jax import config_files
+from leo_mini_jax.evaluation import workload
 from leo_mini_jax.training import loop
-import steps as steps_bench
 
 CONTAINERS = ("while", "call", "conditional", "ThunkExecutor", "PjitFunction", "$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]+)\"")
@@ -85,7 +86,7 @@ def leaf_events(trace_dir: str) -> list[dict]:
 def profile(config, steps: int, trace_dir: str):
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
-  batch = setup.global_batch(bench_utils.synthetic_batch(config))
+  batch = setup.global_batch(workload.synthetic_batch(config))
   train_step = setup.jit_train_step()
   compiled = train_step.lower(state, batch).compile()
   sources = op_sources(compiled.as_text())
@@ -120,7 +121,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/tiny.py", help="Config file (no :arg).")
   parser.add_argument("--size", choices=("tiny", "small"),
-                      help="Instead of --config: the model of benchmarks/components.py's size.")
+                      help="Instead of --config: the model of benchmarks.components's size.")
   parser.add_argument("--stage", type=int, default=2)
   parser.add_argument("--steps", type=int, default=5, help="Traced steps.")
   parser.add_argument("--depth", type=int, default=3, help="Module levels to group by.")
@@ -132,7 +133,7 @@ def main():
     size = steps_bench.SIZES[args.size]
     config = steps_bench.model_config(size, args.stage, size["batch"])
   else:
-    config = bench_utils.load_config_module(args.config).get_config(f"stage={args.stage}")
+    config = config_files.load_config_module(args.config).get_config(f"stage={args.stage}")
   events, sources = profile(config, args.steps, args.trace_dir)
   steps = args.steps
   per_component, per_op = summarize(events, sources, args.depth, steps)

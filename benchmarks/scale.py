@@ -1,14 +1,14 @@
 """Per-device memory of the real train step for a target, compiled from abstract shapes.
 
   # fake CPU devices (XLA:CPU's estimate)
-  python benchmarks/scale.py --config configs/leo_mini_llama3_8b.py:stage=2 \\
+  python -m benchmarks.scale --config configs/leo_mini_llama3_8b.py:stage=2 \\
       --devices 64 --mesh fsdp=-1 [--config.optimizer.grad_accum_steps=4]
   # a TPU topology, by libtpu's name (v4, v5e, v5p, v6e), with the TPU compiler
-  python benchmarks/scale.py --config ... --topology v5e:8x8 [--slices 2] [--chip_config megacore]
+  python -m benchmarks.scale --config ... --topology v5e:8x8 [--slices 2] [--chip_config megacore]
   # NVIDIA GPUs: 'slices x hosts x GPUs per host', with the CUDA compiler
-  python benchmarks/scale.py --config ... --gpu h100 --topology 1x8x8
+  python -m benchmarks.scale --config ... --gpu h100 --topology 1x8x8
   # the smallest gradient accumulation (and with --fit_remat, remat policy) that fits
-  python benchmarks/scale.py --config ... --topology v5e:8x8 --fit [--fit_remat]
+  python -m benchmarks.scale --config ... --topology v5e:8x8 --fit [--fit_remat]
 
 TPU and GPU targets need requirements-aot.txt's packages (no accelerator needed). Each
 row prints the device kind, per-device params / optimizer / temporaries / total, the
@@ -18,36 +18,40 @@ with --config.<field>=value. The library part is leo_mini_jax.parallel.aot / tar
 """
 
 import json
-import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jax  # noqa: E402
-from leo_mini_jax.parallel import aot  # noqa: E402
-from leo_mini_jax.parallel import targets  # noqa: E402
+from leo_mini_jax.parallel import aot
+from leo_mini_jax.parallel import mesh as mesh_lib
+from leo_mini_jax.parallel import targets
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:arg).",
-                                          lock_config=False)
-_DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices (no --topology).")
-_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology ('v5e:8x8') or, with --gpu, "
-                                "'slices x hosts x GPUs per host' ('1x8x8').")
-_GPU = flags.DEFINE_enum("gpu", "", ["", *targets.GPU_SPECS], "Compile for these GPUs.")
-_CHIP_CONFIG = flags.DEFINE_string("chip_config", "default", "libtpu chip config "
-                                   "('default', 'megacore').")
-_SLICES = flags.DEFINE_integer("slices", 1, "TPU slices joined over DCN.")
-_MESH = flags.DEFINE_string("mesh", "", "Mesh sizes within a slice, e.g. 'fsdp=-1' or "
-                            "'fsdp=32,tensor=2' (default: the config's mesh).")
-_FIT = flags.DEFINE_bool("fit", False, "Search the smallest grad accumulation that fits.")
-_FIT_REMAT = flags.DEFINE_bool("fit_remat", False, "With --fit: also try stronger LLM "
-                               f"remat policies, in the order {aot.REMAT_ORDER}.")
-_TOP = flags.DEFINE_integer("top", 6, "Largest state arrays to list.")
-_JSON = flags.DEFINE_string("json", "", "Append each result as one JSON line to this file.")
-flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags (defined only when run: the modules import side by side)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (path:arg).",
+                                  lock_config=False)
+  flags.DEFINE_integer("devices", 8, "Fake CPU devices (no --topology).")
+  flags.DEFINE_string("topology", "", "TPU topology ('v5e:8x8') or, with --gpu, "
+                      "'slices x hosts x GPUs per host' ('1x8x8').")
+  flags.DEFINE_enum("gpu", "", ["", *targets.GPU_SPECS], "Compile for these GPUs.")
+  flags.DEFINE_string("chip_config", "default", "libtpu chip config "
+                      "('default', 'megacore').")
+  flags.DEFINE_integer("slices", 1, "TPU slices joined over DCN.")
+  flags.DEFINE_string("mesh", "", "Mesh sizes within a slice, e.g. 'fsdp=-1' or "
+                      "'fsdp=32,tensor=2' (default: the config's mesh).")
+  flags.DEFINE_bool("fit", False, "Search the smallest grad accumulation that fits.")
+  flags.DEFINE_bool("fit_remat", False, "With --fit: also try stronger LLM "
+                    f"remat policies, in the order {aot.REMAT_ORDER}.")
+  flags.DEFINE_integer("top", 6, "Largest state arrays to list.")
+  flags.DEFINE_string("json", "", "Append each result as one JSON line to this file.")
+  flags.mark_flags_as_required(["config"])
+
 
 GIB = 2.0**30
 # Kept for callers of the former module-level helpers.
@@ -92,8 +96,8 @@ def print_row(row: dict) -> None:
 
 
 def write_json(row: dict) -> None:
-  if _JSON.value:
-    with open(_JSON.value, "a") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "a") as f:
       f.write(json.dumps(row) + "\n")
 
 
@@ -101,21 +105,22 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   targets.use_host_cpu()
-  if not (_TOPOLOGY.value or _GPU.value):
-    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-  target = targets.make_target(_TOPOLOGY.value, _GPU.value, _DEVICES.value,
-                               _CHIP_CONFIG.value, _SLICES.value)
-  config = _CONFIG.value
-  mesh = aot.target_mesh(config, target, parse_mesh(_MESH.value) if _MESH.value else None)
-  if _FIT.value:
+  if not (FLAGS.topology or FLAGS.gpu):
+    jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+  target = targets.make_target(FLAGS.topology, FLAGS.gpu, FLAGS.devices,
+                               FLAGS.chip_config, FLAGS.slices)
+  config = FLAGS.config
+  mesh_sizes = parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
+  mesh = aot.target_mesh(config, target, mesh_sizes)
+  if FLAGS.fit:
     def report(row):
       print_row(row)
       write_json(row)
-    best = aot.fit(config, mesh, target, try_remat=_FIT_REMAT.value, report=report)
+    best = aot.fit(config, mesh, target, try_remat=FLAGS.fit_remat, report=report)
     print("fit: " + (f"grad_accum_steps={best['grad_accum_steps']} remat_policy="
                      f"{best['remat_policy']}" if best else "nothing tried fits"))
     return
-  row = aot.measure(config, mesh, _TOP.value, target)
+  row = aot.measure(config, mesh, FLAGS.top, target)
   print_row(row)
   print(f"{'largest state arrays':<64}{'shape':>22}{'dtype':>10}  {'spec':<28}{'MiB/dev':>9}")
   for item in row["largest"]:
@@ -125,4 +130,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

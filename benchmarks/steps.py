@@ -2,11 +2,11 @@
 
 Used by `components.py` as its `step2` / `step3` entries:
 
-  python benchmarks/components.py --size tiny|small --components step2,step3 [--rounds 5]
+  python -m benchmarks.components --size tiny|small --components step2,step3 [--rounds 5]
 
 JAX side: the real train step — `loop.TrainSetup` on a config built from the size's
 dimensions (`model_config`), jitted as training runs it (donated state, non-finite guard),
-on `bench_utils.synthetic_batch` (a full-length batch: an image per row, instruction tokens
+on `workload.synthetic_batch` (a full-length batch: an image per row, instruction tokens
 in the first half, supervised answer tokens in the second). Loss, gradients of the stage's
 trainable set (Table 6, `optimizer.STAGE_SCHEDULES`) and the clipped AdamW update.
 
@@ -33,15 +33,15 @@ the JAX model, so the two sides compute the same operations on different random 
 (losses are not compared). Nothing is approximated beyond that.
 """
 
-import bench_utils  # noqa: F401  (puts the repository root on sys.path)
-
 import jax
 import ml_collections
 import numpy as np
 
+from benchmarks import bench_utils
 from configs import common
 from configs import tiny
 from leo_mini_jax.batch import IMAGE_PLACEHOLDER_ID
+from leo_mini_jax.evaluation import workload
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import step as step_lib
@@ -55,7 +55,8 @@ SIZES = {
                   num_layers=2, num_heads=2),
         llm=dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=2,
                  num_heads=4, num_kv_heads=2),
-        seq=64, visual_tokens=4, mmoe=dict(rank=8, router_hidden_dim=32), cotr_dim=32),
+        seq=64, visual_tokens=4, cotr_dim=32,
+        mmoe=dict(rank=8, router_hidden_dim=32, lora_dropout=0.0)),  # as configs/tiny.py
     "small": dict(
         batch=8,
         convnext=dict(image_size=128, dims=(64, 128, 256, 512), depths=(1, 1, 1, 1)),
@@ -92,7 +93,7 @@ def jax_step(config: ml_collections.ConfigDict):
   """(zero-argument callable running one real train step, its model FLOPs, the batch)."""
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
-  numpy_batch = bench_utils.synthetic_batch(config)
+  numpy_batch = workload.synthetic_batch(config)
   batch = setup.global_batch(numpy_batch)
   step = setup.jit_train_step()
   # FLOPs from the unjitted step traced under the mesh (the jitted wrapper enters the mesh

@@ -1,6 +1,6 @@
 """Train-step benchmark for a config, per stage (prints numbers; not a test).
 
-  python benchmarks/train_step.py [--config configs/tiny.py] [--steps 20] [--stages 1,2,3]
+  python -m benchmarks.train_step [--config configs/tiny.py] [--steps 20] [--stages 1,2,3]
 
 For each stage: compile time, steady-state step time, examples/s and tokens/s on a
 synthetic batch already on device (data loading excluded), model FLOPs per step (matmuls
@@ -13,7 +13,6 @@ bytes. Every step is blocked on, so the time is the step's own.
 
 import time
 
-import bench_utils  # puts the repository root on sys.path
 from absl import app
 from absl import flags
 from absl import logging
@@ -21,13 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import bench_utils
+from leo_mini_jax import config_files
 from leo_mini_jax import config_validation
+from leo_mini_jax.evaluation import workload
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import optimizer as optimizer_lib
 
-_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config file (no :arg).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per stage.")
-_STAGES = flags.DEFINE_list("stages", ["1", "2", "3"], "Stages to run.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags (defined only when run: the modules import side by side)."""
+  flags.DEFINE_string("config", "configs/tiny.py", "Config file (no :arg).")
+  flags.DEFINE_integer("steps", 20, "Timed steps per stage.")
+  flags.DEFINE_list("stages", ["1", "2", "3"], "Stages to run.")
 
 
 def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict[str, float]:
@@ -35,7 +42,7 @@ def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict
   config_validation.validate_config(config, trace_model=False, init_from=False)
   setup = loop.TrainSetup(config)
   state = setup.init_state(0)
-  batch = setup.global_batch(bench_utils.synthetic_batch(config))
+  batch = setup.global_batch(workload.synthetic_batch(config))
   train_step = setup.jit_train_step()
   start = time.perf_counter()
   state, metrics = train_step(state, batch)
@@ -70,8 +77,8 @@ def bench_stage(module, stage: int, steps: int, peaks: dict[str, float]) -> dict
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  module = bench_utils.load_config_module(_CONFIG.value)
-  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {_CONFIG.value}")
+  module = config_files.load_config_module(FLAGS.config)
+  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {FLAGS.config}")
   peaks = {"float32": bench_utils.matmul_peak(jnp.float32),
            "bfloat16": bench_utils.matmul_peak(jnp.bfloat16)}
   print(f"matmul peak: {peaks['float32'] / 1e9:.0f} GFLOP/s f32, "
@@ -80,8 +87,8 @@ def main(argv):
             f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'MFU':>6}"
             f"{'trainable':>12}{'total':>12}{'opt bytes':>12}")
   print(header)
-  for stage in map(int, _STAGES.value):
-    r = bench_stage(module, stage, _STEPS.value, peaks)
+  for stage in map(int, FLAGS.stages):
+    r = bench_stage(module, stage, FLAGS.steps, peaks)
     print(f"{r['stage']:>5}{r['compile_s']:>11.1f}{r['step_ms']:>9.1f}"
           f"{r['examples_per_s']:>12.1f}{r['tokens_per_s']:>10.0f}"
           f"{r['gflop_per_step']:>12.2f}{r['gflops']:>9.1f}{r['mfu']:>6.0%}"
@@ -90,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

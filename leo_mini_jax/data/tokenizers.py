@@ -18,6 +18,7 @@ checkpoint folder and also names the conversation template that matches its voca
 """
 
 import abc
+import importlib
 import json
 import os
 from typing import Sequence
@@ -221,17 +222,23 @@ def _resolve_specials(tok: Tokenizer, path: str, bos: str | None, eos: str | Non
   tok.pad_id = pad_id if pad_id is not None else eos_id
 
 
+def _reader_for(path: str, package: str):
+  """The package that reads the tokenizer file at `path`; a missing one is named."""
+  try:
+    module = importlib.import_module(package)
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs the '{package}' package") from e
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer file not found: {path}")
+  return module
+
+
 class HFTokenizer(Tokenizer):
   """A HF `tokenizers` tokenizer.json (Llama-3, Vicuna exported to tokenizer.json, ...)."""
 
   def __init__(self, path: str, *, bos_token: str | None = None,
                eos_token: str | None = None, pad_token: str | None = None):
-    try:
-      import tokenizers  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs the 'tokenizers' package") from e
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    tokenizers = _reader_for(path, "tokenizers")
     try:
       with open(path, encoding="utf-8") as f:
         spec = json.load(f)
@@ -301,12 +308,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str, *, bos_token: str | None = None,
                eos_token: str | None = None, pad_token: str | None = None):
-    try:
-      import sentencepiece  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs the 'sentencepiece' package") from e
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    sentencepiece = _reader_for(path, "sentencepiece")
     self._sp = sentencepiece.SentencePieceProcessor()
     try:
       self._sp.LoadFromSerializedProto(_sp_proto_without_dummy_prefix(path))

@@ -27,15 +27,14 @@ lmms-eval finds the model through the `lmms_eval.models` entry point in pyprojec
 """
 
 import collections
-import importlib.util
 import logging
 import os
-import sys
 from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
 
+from leo_mini_jax import config_files
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
@@ -51,13 +50,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"model_args config={spec!r}: no config file {path}")
-  # Config files import their siblings as `configs.common`: the folder above is the root.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  module_spec = importlib.util.spec_from_file_location("_leo_mini_lmms_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = config_files.load_config_module(path, "_leo_mini_lmms_config")
   arg = arg.replace(";", ",")
   return module.get_config(arg) if arg else module.get_config()
 

@@ -118,14 +118,14 @@ def chain(*transforms: Transform) -> Transform:
       s = t.out_shape(s)
     return s
 
-  invert = None
-  if all(t.invert is not None for t in transforms):
-    def invert(x):
-      for t in reversed(transforms):
-        x = t.invert(x)
-      return x
+  def invert(x):
+    for t in reversed(transforms):
+      x = t.invert(x)
+    return x
 
-  return Transform(" then ".join(t.name for t in transforms), fn, shape_fn, invert)
+  invertible = all(t.invert is not None for t in transforms)
+  return Transform(" then ".join(t.name for t in transforms), fn, shape_fn,
+                   invert if invertible else None)
 
 
 def split(num: int, axis: int = 0, then: Transform = IDENTITY) -> Transform:

@@ -1,14 +1,8 @@
-"""benchmarks/device_check.py --dry_run: every check runs at toy sizes and passes."""
-
-import os
-import sys
+"""benchmarks.device_check --dry_run: every check runs at toy sizes and passes."""
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import device_check  # noqa: E402
+from benchmarks import device_check
 
 
 def test_dry_run_attention_llm_step_and_decode():

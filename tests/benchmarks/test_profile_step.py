@@ -1,14 +1,7 @@
-"""benchmarks/profile_step.py attributes the traced ops of a train step to model modules."""
+"""benchmarks.profile_step attributes the traced ops of a train step to model modules."""
 
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import profile_step  # noqa: E402
-
-from tests.training.conftest import small_config  # noqa: E402
+from benchmarks import profile_step
+from tests.training.conftest import small_config
 
 
 def test_component_strips_transformations_and_keeps_modules():

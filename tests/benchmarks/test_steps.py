@@ -1,7 +1,4 @@
-"""benchmarks/steps.py: the whole-step comparison builds the model it claims on both sides."""
-
-import os
-import sys
+"""benchmarks.steps: the whole-step comparison builds the model it claims on both sides."""
 
 import jax
 import numpy as np
@@ -11,16 +8,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import components  # noqa: E402
-import steps  # noqa: E402
-import bench_utils  # noqa: E402
-
-from configs import tiny  # noqa: E402
-from leo_mini_jax.training import loop  # noqa: E402
-from leo_mini_jax.training import optimizer as optimizer_lib  # noqa: E402
+from benchmarks import components
+from benchmarks import steps
+from configs import tiny
+from leo_mini_jax.evaluation import workload
+from leo_mini_jax.training import loop
+from leo_mini_jax.training import optimizer as optimizer_lib
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -41,7 +34,7 @@ def test_torch_side_trains_what_the_stage_trains(stage):
   jax_trained = sum(p.size for p, m in zip(jax.tree.leaves(abstract),
                                           jax.tree.leaves(setup_mask)) if m)
   torch.manual_seed(0)
-  model = steps.TorchLeoMini(torch, config, bench_utils.synthetic_batch(config))
+  model = steps.TorchLeoMini(torch, config, workload.synthetic_batch(config))
   assert sum(p.numel() for p in model.params) == jax_trained
   before = [p.detach().clone() for p in model.params]
   loss = float(model.step())

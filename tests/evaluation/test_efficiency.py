@@ -1,7 +1,6 @@
 """FLOPs from the jaxpr against XLA's count, the prefill cost report and the Table-4 rows."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import efficiency as efficiency_script
 from configs import tiny
 from leo_mini_jax.data import conversation, tokenizers
 from leo_mini_jax.evaluation import efficiency, flops
@@ -150,11 +150,7 @@ def test_measure_prefill_runs_or_says_why_not(monkeypatch):
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location(
-      "efficiency_script", os.path.join(ROOT, "benchmarks", "efficiency.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return efficiency_script
 
 
 def test_table4_rows_fields_and_ratios():
@@ -183,7 +179,7 @@ def test_efficiency_script_writes_json(tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(
-      [sys.executable, "benchmarks/efficiency.py", "--config=configs/tiny.py",
+      [sys.executable, "-m", "benchmarks.efficiency", "--config=configs/tiny.py",
        f"--out={out}", "--tokens=1,4", "--repeats=1"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -191,3 +187,15 @@ def test_efficiency_script_writes_json(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["name"] for r in rows] == ["N^V=1", "N^V=4", "no reduction"]
   assert all(r["measured"]["measured"] for r in rows)
+
+
+def test_efficiency_module_names_a_missing_config(tmp_path):
+  """`python -m benchmarks.efficiency` runs as a module and reports a bad --config path."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  missing = tmp_path / "no_such_config.py"
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.efficiency", f"--config={missing}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert f"benchmarks.efficiency: --config: no such file {missing}" in result.stderr

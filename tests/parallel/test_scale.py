@@ -1,27 +1,15 @@
-"""benchmarks/scale.py: the train step compiled from abstract shapes on 4 fake devices."""
-
-import importlib.util
-import os
+"""benchmarks.scale: the train step compiled from abstract shapes on 4 fake devices."""
 
 import jax
+import pytest
 
+from benchmarks import scale
 from leo_mini_jax.parallel import mesh as mesh_lib
 from tests.training.conftest import small_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _scale_module():
-  spec = importlib.util.spec_from_file_location(
-      "scale", os.path.join(ROOT, "benchmarks", "scale.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_per_device_bytes_fall_as_fsdp_grows():
   assert jax.device_count() == 4
-  scale = _scale_module()
   config = small_config(2)
   config.model.llm.num_layers = 1
   results = {}
@@ -38,3 +26,10 @@ def test_per_device_bytes_fall_as_fsdp_grows():
   assert four["arguments"] < 0.5 * one["arguments"], (one["arguments"], four["arguments"])
   assert one["batch"] == four["batch"]  # the batch is split over data × fsdp both times
   assert "fsdp" in four["largest"][0]["spec"] and "fsdp" not in one["largest"][0]["spec"]
+
+
+def test_mesh_flag_names_every_mesh_axis():
+  assert scale.parse_mesh("fsdp=-1,tensor=2") == {
+      axis: {"fsdp": -1, "tensor": 2}.get(axis, 1) for axis in mesh_lib.MESH_AXES}
+  with pytest.raises(ValueError, match="--mesh 'pipeline=2'"):
+    scale.parse_mesh("pipeline=2")

@@ -15,7 +15,6 @@ from leo_mini_jax.evaluation.benchmarks import base
 @base.register
 class AI2D(base.Benchmark):
   name, title = "ai2d", "AI2D"
-  folders = ("AI2D", "ai2d")
   column, max_new_tokens = 7, 16
   llava_files = "*.jsonl or *.json records (question, options, answer, image)"
 

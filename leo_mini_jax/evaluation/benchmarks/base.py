@@ -74,13 +74,19 @@ class Benchmark:
   """Base class; subclasses set the class attributes and implement the hooks."""
   name: str = ""          # registry key and output folder (lower case)
   title: str = ""         # column header of the summary table
-  folders: tuple[str, ...] = ()  # sub-folders of data_dir tried in order
+  folders: tuple[str, ...] = ()  # sub-folders of data_dir tried in order (default:
+                                 # title, name)
   suffix: str = SINGLE_WORD
   headline_key: str = "score"    # metrics key shown in the summary table
   max_new_tokens: int = 16       # the lmms-eval task's generation length
   column: int | None = None      # position in the paper's tables (Table 3)
   default_split: str = ""        # the split an lmms-lab export is read for
   llava_files: str = ""          # the LLaVA-layout files, for the missing-file message
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "folders" not in cls.__dict__:  # LLaVA's eval folders are named as the title
+      cls.folders = (cls.title, cls.name)
 
   def __init__(self, root: str, skip_bad: bool = False, split: str = ""):
     self.root, self.skip_bad, self.split = root, skip_bad, split
@@ -202,13 +208,18 @@ def accuracy_by(records: Iterable[dict], correct: Callable[[dict], bool],
                 key: Callable[[dict], str] | None = None) -> dict[str, Any]:
   """{'score': overall %, 'by_<group>': {group: %}, 'num_questions'}."""
   records = list(records)
-  hits = [bool(correct(r)) for r in records]
-  out: dict[str, Any] = {"score": 100.0 * sum(hits) / max(len(hits), 1),
-                         "num_questions": len(hits)}
+  return _mean_percent(records, [float(bool(correct(r))) for r in records], key)
+
+
+def _mean_percent(records: Sequence[dict], values: Sequence[float],
+                  key: Callable[[dict], str] | None) -> dict[str, Any]:
+  """{'score': mean of per-question values in %, 'num_questions'[, 'by_category']}."""
+  out: dict[str, Any] = {"score": 100.0 * sum(values) / max(len(values), 1),
+                         "num_questions": len(values)}
   if key is not None:
-    groups: dict[str, list[bool]] = {}
-    for r, hit in zip(records, hits):
-      groups.setdefault(str(key(r)), []).append(hit)
+    groups: dict[str, list[float]] = {}
+    for r, v in zip(records, values):
+      groups.setdefault(str(key(r)), []).append(v)
     out["by_category"] = {g: 100.0 * sum(v) / len(v) for g, v in sorted(groups.items())}
   return out
 
@@ -252,14 +263,7 @@ def score_vqa(records: Sequence[dict], measure: Callable[[str, list], float],
               key: Callable[[dict], str] | None = None) -> dict[str, Any]:
   """Mean of a per-question soft score (VQA accuracy, ANLS) in %, optionally by group."""
   values = [measure(r["prediction"], r["target"]["answers"]) for r in records]
-  out: dict[str, Any] = {"score": 100.0 * sum(values) / max(len(values), 1),
-                         "num_questions": len(values)}
-  if key is not None:
-    groups: dict[str, list[float]] = {}
-    for r, v in zip(records, values):
-      groups.setdefault(str(key(r)), []).append(v)
-    out["by_category"] = {g: 100.0 * sum(v) / len(v) for g, v in sorted(groups.items())}
-  return out
+  return _mean_percent(records, values, key)
 
 
 def write_xlsx(path: str, rows: Sequence[dict], header: Sequence[str] = ()) -> None:

@@ -14,7 +14,6 @@ from leo_mini_jax.evaluation.benchmarks import base
 @base.register
 class ChartQA(base.Benchmark):
   name, title = "chartqa", "ChartQA"
-  folders = ("ChartQA", "chartqa")
   suffix = "Answer the question with a single word."  # lmms-eval's ChartQA instruction
   column, max_new_tokens = 11, 16
   llava_files = "test/test_human.json + test/test_augmented.json + test/png/"

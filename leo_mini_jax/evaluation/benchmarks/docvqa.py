@@ -14,7 +14,6 @@ from leo_mini_jax.evaluation.benchmarks import base
 @base.register
 class DocVQA(base.Benchmark):
   name, title = "docvqa", "DocVQA"
-  folders = ("DocVQA", "docvqa")
   column, max_new_tokens = 10, 32
   default_split = "validation"
   llava_files = "val/val_v1.0.json (or val_v1.0_withQT.json) + val/documents/"

@@ -17,7 +17,6 @@ from leo_mini_jax.evaluation.benchmarks import base
 @base.register
 class GQA(base.Benchmark):
   name, title = "gqa", "GQA"
-  folders = ("GQA", "gqa")
   column, max_new_tokens = 3, 16
   llava_files = ("llava_gqa_testdev_balanced.jsonl + data/testdev_balanced_questions.json "
                  "+ data/images/")

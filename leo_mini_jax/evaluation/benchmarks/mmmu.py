@@ -43,7 +43,6 @@ def _list(value):
 @base.register
 class MMMU(base.Benchmark):
   name, title = "mmmu", "MMMU"
-  folders = ("MMMU", "mmmu")
   column, max_new_tokens = 5, 16
   default_split = "validation"
   llava_files = "*.jsonl or *.json with the dataset's fields, image_k as file paths"

@@ -17,7 +17,6 @@ from leo_mini_jax.evaluation.benchmarks import base
 @base.register
 class OCRBench(base.Benchmark):
   name, title = "ocrbench", "OCRBench"
-  folders = ("OCRBench", "ocrbench")
   suffix = ""
   column, max_new_tokens = 12, 128
   llava_files = "OCRBench.json + OCRBench_Images/"

@@ -24,7 +24,6 @@ SPLITS = ("adversarial", "popular", "random")
 @base.register
 class POPE(base.Benchmark):
   name, title = "pope", "POPE"
-  folders = ("POPE", "pope")
   column, max_new_tokens = 6, 128
   llava_files = "llava_pope_test.jsonl + coco/coco_pope_<split>.json + val2014/"
 

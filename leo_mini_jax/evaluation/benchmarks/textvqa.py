@@ -39,7 +39,6 @@ def question_of(text: str) -> str:
 @base.register
 class TextVQA(base.Benchmark):
   name, title = "textvqa", "TextVQA"
-  folders = ("TextVQA", "textvqa")
   column, max_new_tokens = 9, base.HARNESS_DEFAULT_LENGTH
   default_split = "validation"
   llava_files = ("llava_textvqa_val_v051_ocr.jsonl + TextVQA_0.5.1_val.json + "
