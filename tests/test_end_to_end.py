@@ -78,7 +78,11 @@ def test_llava_json_with_bad_records_trains_and_reports_them(tmp_path):
   assert "3 skipped" in log
   for record_id in ("missing-image", "unreadable-image", "malformed-conversation"):
     assert record_id in log
-  strict = subprocess.run(cmd + ["--config.data.strict=True"], cwd=ROOT, env=env,
+  # A fresh workdir: the first run is finished, and re-running a finished run exits 0
+  # before reading its data.
+  strict_cmd = [f"--workdir={tmp_path / 'strict'}" if arg.startswith("--workdir=") else arg
+                for arg in cmd]
+  strict = subprocess.run(strict_cmd + ["--config.data.strict=True"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
   assert strict.returncode != 0
   assert "missing-image" in strict.stderr and "unreadable-image" not in strict.stderr
