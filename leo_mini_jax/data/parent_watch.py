@@ -16,10 +16,25 @@ import time
 POLL_SECONDS = 0.5
 
 
+PARENT_ENV = "LEO_MINI_DATA_PARENT_PID"
+
+
+def announce_parent() -> None:
+  """Records this process as the workers' parent in the environment they inherit.
+
+  A worker runs `exit_with_parent` only after its imports (seconds under load); if the
+  parent dies before that, the worker's own getppid() already names its new parent, so
+  the worker compares with the pid recorded here instead.
+  """
+  os.environ[PARENT_ENV] = str(os.getpid())
+
+
 def exit_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
   """grain `worker_init_fn`: exits this process once its parent has gone."""
   del worker_index, worker_count
-  parent = os.getppid()
+  parent = int(os.environ.get(PARENT_ENV, os.getppid()))
+  if os.getppid() != parent:  # the parent died while this worker was starting
+    os._exit(1)  # pylint: disable=protected-access
 
   def watch():
     while os.getppid() == parent:

@@ -474,6 +474,7 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
   iter_ds = ds.to_iter_dataset(read_options)
   if data_cfg.num_workers > 0:
     _ensure_absl_flags_parsed()
+    parent_watch.announce_parent()  # before the workers are spawned: they inherit it
     iter_ds = iter_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)),
         worker_init_fn=parent_watch.exit_with_parent)  # no orphans after a SIGKILL
