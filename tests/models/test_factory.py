@@ -1,5 +1,6 @@
 """The model factory: one abstract parameter tree for every entry point."""
 
+import pytest
 import flax.linen as nn
 from flax import traverse_util
 import jax
@@ -15,6 +16,7 @@ def _shapes(tree):
   return {p: (x.shape, x.dtype) for p, x in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
+@pytest.mark.slow  # > 20 s on the 2-core CI machine
 def test_abstract_params_match_a_real_init():
   config = tiny.get_config("stage=3")
   model = factory.build_model(config)

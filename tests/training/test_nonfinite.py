@@ -55,6 +55,7 @@ def test_a_nan_step_leaves_params_and_optimizer_state_unchanged(one_device_mesh)
       jax.tree.leaves(changed.params), jax.tree.leaves(before.params)))
 
 
+@pytest.mark.slow  # > 20 s on the 2-core CI machine
 def test_a_non_finite_update_from_finite_gradients_is_not_applied(one_device_mesh):
   # An infinite learning rate: loss and gradient norm are finite, the update is not.
   config = small_config(2, **{"optimizer.lr": float("inf")})

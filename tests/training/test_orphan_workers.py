@@ -1,5 +1,6 @@
 """A SIGKILLed run leaves no grain worker (or resource tracker) behind."""
 
+import pytest
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow  # > 20 s on the 2-core CI machine
 def test_grain_workers_exit_when_the_process_that_started_them_is_killed():
   # The train loop's data path: make_dataset with worker processes, iterated.
   code = textwrap.dedent("""

@@ -1,5 +1,6 @@
 """The train step's loss normalisation and gradient accumulation."""
 
+import pytest
 import jax
 import numpy as np
 
@@ -85,6 +86,7 @@ def test_train_step_donates_the_state_and_compiles_ahead_from_abstract_shapes(
   assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow  # > 20 s on the 2-core CI machine
 def test_lora_dropout_masks_follow_the_step_number_and_seed(one_device_mesh):
   config = small_config(3)
   config.model.llm.mmoe.lora_dropout = 0.5
