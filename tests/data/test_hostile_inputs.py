@@ -75,6 +75,14 @@ def _run_limited(code: str, memory_bytes: int, timeout: float = 60.0) -> str:
   return done.stdout
 
 
+def _the_one_skipped(prepared, reason_kind):
+  """(id, reason) of the one record of two that validation skipped, for `reason_kind`."""
+  assert prepared.num_examples == 1
+  assert prepared.report.reason_counts == {reason_kind: 1}
+  (rid, reason), = prepared.report.skipped
+  return rid, reason
+
+
 # --------------------------------------------------------------------------- text
 
 
@@ -85,10 +93,7 @@ def test_unencodable_text_is_a_skipped_named_record(tmp_path):
   records = [{"id": "good", "image": "a.png", "conversations": TURNS},
              {"id": "surrogate", "image": "a.png", "conversations": bad_turns}]
   path = _write_json(tmp_path, records)
-  prepared = _prepare(path)
-  assert prepared.num_examples == 1
-  assert prepared.report.reason_counts == {"bad_conversation": 1}
-  (rid, reason), = prepared.report.skipped
+  rid, reason = _the_one_skipped(_prepare(path), "bad_conversation")
   assert rid == "surrogate" and "UnicodeEncodeError" in reason
   # Unvalidated, the transform turns it into an empty, invalid row instead of raising.
   unchecked = _prepare(path, validate=False)
@@ -122,10 +127,7 @@ def test_aspect_ratio_bound_skips_thin_images(tmp_path):
   records = [{"id": "thin", "image": "thin.png", "conversations": TURNS},
              {"id": "tall", "image": "tall.png", "conversations": TURNS}]
   path = _write_json(tmp_path, records)
-  prepared = _prepare(path)
-  assert prepared.num_examples == 1
-  assert prepared.report.reason_counts == {"image_bad_shape": 1}
-  (rid, reason), = prepared.report.skipped
+  rid, reason = _the_one_skipped(_prepare(path), "image_bad_shape")
   assert rid == "thin" and "data.max_aspect_ratio=20" in reason
   loose = _prepare(path, max_aspect_ratio=5000.0)
   assert loose.num_examples == 2
