@@ -46,7 +46,6 @@ STAGE_NEW_PARAMS = {1: r"(projector|reducer)/.*|" + _EXPERTS_FRESH, 2: r"$^",
                     3: r"(reducer/.*|llm/.*/mmoe_.*)"}
 
 
-
 def stage_schedule(stage: int, train_sam_neck: bool = False) -> list[list[Any]]:
   """`config.schedule` of a stage (Table 6); train_sam_neck adds SAM_NECK_RULE in stage 1
   (later stages train the neck anyway)."""

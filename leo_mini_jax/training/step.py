@@ -60,7 +60,6 @@ def dropout_key(seed: int, step: jax.Array, micro_batch: jax.Array | int = 0) ->
   return jax.random.fold_in(jax.random.fold_in(base, step), micro_batch)
 
 
-
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     trainable: Any, lr_schedule: optax.Schedule,
                     grad_accum_steps: int = 1, dropout_seed: int = 0) -> Callable:
