@@ -9,6 +9,20 @@ Both import this module, so neither depends on the other for the contract:
   instruction_mask  int32 [B, L]: 1 on instruction tokens (CoTR's text query)
   image             uint8 [B, R, R, 3]: one master-resolution image per example
   has_image         bool [B]: False for text-only examples
+
+Packed batches (data.packing=True) hold several examples per row, K = data.max_images_per_row:
+
+  input_ids, attention_mask, loss_mask, instruction_mask   [B, L] as above
+  segment_ids       int32 [B, L]: which example of the row each token belongs to, 1, 2, ...
+                    in row order, each example's tokens contiguous; 0 on padding
+  image             uint8 [B, K, R, R, 3]: the row's images in the order of its placeholders
+                    (the k-th placeholder of a row is image slot k); zeros in unused slots
+  has_image         bool [B, K]: False for unused slots
+
+A batch is packed iff it has 'segment_ids'. The model inserts each image's visual tokens at
+its placeholder, restarts rotary positions at 0 for every example, attends only within an
+example, and conditions CoTR and the MMoE router on each example's own tokens, so an
+example's logits do not depend on what else shares its row.
 """
 
 import jax
@@ -17,6 +31,7 @@ import numpy as np
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "instruction_mask", "image",
               "has_image")
+PACKED_BATCH_KEYS = BATCH_KEYS + ("segment_ids",)
 # The token the model replaces with the example's visual tokens (LLaVA's IMAGE_TOKEN_INDEX).
 IMAGE_PLACEHOLDER_ID = -200
 
