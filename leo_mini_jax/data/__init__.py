@@ -7,5 +7,6 @@
   validation.py    start-up record checks, skip counts by reason, truncation policy
   llava.py         validated LLaVA JSON + image folder source
   tfds_builder.py  LLaVA JSON → TFDS ArrayRecord build, and its source
+  encoder.py       one record → the arrays of one row (ExampleEncoder), collate
   pipeline.py      make_dataset(data_cfg, ...) and default_data_config()
 """

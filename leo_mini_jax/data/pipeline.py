@@ -34,17 +34,16 @@ logged with its id: a run never stops midway on bad data.
 """
 
 import dataclasses
-import logging
 import math
 from typing import Any, Sequence
 
 import grain
 import ml_collections
-import numpy as np
 
 from leo_mini_jax import batch as batch_lib
-from leo_mini_jax.batch import BATCH_KEYS
+from leo_mini_jax.batch import BATCH_KEYS  # pylint: disable=unused-import (re-exported)
 from leo_mini_jax.data import conversation as conversation_lib
+from leo_mini_jax.data import encoder as encoder_lib
 from leo_mini_jax.data import fingerprint as fingerprint_lib
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import llava
@@ -53,7 +52,9 @@ from leo_mini_jax.data import synthetic
 from leo_mini_jax.data import tokenizers as tokenizers_lib
 from leo_mini_jax.data import validation
 
-logger = logging.getLogger(__name__)
+# Re-exported: callers know them from here (encoder.py owns them).
+ExampleEncoder = encoder_lib.ExampleEncoder
+collate, collate_with_meta = encoder_lib.collate, encoder_lib.collate_with_meta
 
 MODES = ("train", "eval", "generate")
 KINDS = ("synthetic", "llava", "tfds")
@@ -125,100 +126,6 @@ def resolve_template(data_cfg, tokenizer: tokenizers_lib.Tokenizer,
                                       data_cfg.get("image_position", "front"))
 
 
-@dataclasses.dataclass(frozen=True)
-class ExampleEncoder:
-  """Turns a source record into fixed-shape numpy arrays (+ host metadata).
-
-  A plain picklable object so grain worker processes can run it.
-  """
-  tokenizer: tokenizers_lib.Tokenizer
-  template: conversation_lib.Template
-  max_length: int
-  overlong: str
-  resolution: int
-  image_mean_rgb: tuple[int, ...]
-  prompt_only: bool
-  instruction_turns: str = "first"
-  image_aspect: str = "pad"
-  image_limits: images_lib.ImageLimits = images_lib.ImageLimits()
-  visual_tokens: int = 1  # what the image placeholder counts against max_length
-
-  def empty(self) -> dict[str, np.ndarray]:
-    """A row with one real token and nothing to learn (padding and failed records)."""
-    first = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else \
-        self.tokenizer.pad_id
-    return self._arrays(conversation_lib.Tokenized([first], [0], [0]), None)
-
-  def _arrays(self, tokens: conversation_lib.Tokenized,
-              image: np.ndarray | None) -> dict[str, np.ndarray]:
-    n, length = len(tokens), self.max_length
-    has_image = image is not None
-    input_ids = np.full((length,), self.tokenizer.pad_id, np.int32)
-    input_ids[:n] = tokens.input_ids
-    attention_mask = np.zeros((length,), np.int32)
-    attention_mask[:n] = 1
-    loss_mask = np.zeros((length,), np.int32)
-    loss_mask[:n] = tokens.loss_mask
-    instruction_mask = np.zeros((length,), np.int32)
-    instruction_mask[:n] = tokens.instruction_mask
-    if image is None:
-      image = np.zeros((self.resolution, self.resolution, 3), np.uint8)
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "loss_mask": loss_mask, "instruction_mask": instruction_mask,
-            "image": image, "has_image": np.bool_(has_image)}
-
-  def encode(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The arrays of one record; raises (ValueError/OSError) when it is unusable."""
-    has_image = record.get("image") is not None
-    tokens, _ = conversation_lib.tokenize_record(
-        record["conversations"], has_image, self.tokenizer, self.template,
-        self.max_length, self.overlong, prompt_only=self.prompt_only,
-        instruction_turns=self.instruction_turns, visual_tokens=self.visual_tokens)
-    image = None
-    if has_image:
-      image = images_lib.to_master_resolution(record["image"], self.resolution,
-                                              self.image_mean_rgb, self.image_aspect,
-                                              self.image_limits)
-    return self._arrays(tokens, image)
-
-  def __call__(self, record: dict[str, Any]):
-    """Arrays of `record` and its metadata; never raises on bad data."""
-    if record.get("padding"):
-      return self.empty(), {"id": "", "question_type": "", "answer": "", "valid": False}
-    meta = {"id": str(record.get("id", "")),
-            "question_type": str(record.get("question_type", "")),
-            "answer": str(record.get("answer", "")), "valid": True}
-    try:
-      return self.encode(record), meta
-    except Exception as e:  # pylint: disable=broad-except  (MemoryError of one image too)
-      logger.warning("record %r failed in the data transform and becomes an empty row: "
-                     "%s: %s", meta["id"], type(e).__name__, e)
-      return self.empty(), dict(meta, valid=False)
-
-
-class _TrainTransform:
-  """Train rows: the arrays only."""
-
-  def __init__(self, encoder: ExampleEncoder):
-    self.encoder = encoder
-
-  def __call__(self, record):
-    return self.encoder(record)[0]
-
-
-def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Stacks per-example arrays into the batch dict."""
-  return {key: np.stack([e[key] for e in examples]) for key in BATCH_KEYS}
-
-
-def collate_with_meta(items: Sequence[tuple[dict, dict]]) -> tuple[dict, dict]:
-  """(batch dict, meta) for eval/generate rows."""
-  batch = collate([example for example, _ in items])
-  meta = {key: [m[key] for _, m in items] for key in ("id", "question_type", "answer")}
-  meta["valid"] = np.array([m["valid"] for _, m in items], dtype=bool)
-  return batch, meta
-
-
 class Subset:
   """The records of `source` at `indices` (what validation kept)."""
 
@@ -247,27 +154,6 @@ class ProcessShard:
     return self.source[position] if position < len(self.source) else PADDING_RECORD
 
 
-def _check_synthetic_lengths(source: synthetic.SyntheticVQA, encoder: ExampleEncoder):
-  """Synthetic data is valid by construction; every text it can produce must fit
-  max_length untruncated (checked over the finite set of possible turns)."""
-  for human, gpt in synthetic.all_turn_texts(source.question_types, source.style):
-    turns = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
-    try:
-      _, truncated = conversation_lib.tokenize_record(
-          turns, True, encoder.tokenizer, encoder.template, encoder.max_length,
-          encoder.overlong, prompt_only=encoder.prompt_only,
-          visual_tokens=encoder.visual_tokens)
-    except conversation_lib.ConversationError as e:
-      truncated, reason = True, str(e)
-    else:
-      reason = "it would be truncated"
-    if truncated:
-      raise ValueError(
-          f"synthetic {source.split} data: the turns {human!r} / {gpt!r} do not fit "
-          f"data.max_length={encoder.max_length} ({reason}); raise data.max_length or "
-          "set data.system_prompt=''")
-
-
 def build_source(data_cfg, split: str, encoder: ExampleEncoder,
                  shard: tuple[int, int] = (0, 1)
                  ) -> tuple[Any, llava.ValidationReport | None]:
@@ -286,7 +172,7 @@ def build_source(data_cfg, split: str, encoder: ExampleEncoder,
     num = data_cfg.num_train if split == "train" else data_cfg.num_eval
     source = synthetic.SyntheticVQA(split, num, data_cfg.resolution, int(data_cfg.seed),
                                     tuple(data_cfg.synthetic_question_types), style)
-    _check_synthetic_lengths(source, encoder)
+    encoder_lib.check_synthetic_lengths(source, encoder)
     return source, None
   if kind == "llava":
     json_path = data_cfg.train_json if split == "train" else data_cfg.eval_json
@@ -459,8 +345,8 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
     # Process p reads global positions start + p, start + p + P, ...: after k steps of
     # global batch B exactly positions [start, start + kB) are consumed, whatever P is.
     ds = ds[int(start_position) + process_index::process_count]
-    ds = ds.map(_TrainTransform(encoder))
-    ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=collate)
+    ds = ds.map(encoder_lib.TrainTransform(encoder))
+    ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=encoder_lib.collate)
     num_batches = None
   else:
     per_process = math.ceil(num_examples / process_count)
@@ -468,7 +354,8 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
     shard = ProcessShard(source, process_index, process_count,
                          num_batches * local_batch_size)
     ds = grain.MapDataset.source(shard).map(encoder)
-    ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=collate_with_meta)
+    ds = ds.batch(local_batch_size, drop_remainder=True,
+                  batch_fn=encoder_lib.collate_with_meta)
   read_options = grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                                    prefetch_buffer_size=int(data_cfg.prefetch_batches))
   iter_ds = ds.to_iter_dataset(read_options)
