@@ -73,6 +73,8 @@ RANGES: dict[str, Range] = {
     "data.max_aspect_ratio": Range(1),
     "data.max_truncated_fraction": FRACTION,
     "data.batch_size": COUNT,
+    "data.max_images_per_row": COUNT,         # packing: image slots per row
+    "data.packing_window": COUNT,             # packing: 1 = next-fit
     "data.num_workers": COUNT_OR_OFF,
     "data.read_threads": COUNT,
     "data.prefetch_batches": COUNT_OR_OFF,

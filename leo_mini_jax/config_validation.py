@@ -159,6 +159,27 @@ def check_optimizer(config: Any) -> None:
     _fail("optimizer.decay", "must be 'cosine' or 'constant'")
 
 
+def check_packing(config: Any, num_visual_tokens: int) -> None:
+  """data.packing is a bool, and with it every image slot of a row can be filled: when
+  max_length counts visual tokens, a row holds at most max_length // N^V images, and
+  slots beyond that only cost vision-encoder work on empty images."""
+  data = config.get("data") or {}
+  packing = data.get("packing", False)
+  if not isinstance(packing, bool):
+    _fail("data.packing", f"must be True or False, got {packing!r}")
+  if not packing or not data.get("max_length_counts_visual_tokens"):
+    return
+  fit = int(data.max_length) // max(int(num_visual_tokens), 1)
+  if fit < 1:
+    _fail("data.max_length", f"{data.max_length} holds no image of {num_visual_tokens} "
+          "visual tokens (data.max_length_counts_visual_tokens=True)")
+  if int(data.max_images_per_row) > fit:
+    _fail("data.max_images_per_row", f"{data.max_images_per_row} image slots, but at most "
+          f"{fit} images of {num_visual_tokens} visual tokens fit data.max_length="
+          f"{data.max_length} (data.max_length_counts_visual_tokens=True); set it to "
+          f"{fit} or less")
+
+
 def check_tokenizer(config: Any) -> None:
   """The tokenizer's vocabulary fits `model.llm.vocab_size` (larger ids would embed as
   NaN: `jnp.take` fills out-of-range rows)."""
@@ -213,7 +234,8 @@ def validate_config(config: Any, *, device_count: int | None = None,
   if init_from:
     check_init_from(config)
   from leo_mini_jax.models import leo_mini  # pylint: disable=g-import-not-at-top
-  leo_mini.LeoMiniConfig.from_config(config.model)  # names bad model fields
+  model_config = leo_mini.LeoMiniConfig.from_config(config.model)  # names bad fields
+  check_packing(config, model_config.num_visual_tokens)
   if paths is None and trace_model:
     paths = parameter_paths(config)
   if paths is not None:

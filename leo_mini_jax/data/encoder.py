@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from leo_mini_jax.batch import BATCH_KEYS
+from leo_mini_jax.batch import PACKED_BATCH_KEYS
 from leo_mini_jax.data import conversation as conversation_lib
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import synthetic
@@ -106,8 +106,10 @@ class TrainTransform:
 
 
 def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Stacks per-example arrays into the batch dict."""
-  return {key: np.stack([e[key] for e in examples]) for key in BATCH_KEYS}
+  """Stacks per-row arrays into the batch dict (BATCH_KEYS, plus segment_ids when the
+  rows are packed)."""
+  keys = [key for key in PACKED_BATCH_KEYS if key in examples[0]]
+  return {key: np.stack([e[key] for e in examples]) for key in keys}
 
 
 def collate_with_meta(items: Sequence[tuple[dict, dict]]) -> tuple[dict, dict]:

@@ -9,7 +9,9 @@ exact sequence, and orbax saves it beside the train state with
 Modes:
   train     infinite: a global seeded shuffle per epoch (different every epoch), then
             process p takes positions p, p+P, ... — the process shards of an epoch are
-            disjoint and cover it. Yields batch dicts.
+            disjoint and cover it. Yields batch dicts. With data.packing the positions
+            are packed rows of a global per-epoch plan (packing.py), several examples
+            per row, in the packed batch layout of batch.py.
   eval      one pass in file order, teacher-forced full conversations. Yields
             (batch, meta); every process yields the same number of batches (the tail is
             padded with rows whose meta 'valid' is False and whose loss_mask is 0).
@@ -47,6 +49,7 @@ from leo_mini_jax.data import encoder as encoder_lib
 from leo_mini_jax.data import fingerprint as fingerprint_lib
 from leo_mini_jax.data import images as images_lib
 from leo_mini_jax.data import llava
+from leo_mini_jax.data import packing
 from leo_mini_jax.data import parent_watch
 from leo_mini_jax.data import synthetic
 from leo_mini_jax.data import tokenizers as tokenizers_lib
@@ -105,7 +108,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_eval = 500               # synthetic: examples in the eval split
   c.synthetic_question_types = synthetic.QUESTION_TYPES
   c.synthetic_style = "auto"     # 'vqa' | 'caption' | 'auto' (caption iff template 'plain')
-  c.batch_size = 32              # global; each process gets batch_size / process_count
+  c.batch_size = 32              # global rows; each process gets batch_size / process_count
+  # Train rows hold several examples each (packing.py); eval/generate are never packed.
+  c.packing = False
+  c.max_images_per_row = 4       # packing: image slots per row (K); a row closes at K
+  c.packing_window = packing.DEFAULT_WINDOW  # packing: rows open at once (1 = next-fit)
   c.num_workers = 0              # grain worker processes (0 = in-process threads only)
   c.read_threads = 2             # threads preparing batches in each process
   c.prefetch_batches = 4         # batches prepared ahead per process
@@ -211,6 +218,7 @@ class DataPipeline:
   tokenizer: tokenizers_lib.Tokenizer
   template: conversation_lib.Template
   fingerprint: str = ""        # of the usable records (fingerprint.py); saved on resume
+  plan: packing.RowPlan | None = None  # data.packing: the global row plan (train mode)
 
   def iterator(self) -> grain.DatasetIterator:
     """A fresh iterator; `get_state()`/`set_state()` save and restore its position."""
@@ -235,6 +243,7 @@ class PreparedSource:
   mode: str
   process_index: int
   process_count: int
+  costs: Any = None  # packing.Costs, filled on first use (packing.example_costs)
 
   @property
   def num_examples(self) -> int:
@@ -322,8 +331,9 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
     mode: 'train' | 'eval' | 'generate'; defaults to 'train' for the train split and
       'generate' for the eval split.
     start_position: train mode: examples of the global shuffled stream already consumed
-      (all processes together). A resumed run starts here, so the position is independent
-      of the process count and batch size that consumed them.
+      (all processes together); with data.packing, packed rows of the global row stream.
+      A resumed run starts here, so the position is independent of the process count
+      and batch size that consumed them.
     prepared: the split as `prepare_source` already validated it (the other arguments
       that select the data are then taken from it).
     num_visual_tokens: the model's N^V; needed (train and eval modes) when
@@ -340,12 +350,19 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
   seed = int(data_cfg.seed if seed is None else seed)
   num_examples = len(source)
 
+  plan = None
   if mode == "train":
-    ds = grain.MapDataset.source(source).shuffle(seed % 2**32).repeat()
+    if data_cfg.get("packing"):  # positions count packed rows of the global row stream
+      plan = packing.row_plan(prepared, data_cfg, seed)
+      ds = packing.packed_dataset(prepared, plan)
+      transform = packing.PackTransform(encoder, int(data_cfg.max_images_per_row))
+    else:
+      ds = grain.MapDataset.source(source).shuffle(seed % 2**32).repeat()
+      transform = encoder_lib.TrainTransform(encoder)
     # Process p reads global positions start + p, start + p + P, ...: after k steps of
     # global batch B exactly positions [start, start + kB) are consumed, whatever P is.
     ds = ds[int(start_position) + process_index::process_count]
-    ds = ds.map(encoder_lib.TrainTransform(encoder))
+    ds = ds.map(transform)
     ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=encoder_lib.collate)
     num_batches = None
   else:
@@ -367,7 +384,7 @@ def make_dataset(data_cfg, tokenizer: tokenizers_lib.Tokenizer | None = None,
         worker_init_fn=parent_watch.exit_with_parent)  # no orphans after a SIGKILL
   return DataPipeline(iter_ds, split, mode, num_examples, local_batch_size, num_batches,
                       report, tokenizer, template,
-                      fingerprint=fingerprint_lib.source_fingerprint(source))
+                      fingerprint=fingerprint_lib.source_fingerprint(source), plan=plan)
 
 
 def _ensure_absl_flags_parsed():

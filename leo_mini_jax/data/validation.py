@@ -52,7 +52,8 @@ _CHUNK = 1024  # records checked per batch of threads (strict mode stops after a
 REASON_KINDS = ("kept", "not_an_object", "bad_field", "bad_conversation",
                 "no_assistant_turn", "too_long", "image_missing", "image_empty",
                 "image_too_large", "image_unreadable", "image_bad_shape", "image_bad_path")
-_STATUS_FIELDS = 5  # kind, truncated, full length, lost supervised, supervised tokens
+# kind, truncated, full length, lost supervised, supervised tokens, has an image
+_STATUS_FIELDS = 6
 
 
 class InvalidRecordError(ValueError):
@@ -86,10 +87,11 @@ class RecordCheck:
   length: int = 0  # full token count (0 when not tokenized)
   lost_tokens: int = 0  # supervised tokens removed by truncation
   supervised_tokens: int = 0  # supervised tokens before truncation
+  has_image: bool = False
 
   def row(self) -> list[int]:
     return [REASON_KINDS.index(self.kind), int(self.truncated), self.length,
-            self.lost_tokens, self.supervised_tokens]
+            self.lost_tokens, self.supervised_tokens, int(self.has_image)]
 
 
 @dataclasses.dataclass
@@ -105,6 +107,10 @@ class ValidationReport:
   length_needed: int = 0  # the max_length that keeps every tokenized record whole
   max_length: int | None = None
   num_checked: int = 0  # records this process opened and checked (its shard)
+  # Per kept record, in kept order: its full token count as max_length counts it (the
+  # packing planner's cost, packing.py) and whether it has an image.
+  kept_lengths: list[int] = dataclasses.field(default_factory=list)
+  kept_images: list[bool] = dataclasses.field(default_factory=list)
 
   @property
   def num_kept(self) -> int:
@@ -235,8 +241,8 @@ def check_record(record: Any, image_of: Callable[[dict], Any], *,
     found = images_lib.image_problem(image, image_check, max_image_pixels, image_limits)
     if found is not None:
       return RecordCheck(found[0], found[1], length=result.length,
-                         supervised_tokens=result.supervised_tokens)
-  return result
+                         supervised_tokens=result.supervised_tokens, has_image=True)
+  return dataclasses.replace(result, has_image=image is not None)
 
 
 def _default_gather(shard: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -262,7 +268,7 @@ def validate(records: Sequence[Any], source_name: str, image_of: Callable[[dict]
   """(indices of usable records, report); see the module docstring.
 
   shard=(p, P) checks records p, p+P, ... here and `gather(local)` — local an int32
-  [ceil(N/P), 5] status table, padded with -1 rows — must return the [P, ceil(N/P), 5]
+  [ceil(N/P), 6] status table, padded with -1 rows — must return the [P, ceil(N/P), 6]
   tables of every process. gather=None uses jax's all-gather when the jax runtime has P
   processes and otherwise checks every record here.
   """
@@ -298,11 +304,12 @@ def validate(records: Sequence[Any], source_name: str, image_of: Callable[[dict]
       if other == process:
         continue
       for position, index in enumerate(range(other, num, count)):
-        kind, truncated, length, lost, supervised = (int(v) for v in table[other, position])
+        kind, truncated, length, lost, supervised, image = (
+            int(v) for v in table[other, position])
         checks[index] = RecordCheck(
             REASON_KINDS[kind],
             "" if kind == 0 else f"{REASON_KINDS[kind]} (checked by process {other})",
-            bool(truncated), length, lost, supervised)
+            bool(truncated), length, lost, supervised, bool(image))
 
   report = ValidationReport(source=source_name, num_records=num, num_checked=len(mine),
                             max_length=None if length_check is None
@@ -328,6 +335,8 @@ def validate(records: Sequence[Any], source_name: str, image_of: Callable[[dict]
     if result.truncated:
       report.truncated.append(rid)
     kept.append(index)
+    report.kept_lengths.append(result.length)
+    report.kept_images.append(result.has_image)
   report.reason_counts = dict(counts)
   report.log()
   if length_check is not None:

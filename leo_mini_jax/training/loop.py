@@ -10,7 +10,6 @@ import concurrent.futures
 import contextlib
 import copy
 import logging
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -22,10 +21,12 @@ from leo_mini_jax import batch as batch_lib
 from leo_mini_jax import config_validation
 from leo_mini_jax import run_record
 from leo_mini_jax import runtime as runtime_lib
+from leo_mini_jax.data import packing as packing_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.models import factory
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
+from leo_mini_jax.training import data_position as data_position_lib
 from leo_mini_jax.training import guards as guards_lib
 from leo_mini_jax.training import metrics as metrics_lib
 from leo_mini_jax.training import optimizer as optimizer_lib
@@ -137,19 +138,20 @@ def initial_state(setup: TrainSetup, checkpointer: checkpoint_lib.Checkpointer,
 
 def data_start(checkpointer: checkpoint_lib.Checkpointer, step: int | None,
                config: ml_collections.ConfigDict) -> int:
-  """Examples of the global stream consumed before `step` (0 for a fresh run)."""
+  """Examples (with data.packing: packed rows) of the global stream consumed before
+  `step` (0 for a fresh run)."""
   if step is None:
     return 0
   position = checkpointer.data_position(step)
   if position is None:  # a checkpoint without it: assume the batch size never changed
-    logging.warning("checkpoint %d has no data position: assuming %d examples per step",
+    logging.warning("checkpoint %d has no data position: assuming %d rows per step",
                     step, config.data.batch_size)
     return step * int(config.data.batch_size)
+  consumed = data_position_lib.position_of(position, bool(config.data.get("packing")), step)
   if int(position.get("seed", config.data.seed)) != int(config.data.seed):
     logging.warning("data.seed changed from %s to %s: the resumed run reads another "
-                    "order from position %d", position["seed"], config.data.seed,
-                    position["examples_seen"])
-  return int(position["examples_seen"])
+                    "order from position %d", position["seed"], config.data.seed, consumed)
+  return consumed
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh, process_count: int | None = None
@@ -216,7 +218,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   if int(config.total_steps) == 0:  # the length follows the data: validate it first
     prepared = pipeline_lib.prepare_source(config.data, split="train",
                                            num_visual_tokens=num_visual)
-    steps, how = optimizer_lib.derived_total_steps(config, prepared.num_examples)
+    packed_rows = None
+    if config.data.get("packing"):
+      packed_rows = packing_lib.row_plan(prepared, config.data, config.data.seed
+                                         ).rows_of_epochs(float(config.get("num_epochs", 1)))
+    steps, how = optimizer_lib.derived_total_steps(config, prepared.num_examples,
+                                                   packed_rows)
     config = copy.deepcopy(config)
     config.total_steps = steps
     logging.info("total_steps=0: %s", how)
@@ -237,16 +244,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   latest = checkpointer.latest_step()
   state, how = initial_state(setup, checkpointer, latest)
   latest = None if latest is None else int(state.step)  # a broken latest falls back
-  examples_seen = data_start(checkpointer, latest, config)
-  logging.info("%s (data position %d)", how, examples_seen)
+  position = data_start(checkpointer, latest, config)  # packed rows with data.packing
+  logging.info("%s (data position %d)", how, position)
   data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed,
-                                   start_position=examples_seen, prepared=prepared,
+                                   start_position=position, prepared=prepared,
                                    num_visual_tokens=num_visual)
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
   if latest is not None:  # the position counts examples of the stream these records make
     recovery_lib.check_data_fingerprint(checkpointer.data_position(latest),
                                         data.fingerprint, config.data.get("on_change"))
+    data_position_lib.check_packing_spec(checkpointer.data_position(latest),
+                                    data.plan and data.plan.spec.as_dict(),
+                                    config.data.get("on_change"))
   if data.tokenizer.vocab_size > config.model.llm.vocab_size:
     raise ValueError(f"config.model.llm.vocab_size={config.model.llm.vocab_size} is smaller "
                      f"than the tokenizer's vocabulary ({data.tokenizer.vocab_size})")
@@ -263,18 +273,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, initial=start_step, desc=f"stage {config.stage}", leave=True)
-  history, pending = [], []
-  timer_start, timer_steps, timer_tokens, timer_examples = None, 0, 0.0, 0
+  history, pending, pending_counts = [], [], []
+  throughput = metrics_lib.Throughput(config.data.max_length, jax.process_count())
+  visual = data.plan.spec.visual_tokens if data.plan else 1
+
+  def next_batch():  # the global batch, and the host's counts of this process's rows
+    local = next(data_iter)
+    return setup.global_batch(local), packing_lib.batch_counts(local, visual)
   last_metrics: dict[str, float] = {}
   stopped = "done" if total == config.total_steps else "stop_at"
   train_step = compiling.result()  # donates the state: only the returned one is read
-  batch = setup.global_batch(next(data_iter)) if start_step < total else None
+  batch, counts = next_batch() if start_step < total else (None, None)
   for step in range(start_step, total):
     state, metrics = train_step(state, batch)
+    pending_counts.append(counts)
     # The next batch is assembled and sent while the step runs (dispatch is asynchronous),
     # so the metrics fetch below never waits on the host pipeline as well.
-    batch = setup.global_batch(next(data_iter)) if step + 1 < total else None
-    examples_seen += int(config.data.batch_size)
+    batch, counts = next_batch() if step + 1 < total else (None, None)
+    position += int(config.data.batch_size)
     pending.append(metrics)
     done = step + 1
     reason = policy.reason(done, total, watcher.reached(done))
@@ -288,29 +304,27 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
         checkpointer.close()
         writer.close()
         raise
-      pending = []
-      if timer_start is None:  # the first fetch includes compilation: start timing after it
-        timer_start = time.perf_counter()
+      if throughput.start_time is None:  # the first fetch includes compilation
+        throughput.start()
       else:
-        timer_steps += len(fetched)
-        timer_tokens += sum(m["tokens"] for m in fetched)
-        timer_examples += len(fetched) * config.data.batch_size
+        throughput.add(fetched, pending_counts)
+      pending, pending_counts = [], []
       last_metrics = fetched[-1]
       if done % config.log_every == 0 or reason in ("final", "preempted"):
-        elapsed = time.perf_counter() - timer_start
-        if timer_steps and elapsed > 0:
-          last_metrics["tokens_per_second"] = timer_tokens / elapsed
-          last_metrics["examples_per_second"] = timer_examples / elapsed
+        last_metrics.update(throughput.rates())
         writer.write(done, last_metrics)
         history.append({"step": done, **last_metrics})
         if bar is not None:
-          bar.set_postfix(loss=f"{last_metrics['loss']:.3f}")
+          bar.set_postfix(loss=f"{last_metrics['loss']:.3f}",
+                          ex_s=f"{last_metrics.get('examples_per_second', 0):.1f}",
+                          density=f"{last_metrics.get('packing_density', 0):.2f}")
     if bar is not None:
       bar.update(1)
     if reason and checkpointer.latest_step() != done:
       guards_lib.check_finite_state(state, done)
       checkpointer.save(done, state, {
-          "examples_seen": examples_seen, "seed": int(config.data.seed),
+          **data_position_lib.position_record(position, data.plan and data.plan.spec.as_dict()),
+          "seed": int(config.data.seed),
           "global_batch_size": int(config.data.batch_size),
           "process_count": jax.process_count(), "stage": int(config.stage),
           "data_fingerprint": data.fingerprint,

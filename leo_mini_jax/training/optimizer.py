@@ -143,10 +143,13 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   return lambda step: schedule(step + 1)
 
 
-def derived_total_steps(config: ml_collections.ConfigDict, num_records: int
-                        ) -> tuple[int, str]:
+def derived_total_steps(config: ml_collections.ConfigDict, num_records: int,
+                        packed_rows: int | None = None) -> tuple[int, str]:
   """(optimizer steps, a line saying how) for `config.num_epochs` passes over
   `num_records` usable records (what start-up validation kept, all processes together).
+
+  With data.packing, `packed_rows` is the number of packed rows those passes take (the
+  row plan's, data/packing.py: RowPlan.rows_of_epochs) and the steps count rows.
 
   `data.batch_size` is the global batch of one optimizer step: the shares of every process
   and every gradient-accumulation micro-batch together, so neither changes the count. A
@@ -156,11 +159,16 @@ def derived_total_steps(config: ml_collections.ConfigDict, num_records: int
   """
   epochs = float(config.get("num_epochs", 1))
   batch = int(config.data.batch_size)
-  steps = max(1, math.ceil(num_records * epochs / batch))
   accum = int(config.optimizer.grad_accum_steps)
-  how = (f"{num_records} records × {epochs:g} epochs / batch {batch} → {steps} steps"
-         + (f" ({accum} accumulation micro-batches of {batch // accum} rows each)"
-            if accum > 1 else ""))
+  if packed_rows is None:
+    steps = max(1, math.ceil(num_records * epochs / batch))
+    how = f"{num_records} records × {epochs:g} epochs / batch {batch} → {steps} steps"
+  else:
+    steps = max(1, math.ceil(packed_rows / batch))
+    how = (f"{num_records} records → {round(packed_rows / epochs)} packed rows × "
+           f"{epochs:g} epochs / batch {batch} → {steps} steps")
+  if accum > 1:
+    how += f" ({accum} accumulation micro-batches of {batch // accum} rows each)"
   return steps, how
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from leo_mini_jax.data import conversation as conv
+from leo_mini_jax.data import encoder
 from leo_mini_jax.data import images
 from leo_mini_jax.data import llava
 from leo_mini_jax.data import pipeline
@@ -137,7 +138,7 @@ def test_decode_failure_after_validation_becomes_an_empty_row(exported, caplog):
   cfg = pipeline.default_data_config()
   cfg.update(kind="llava", eval_json=path, batch_size=4, max_length=64, resolution=R,
              system_prompt="", image_check="exists")
-  with caplog.at_level(logging.WARNING, logger=pipeline.logger.name):
+  with caplog.at_level(logging.WARNING, logger=encoder.logger.name):
     batch, meta = next(iter(pipeline.make_dataset(cfg, split="eval", process_index=0,
                                                   process_count=1, mode="eval")))
   np.testing.assert_array_equal(meta["valid"], [True, False, True, False])
