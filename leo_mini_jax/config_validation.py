@@ -160,14 +160,11 @@ def check_optimizer(config: Any) -> None:
 
 
 def check_packing(config: Any, num_visual_tokens: int) -> None:
-  """data.packing is a bool, and with it every image slot of a row can be filled: when
-  max_length counts visual tokens, a row holds at most max_length // N^V images, and
-  slots beyond that only cost vision-encoder work on empty images."""
+  """With data.packing every image slot of a row can be filled: when max_length counts
+  visual tokens, a row holds at most max_length // N^V images, and slots beyond that only
+  cost vision-encoder work on empty images."""
   data = config.get("data") or {}
-  packing = data.get("packing", False)
-  if not isinstance(packing, bool):
-    _fail("data.packing", f"must be True or False, got {packing!r}")
-  if not packing or not data.get("max_length_counts_visual_tokens"):
+  if not data.get("packing") or not data.get("max_length_counts_visual_tokens"):
     return
   fit = int(data.max_length) // max(int(num_visual_tokens), 1)
   if fit < 1:

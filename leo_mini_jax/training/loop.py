@@ -220,8 +220,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
                                            num_visual_tokens=num_visual)
     packed_rows = None
     if config.data.get("packing"):
-      packed_rows = packing_lib.row_plan(prepared, config.data, config.data.seed
-                                         ).rows_of_epochs(float(config.get("num_epochs", 1)))
+      plan = packing_lib.row_plan(prepared, config.data, config.data.seed)
+      packed_rows = plan.rows_of_epochs(float(config.get("num_epochs", 1)))
     steps, how = optimizer_lib.derived_total_steps(config, prepared.num_examples,
                                                    packed_rows)
     config = copy.deepcopy(config)
@@ -249,14 +249,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   data = pipeline_lib.make_dataset(config.data, split="train", seed=config.data.seed,
                                    start_position=position, prepared=prepared,
                                    num_visual_tokens=num_visual)
+  spec = data.plan.spec.as_dict() if data.plan else None  # what the row positions mean
   if data.report is not None and data.report.num_skipped:
     logging.warning("data: %s", data.report.summary())
   if latest is not None:  # the position counts examples of the stream these records make
     recovery_lib.check_data_fingerprint(checkpointer.data_position(latest),
                                         data.fingerprint, config.data.get("on_change"))
-    data_position_lib.check_packing_spec(checkpointer.data_position(latest),
-                                    data.plan and data.plan.spec.as_dict(),
-                                    config.data.get("on_change"))
+    data_position_lib.check_packing_spec(checkpointer.data_position(latest), spec,
+                                         config.data.get("on_change"))
   if data.tokenizer.vocab_size > config.model.llm.vocab_size:
     raise ValueError(f"config.model.llm.vocab_size={config.model.llm.vocab_size} is smaller "
                      f"than the tokenizer's vocabulary ({data.tokenizer.vocab_size})")
@@ -323,7 +323,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     if reason and checkpointer.latest_step() != done:
       guards_lib.check_finite_state(state, done)
       checkpointer.save(done, state, {
-          **data_position_lib.position_record(position, data.plan and data.plan.spec.as_dict()),
+          **data_position_lib.position_record(position, spec),
           "seed": int(config.data.seed),
           "global_batch_size": int(config.data.batch_size),
           "process_count": jax.process_count(), "stage": int(config.stage),

@@ -254,10 +254,10 @@ def check_data_fingerprint(position: dict | None, fingerprint: str,
   on_change = on_change or "stop"
   if on_change not in ("stop", "warn"):
     raise ValueError(f"config.data.on_change: must be 'stop' or 'warn', got {on_change!r}")
+  consumed = position.get("examples_seen", position.get("rows_seen"))  # rows when packed
   message = (f"the usable data records changed since the checkpoint (fingerprint {saved} "
              f"→ {fingerprint}: a record or image added, removed or fixed), so data "
-             f"position {(position or {}).get('examples_seen', (position or {}).get('rows_seen'))} "
-             "is in another order")
+             f"position {consumed} is in another order")
   if on_change == "stop":
     raise DataChangedError(message + "; restore the data, or set config.data.on_change="
                            "'warn' to go on")

@@ -128,7 +128,8 @@ def test_packed_synthetic_batches_match_the_unpacked_encoding():
   iterator = data.iterator()
   for step in range(2):
     batch = next(iterator)
-    assert batch["segment_ids"].shape == (4, 256) and batch["image"].shape == (4, 4, R, R, 3)
+    assert batch["segment_ids"].shape == (4, 256)
+    assert batch["image"].shape == (4, 4, R, R, 3)
     assert batch["has_image"].shape == (4, 4)
     assert (batch["segment_ids"].max(1) > 1).all()  # several examples per row
     _check_rows_against_unpacked(batch, data, prepared, 4 * step)
