@@ -138,7 +138,8 @@ def step_batches(config, max_images: int, window: int = packing.DEFAULT_WINDOW, 
 
 def _counts(batch) -> tuple[int, int]:
   """(real examples, supervised tokens as the step counts them) of a batch."""
-  examples = packing.batch_counts(batch)["examples"]
+  examples = int(batch["segment_ids"].max(axis=1).sum()) if "segment_ids" in batch \
+      else batch["input_ids"].shape[0]
   supervised = int((batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).sum())
   return examples, supervised
 

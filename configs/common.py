@@ -189,6 +189,10 @@ def base_config(stage: int, train_sam_neck: bool = False) -> ml_collections.Conf
 FULL_SIZE_LEARNING_RATES = {1: 1e-3, 2: 2e-5, 3: 2e-4}
 FULL_SIZE_BATCH_SIZES = {1: 256, 2: 128, 3: 128}
 STAGE3_LR_MULTS = {"projector": 0.1}  # 2e-5 / 2e-4 (mm_projector_lr / learning_rate)
+# Image slots per packed row in stage 3: every slot runs the vision experts, filled or
+# not; at a mean length of max_length/4, 4 slots pack 3.8 examples per row (6% padding)
+# and more slots add vision work faster than examples (docs/performance.md, Packing).
+STAGE3_IMAGES_PER_ROW = 4
 
 
 def full_size_config(llm: dict, template: str, arg_string: str | None,
@@ -212,6 +216,14 @@ def full_size_config(llm: dict, template: str, arg_string: str | None,
   config.data.max_length_counts_visual_tokens = True
   config.data.batch_size = FULL_SIZE_BATCH_SIZES[arg.stage]
   config.data.num_workers = 8
+  # Packing (data/packing.py; benchmarks/packing.py measured it): stage 3's rows hold
+  # several LLaVA-665K conversations of N^V + text tokens each. Stages 1–2 stay unpacked:
+  # there an image costs 1024 of the 2048 positions (EAGLE's 32×32 fused grid), so no
+  # two image examples fit one row and packing would only add the few text-only ones.
+  if arg.stage == 3:
+    config.data.packing = True
+    config.data.max_images_per_row = min(STAGE3_IMAGES_PER_ROW,
+                                         config.data.max_length // arg.tokens)
   config.optimizer.lr = FULL_SIZE_LEARNING_RATES[arg.stage]
   if arg.stage == 3:
     config.optimizer.lr_mults = dict(STAGE3_LR_MULTS)

@@ -343,17 +343,3 @@ def row_plan(prepared: Any, data_cfg, seed: int) -> RowPlan:
 def packed_dataset(prepared: Any, plan: RowPlan) -> grain.MapDataset:
   """The infinite MapDataset of packed rows (global row order, not yet sharded)."""
   return grain.MapDataset.source(PackedRecords(prepared.source, plan))
-
-
-def batch_counts(batch: dict[str, np.ndarray], visual_tokens: int = 1
-                 ) -> dict[str, float]:
-  """Host-side counts of one (local) batch: real examples, rows, and the tokens the row
-  budget holds (text + counted visual tokens), for examples/s and the packing density."""
-  mask = np.asarray(batch["attention_mask"])
-  images = int(np.asarray(batch["has_image"]).sum())
-  if "segment_ids" in batch:
-    examples = int(np.asarray(batch["segment_ids"]).max(axis=-1).sum())
-  else:
-    examples = mask.shape[0]
-  return {"examples": examples, "rows": mask.shape[0],
-          "budget_tokens": int(mask.sum()) + images * (visual_tokens - 1)}

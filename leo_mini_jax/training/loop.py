@@ -273,23 +273,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, initial=start_step, desc=f"stage {config.stage}", leave=True)
-  history, pending, pending_counts = [], [], []
-  throughput = metrics_lib.Throughput(config.data.max_length, jax.process_count())
-  visual = data.plan.spec.visual_tokens if data.plan else 1
-
-  def next_batch():  # the global batch, and the host's counts of this process's rows
-    local = next(data_iter)
-    return setup.global_batch(local), packing_lib.batch_counts(local, visual)
+  history, pending = [], []
+  throughput = metrics_lib.Throughput()
   last_metrics: dict[str, float] = {}
   stopped = "done" if total == config.total_steps else "stop_at"
   train_step = compiling.result()  # donates the state: only the returned one is read
-  batch, counts = next_batch() if start_step < total else (None, None)
+  batch = setup.global_batch(next(data_iter)) if start_step < total else None
   for step in range(start_step, total):
     state, metrics = train_step(state, batch)
-    pending_counts.append(counts)
     # The next batch is assembled and sent while the step runs (dispatch is asynchronous),
     # so the metrics fetch below never waits on the host pipeline as well.
-    batch, counts = next_batch() if step + 1 < total else (None, None)
+    batch = setup.global_batch(next(data_iter)) if step + 1 < total else None
     position += int(config.data.batch_size)
     pending.append(metrics)
     done = step + 1
@@ -307,8 +301,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
       if throughput.start_time is None:  # the first fetch includes compilation
         throughput.start()
       else:
-        throughput.add(fetched, pending_counts)
-      pending, pending_counts = [], []
+        throughput.add(fetched)
+      pending = []
       last_metrics = fetched[-1]
       if done % config.log_every == 0 or reason in ("final", "preempted"):
         last_metrics.update(throughput.rates())
@@ -317,7 +311,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
         if bar is not None:
           bar.set_postfix(loss=f"{last_metrics['loss']:.3f}",
                           ex_s=f"{last_metrics.get('examples_per_second', 0):.1f}",
-                          density=f"{last_metrics.get('packing_density', 0):.2f}")
+                          density=f"{last_metrics.get('density', 0):.2f}")
     if bar is not None:
       bar.update(1)
     if reason and checkpointer.latest_step() != done:

@@ -137,42 +137,29 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 class Throughput:
   """Training rates over the steps since `start()` (the first metrics fetch, which
-  includes compilation): tokens/s (the LLM's real positions), supervised tokens/s, real
-  examples/s (with data.packing a row holds several) and the packing density.
-
-  Real examples come from the step's 'examples' metric when it has one (global), else
-  from the host's count of its own rows × the process count. The density is the share
-  of the row budget (rows × data.max_length) that real tokens fill, as the planner
-  counts them (text, plus visual tokens when max_length counts them), over this
-  process's rows.
+  includes compilation), from the step's metrics: tokens/s (the LLM's real positions),
+  supervised tokens/s and real examples/s (with data.packing a row holds several).
+  The step's own 'density' (real LLM tokens per position computed) is logged per step.
   """
 
-  def __init__(self, row_length: int, process_count: int = 1):
-    self.row_length, self.process_count = int(row_length), int(process_count)
+  def __init__(self):
     self.start_time = None
-    self.steps, self.tokens, self.supervised, self.examples = 0, 0.0, 0.0, 0.0
-    self.rows, self.budget_tokens = 0, 0
+    self.tokens, self.supervised, self.examples = 0.0, 0.0, 0.0
 
   def start(self) -> None:
     self.start_time = time.perf_counter()
 
-  def add(self, fetched: list[dict[str, float]], host_counts: list[dict[str, float]]
-          ) -> None:
-    """The fetched metrics of some steps and the host counts of their batches."""
-    for metrics, counts in zip(fetched, host_counts):
-      self.steps += 1
-      self.tokens += metrics.get("tokens", 0.0)
-      self.supervised += metrics.get("supervised_tokens", 0.0)
-      self.examples += metrics.get("examples",
-                                   counts["examples"] * self.process_count)
-      self.rows += counts["rows"]
-      self.budget_tokens += counts["budget_tokens"]
+  def add(self, fetched: list[dict[str, float]]) -> None:
+    """The fetched metrics of some steps after the start."""
+    for metrics in fetched:
+      self.tokens += metrics["tokens"]
+      self.supervised += metrics["supervised_tokens"]
+      self.examples += metrics["examples"]
 
   def rates(self) -> dict[str, float]:
     elapsed = 0.0 if self.start_time is None else time.perf_counter() - self.start_time
-    if not self.steps or elapsed <= 0:
+    if not self.tokens or elapsed <= 0:
       return {}
     return {"tokens_per_second": self.tokens / elapsed,
             "supervised_tokens_per_second": self.supervised / elapsed,
-            "examples_per_second": self.examples / elapsed,
-            "packing_density": self.budget_tokens / max(self.rows * self.row_length, 1)}
+            "examples_per_second": self.examples / elapsed}
