@@ -11,9 +11,11 @@ Three tables:
      image slots per row K; from the JSON's records as start-up validation measures them,
      or from the synthetic distribution;
   2. the train step (stage 3) at the benchmarks' 'tiny' and 'small' sizes (steps.SIZES)
-     on this machine: real examples/s and supervised tokens/s, unpacked rows vs packed
-     rows of the synthetic distribution at that size's max_length, same batch of rows,
-     same parameters, timed alternately;
+     on this machine, unpacked rows vs packed rows of the synthetic distribution at that
+     size's max_length, same number of rows, same parameters, timed alternately. Rows
+     have static shapes, so a step's time does not depend on what its rows hold: real
+     examples/s and supervised tokens/s are rows/s × the epoch's mean examples and
+     supervised tokens per row (the timed batch's own counts are printed beside);
   3. at paper scale (--flops_config, abstract shapes, no weights): the train step's
      FLOPs per row, counted from its jaxpr with every scanned layer (XLA's cost_analysis
      counts a scan body once), divided by the real examples per row: unpacked 1, packed
@@ -116,9 +118,9 @@ def _example(cost, has_image, config, visual_extra, rng):
 
 
 def step_batches(config, max_images: int, window: int = packing.DEFAULT_WINDOW, seed=0):
-  """(unpacked batch, packed batch) of data.batch_size rows each, from one synthetic
-  stream at the config's max_length: the first B examples, and B rows from the middle
-  of the stream's packed plan."""
+  """(unpacked batch, packed batch, {variant: (examples, supervised tokens) per row over
+  the epoch}) for data.batch_size rows, from one synthetic epoch at the config's
+  max_length: the first B examples, and B rows from the middle of its packed plan."""
   batch, length = int(config.data.batch_size), int(config.data.max_length)
   visual_extra = 0
   if config.data.get("max_length_counts_visual_tokens"):
@@ -133,7 +135,13 @@ def step_batches(config, max_images: int, window: int = packing.DEFAULT_WINDOW, 
   packed = encoder_lib.collate([
       packing.pack_examples([example(i) for i in row], length, max_images, 0,
                             visual_extra + 1) for row in rows[middle:middle + batch]])
-  return unpacked, packed
+  # _example supervises the second half of an example's text, as the step counts it.
+  text = costs.tokens - np.where(costs.images, visual_extra, 0)
+  supervised = float(np.sum(text - text // 2))
+  num = len(costs.tokens)
+  per_row = {"unpacked": (1.0, supervised / num),
+             "packed": (num / len(rows), supervised / len(rows))}
+  return unpacked, packed, per_row
 
 
 def _counts(batch) -> tuple[int, int]:
@@ -150,7 +158,7 @@ def throughput(size_name: str, max_images: int, rounds: int) -> list[dict]:
   base = steps_bench.model_config(size, 3, size["batch"])
   packed_config = base.copy_and_resolve_references()
   packed_config.data.update(packing=True, max_images_per_row=max_images)
-  unpacked_np, packed_np = step_batches(base, max_images)
+  unpacked_np, packed_np, per_row = step_batches(base, max_images)
   runs, counts = {}, {}
   for name, config, batch_np in (("unpacked", base, unpacked_np),
                                  ("packed", packed_config, packed_np)):
@@ -167,10 +175,12 @@ def throughput(size_name: str, max_images: int, rounds: int) -> list[dict]:
   out = []
   for name in runs:
     seconds = bench_utils.median(times[name])
-    examples, supervised = counts[name]
+    rows_per_s = size["batch"] / seconds
     out.append({"size": size_name, "variant": name, "step_ms": 1e3 * seconds,
-                "examples": examples, "examples_per_s": examples / seconds,
-                "supervised_per_s": supervised / seconds})
+                "batch_examples": counts[name][0],
+                "examples_per_row": per_row[name][0],
+                "examples_per_s": rows_per_s * per_row[name][0],
+                "supervised_per_s": rows_per_s * per_row[name][1]})
   return out
 
 
@@ -236,12 +246,13 @@ def main(argv):
   if sizes:
     print(f"\n2. stage-3 train step on {jax.device_count()} x {jax.devices()[0].device_kind}"
           f", K={FLAGS.throughput_max_images}, median of {FLAGS.rounds} alternating steps")
-    print(f"{'size':<7}{'variant':<10}{'step ms':>9}{'examples':>10}{'examples/s':>12}"
-          f"{'supervised tok/s':>18}")
+    print(f"{'size':<7}{'variant':<10}{'step ms':>9}{'batch ex':>10}{'ex/row':>8}"
+          f"{'examples/s':>12}{'supervised tok/s':>18}")
     for size in sizes:
       rows = throughput(size, FLAGS.throughput_max_images, FLAGS.rounds)
       for r in rows:
-        print(f"{r['size']:<7}{r['variant']:<10}{r['step_ms']:>9.1f}{r['examples']:>10}"
+        print(f"{r['size']:<7}{r['variant']:<10}{r['step_ms']:>9.1f}"
+              f"{r['batch_examples']:>10}{r['examples_per_row']:>8.2f}"
               f"{r['examples_per_s']:>12.1f}{r['supervised_per_s']:>18.0f}")
       gain = rows[1]["examples_per_s"] / rows[0]["examples_per_s"]
       print(f"{size}: packed / unpacked real examples/s = {gain:.2f}x")

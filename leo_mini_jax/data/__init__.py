@@ -8,5 +8,6 @@
   llava.py         validated LLaVA JSON + image folder source
   tfds_builder.py  LLaVA JSON → TFDS ArrayRecord build, and its source
   encoder.py       one record → the arrays of one row (ExampleEncoder), collate
+  packing.py       data.packing: the global per-epoch row plan and packed rows
   pipeline.py      make_dataset(data_cfg, ...) and default_data_config()
 """

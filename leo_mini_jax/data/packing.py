@@ -329,6 +329,9 @@ def example_costs(prepared: Any) -> Costs:
   if report is not None and len(report.kept_lengths) == len(source):
     costs = _costs(report.kept_lengths, report.kept_images, encoder.max_length)
   else:
+    if not isinstance(source, synthetic.SyntheticVQA):
+      logger.info("packing: tokenizing %d records for their lengths (no validation "
+                  "report to take them from: data.validate=False)", len(source))
     costs = measure_costs(source, encoder)
   prepared.costs = costs
   return costs

@@ -3,8 +3,9 @@
 Layout of a run's workdir (local or gs://, through etils.epath):
 
     <workdir>/checkpoints/<step>/state          TrainState as {'step', 'params', 'opt_state'}
-    <workdir>/checkpoints/<step>/data_position  JSON: examples of the global shuffled
-                                                stream consumed (see below)
+    <workdir>/checkpoints/<step>/data_position  JSON: examples (with data.packing:
+                                                packed rows) of the global shuffled
+                                                stream consumed (data_position.py)
 
 A parameters-only checkpoint (what `porting.convert` writes, and what `init_from` also
 accepts) is an orbax PyTree checkpoint directory holding {'params': ...}.
