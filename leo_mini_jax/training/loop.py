@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from leo_mini_jax import batch as batch_lib
+from leo_mini_jax import checkpoints as checkpoints_lib
 from leo_mini_jax import config_validation
 from leo_mini_jax import run_record
 from leo_mini_jax import runtime as runtime_lib
+from leo_mini_jax import stages as stages_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.models import factory
 from leo_mini_jax.parallel import mesh as mesh_lib
@@ -122,9 +124,9 @@ def initial_state(setup: TrainSetup, checkpointer: checkpoint_lib.Checkpointer,
     return state, f"resumed from step {step}"
   if config.get("init_from"):
     recovery_lib.check_init_from(config.init_from)
-    allow_missing = optimizer_lib.STAGE_NEW_PARAMS.get(config.stage, r"$^")
+    allow_missing = stages_lib.STAGE_NEW_PARAMS.get(config.stage, r"$^")
     source = {}
-    params, fresh = checkpoint_lib.load_params(
+    params, fresh = checkpoints_lib.load_params(
         config.init_from, setup.abstract_state.params,
         lambda paths: setup.init_params_subset(paths, config.seed), allow_missing,
         source=source)

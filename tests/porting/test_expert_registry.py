@@ -17,7 +17,7 @@ from leo_mini_jax.porting import eagle
 from leo_mini_jax.porting import eva02 as eva02_port
 from leo_mini_jax.porting import expert_port
 from leo_mini_jax.porting import sam as sam_port
-from leo_mini_jax.training import optimizer
+from leo_mini_jax import stages
 
 
 @pytest.fixture
@@ -104,13 +104,13 @@ def test_fresh_parameters_come_from_the_registry(registry):
   tower = "vision/sam/layers/blocks_0/attn/proj/kernel"
   assert experts.fresh_params() == "vision/sam/eagle_neck/.*"
   assert sam_port.EAGLE_NECK == experts.expert_spec("sam").fresh
-  for regex in (convert.NEW_MODULES, optimizer.STAGE_NEW_PARAMS[1], optimizer.SAM_NECK_RULE[0]):
+  for regex in (convert.NEW_MODULES, stages.STAGE_NEW_PARAMS[1], stages.SAM_NECK_RULE[0]):
     assert regex.endswith(experts.fresh_params())
     assert re.fullmatch(regex, neck) and not re.fullmatch(regex, tower)
   # Stage 1 still starts the projector and CoTR fresh, and nothing else.
   for path, fresh in (("projector/fc1/kernel", True), ("reducer/x", True),
                       ("llm/layers/mlp/mmoe_a", False), ("vision/clip/x", False)):
-    assert bool(re.fullmatch(optimizer.STAGE_NEW_PARAMS[1], path)) == fresh, path
+    assert bool(re.fullmatch(stages.STAGE_NEW_PARAMS[1], path)) == fresh, path
   experts.register_expert("toy", sam_lib.SamConfig, sam_lib.SamVisionTower,
                           port="leo_mini_jax.porting.sam", fresh="adapter/.*")
   combined = experts.fresh_params()
