@@ -8,7 +8,7 @@ JAX side: the real train step — `loop.TrainSetup` on a config built from the s
 dimensions (`model_config`), jitted as training runs it (donated state, non-finite guard),
 on `workload.synthetic_batch` (a full-length batch: an image per row, instruction tokens
 in the first half, supervised answer tokens in the second). Loss, gradients of the stage's
-trainable set (Table 6, `optimizer.STAGE_SCHEDULES`) and the clipped AdamW update.
+trainable set (Table 6, `stages.STAGE_SCHEDULES`) and the clipped AdamW update.
 
   stage 2: everything trains — both experts, the projector and the LLM (the schedule is
            ('.*', 'main')); experts fused EAGLE's way (each map resized bilinearly to the

@@ -133,6 +133,7 @@ def base_config(stage: int, train_sam_neck: bool = False) -> ml_collections.Conf
   train_sam_neck: stage 1 also trains SAM's new EAGLE neck (EAGLE keeps it frozen).
   """
   # Imported here so that config files stay importable for shape-only tools.
+  from leo_mini_jax import stages  # pylint: disable=g-import-not-at-top
   from leo_mini_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from leo_mini_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   from leo_mini_jax.training import optimizer  # pylint: disable=g-import-not-at-top
@@ -147,7 +148,7 @@ def base_config(stage: int, train_sam_neck: bool = False) -> ml_collections.Conf
   config.data.image_aspect = "crop" if stage == 1 else "pad"
   config.optimizer = optimizer.default_optimizer_config()
   # Table 6 as (regex over parameter paths, group or None = frozen); first match wins.
-  config.schedule = optimizer.stage_schedule(stage, train_sam_neck)
+  config.schedule = stages.stage_schedule(stage, train_sam_neck)
   config.total_steps = 1000
   # Passes over the usable training records when total_steps=0 (the length, and the
   # cosine horizon, then follow the data: "N records × E epochs / batch B → S steps").

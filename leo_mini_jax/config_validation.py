@@ -109,9 +109,8 @@ def check_schedule(schedule: Sequence[Sequence[Any]], paths: Sequence[str],
       stage and SAM_NECK_RULE, which name modules only some expert sets have).
   """
   if optional is None:
-    from leo_mini_jax.training import optimizer  # pylint: disable=g-import-not-at-top
-    optional = [rule for rules in optimizer.STAGE_SCHEDULES.values() for rule in rules]
-    optional.append(optimizer.SAM_NECK_RULE)
+    from leo_mini_jax import stages  # pylint: disable=g-import-not-at-top
+    optional = stages.builtin_rules()
   optional = {tuple(rule) for rule in optional}
   compiled = []
   for i, rule in enumerate(schedule):

@@ -37,6 +37,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from leo_mini_jax import checkpoints as checkpoints_lib
 from leo_mini_jax import cli
 from leo_mini_jax import run_record
 from leo_mini_jax.data import conversation as conversation_lib
@@ -45,7 +46,6 @@ from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.data import tokenizers as tokenizers_lib
 from leo_mini_jax.evaluation import generate as generate_lib
 from leo_mini_jax.models import factory
-from leo_mini_jax.training import checkpoint as checkpoint_lib
 
 LENGTH_BUCKET = 64  # prompts are padded to a multiple of this: few shapes to compile
 
@@ -116,7 +116,7 @@ def restore_params(config: ml_collections.ConfigDict, checkpoint: str, model) ->
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           factory.abstract_params(config, model, boxed=False))
   try:
-    params, _ = checkpoint_lib.load_params(checkpoint, abstract)
+    params, _ = checkpoints_lib.load_params(checkpoint, abstract)
   except FileNotFoundError as e:
     raise AskError(f"no checkpoint in {checkpoint}: {str(e).removeprefix('init_from: ')}"
                    ) from None

@@ -19,6 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from leo_mini_jax import checkpoints as checkpoints_lib
+from leo_mini_jax import run_events
 from leo_mini_jax import run_record
 from leo_mini_jax import runtime as runtime_lib
 from leo_mini_jax.data import images as images_lib
@@ -30,15 +32,13 @@ from leo_mini_jax.evaluation import generate as generate_lib
 from leo_mini_jax.evaluation import metrics as metrics_lib
 from leo_mini_jax.evaluation import routing as routing_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
-from leo_mini_jax.training import checkpoint as checkpoint_lib
-from leo_mini_jax.training import metrics as log_metrics
 
 
 def restore_params(setup: runtime_lib.ModelRuntime, workdir: str, source: dict | None = None) -> Any:
   """The params of the workdir's latest complete checkpoint, with the setup's shardings
   (verified as on resume; `source` receives the step read)."""
-  params, _ = checkpoint_lib.load_params(workdir, setup.abstract_params,
-                                         source=source)
+  params, _ = checkpoints_lib.load_params(workdir, setup.abstract_params,
+                                          source=source)
   return params
 
 
@@ -107,7 +107,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: Any = None
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
   # Beside the training curves, at the step of the checkpoint evaluated.
-  log_metrics.write_tensorboard(workdir, run_record.latest_step(workdir) or 0, {
+  run_events.write_tensorboard(workdir, run_record.latest_step(workdir) or 0, {
       f"eval/accuracy/{qtype}": value for qtype, value in accuracy.items()})
   if verbose:
     print(format_report(result))
@@ -238,7 +238,7 @@ def evaluate_benchmarks(config: ml_collections.ConfigDict, workdir: str, params:
         routing_panels[bench.title] = routing_lib.fractions(generation.routing)
       _write_json(os.path.join(out_dir, "metrics.json"), metrics)
     results[bench.name] = metrics
-  log_metrics.write_tensorboard(workdir, run_record.latest_step(workdir) or 0, {
+  run_events.write_tensorboard(workdir, run_record.latest_step(workdir) or 0, {
       f"eval/{name}/score": metrics["score"] for name, metrics in results.items()})
   if writer:
     summary = format_summary(collect_metrics(eval_dir),

@@ -29,6 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from leo_mini_jax.models.vision import clip as clip_lib
+from leo_mini_jax.porting import expert_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
@@ -154,16 +155,9 @@ def load_clip(path: str | os.PathLike, cls_token: str = "keep", image_size: int 
 
 
 load_expert = load_clip
-
-
-def eagle_rules(cfg: clip_lib.ClipConfig) -> list[mapping.Rule]:
-  """EAGLE's CLIP tower holds HF's CLIPVisionModel; its table needs no config."""
-  del cfg
-  return clip_rules()
-
-# ClipConfig fields a checkpoint does not determine (taken from the run's config).
-RUN_FIELDS = ("image_size", "cls_token", "mean", "std", "dtype", "param_dtype", "remat",
-              "attention_impl")
+# EAGLE's CLIP tower holds HF's CLIPVisionModel.
+eagle_rules = expert_port.config_free(clip_rules)
+RUN_FIELDS = expert_port.run_fields(clip_lib.ClipConfig, "image_size", "cls_token")
 
 
 def open_source(path: str, cfg: clip_lib.ClipConfig, overrides: dict):

@@ -23,7 +23,7 @@ config's, and every disagreement is named (a wrong rope_theta or activation woul
 otherwise load without a shape error and compute something else).
 
 Output format: an orbax PyTree checkpoint directory (`ocp.PyTreeCheckpointer`, written by
-`training.checkpoint.save_params`) holding one item `{'params': params}`, where `params`
+`checkpoints.save_params`) holding one item `{'params': params}`, where `params`
 is the nested dict of the LeoMini params tree with the ported parameters only, in the
 config's param dtypes: `llm/...` and `vision/<name>/...`. New modules — the projector,
 the reducer (CoTR/MQT) and MMoE-LLM's LoRA experts and routers, i.e. `--allow_missing`
@@ -134,8 +134,8 @@ def _convert(config: ml_collections.ConfigDict, build_sources_fn, out_dir: str,
   """Builds the config's abstract LeoMini tree, fills it from `build_sources_fn(model
   config) -> (reader, rules)` (and `fresh_experts` from a fresh init), saves it at
   `out_dir`; returns a summary."""
-  from leo_mini_jax.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from leo_mini_jax import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  from leo_mini_jax import checkpoints as checkpoints_lib  # pylint: disable=import-outside-toplevel
   from leo_mini_jax.models import factory  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   model = factory.build_model(config)
@@ -155,7 +155,7 @@ def _convert(config: ml_collections.ConfigDict, build_sources_fn, out_dir: str,
                  if fresh_pattern and re.fullmatch(fresh_pattern, p))
   if fresh:
     written.update(_fresh_params(model, batch_lib.dummy_batch(config), int(config.seed), fresh, host))
-  checkpoint_lib.save_params(os.fspath(out_dir), mapping.unflatten_tree(written))
+  checkpoints_lib.save_params(os.fspath(out_dir), mapping.unflatten_tree(written))
   left = sorted(set(mapping.flatten_tree(expected)) - set(written))
   return {
       "out": os.path.abspath(os.fspath(out_dir)),

@@ -29,6 +29,7 @@ GRN / overlapping stem (ConvNeXt-V2, other stems) is reported as unexpected.
 """
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from leo_mini_jax.models.vision import convnext as convnext_lib
+from leo_mini_jax.porting import expert_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
@@ -176,15 +178,10 @@ def load_convnext(path: str | os.PathLike, image_size: int = 1024,
 
 
 load_expert = load_convnext
-
-
-def eagle_rules(cfg: convnext_lib.ConvNextConfig) -> list[mapping.Rule]:
-  """EAGLE's ConvNeXt tower holds the timm trunk (no open_clip prefix); no config needed."""
-  del cfg
-  return convnext_rules(open_clip=False)
-
-# ConvNextConfig fields a checkpoint does not determine (taken from the run's config).
-RUN_FIELDS = ("image_size", "layer_norm_eps", "mean", "std", "dtype", "param_dtype", "remat")
+# EAGLE's ConvNeXt tower holds the timm trunk (no open_clip prefix).
+eagle_rules = expert_port.config_free(functools.partial(convnext_rules, open_clip=False))
+RUN_FIELDS = expert_port.run_fields(convnext_lib.ConvNextConfig, "image_size",
+                                    "layer_norm_eps")
 
 
 def open_source(path: str, cfg: convnext_lib.ConvNextConfig, overrides: dict):

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from leo_mini_jax.models.vision import eva02 as eva02_lib
+from leo_mini_jax.porting import expert_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
@@ -217,9 +218,9 @@ def eagle_rules(cfg: eva02_lib.Eva02Config) -> list[mapping.Rule]:
   return eva02_rules(config=cfg)
 
 # Eva02Config fields a checkpoint does not determine (taken from the run's config).
-RUN_FIELDS = ("image_size", "num_heads", "window_size", "window_block_indexes",
-              "rope_pretrain_grid", "rope_theta", "layer_norm_eps", "mean", "std", "dtype",
-              "param_dtype", "remat", "attention_impl", "scan_layers")
+RUN_FIELDS = expert_port.run_fields(
+    eva02_lib.Eva02Config, "image_size", "num_heads", "window_size", "window_block_indexes",
+    "rope_pretrain_grid", "rope_theta", "layer_norm_eps")
 
 
 def open_source(path: str, cfg: eva02_lib.Eva02Config, overrides: dict):

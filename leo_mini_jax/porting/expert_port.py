@@ -8,9 +8,12 @@ that a type checker and `missing_members` read the same contract:
                       keys to the tower's parameter paths (its arguments are the port's own)
   ExpertPort          load_expert, RUN_FIELDS, open_source: every port
   EaglePort           eagle_rules as well: a port whose expert has EAGLE tower names
+
+`run_fields` and `config_free` build the two members most ports spell the same way.
 """
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from leo_mini_jax.models.vision import experts
 from leo_mini_jax.porting import mapping
@@ -41,6 +44,30 @@ class EaglePort(ExpertPort, Protocol):
     reference model's root (the release's prefix is added by the caller)."""
 
 
+# Config fields no checkpoint holds: how the tower normalises its input and computes.
+# Every port's RUN_FIELDS has those of them its config has.
+RUNTIME_FIELDS = ("mean", "std", "dtype", "param_dtype", "remat", "attention_impl",
+                  "scan_layers")
+
+
+def run_fields(config_cls: type, *fields: str) -> tuple[str, ...]:
+  """A port's RUN_FIELDS: `fields`, the tower's own fields its checkpoint does not
+  determine, then the RUNTIME_FIELDS that `config_cls` has."""
+  names = {field.name for field in dataclasses.fields(config_cls)}
+  return (*fields, *(name for name in RUNTIME_FIELDS if name in names))
+
+
+def config_free(table: Callable[[], list[mapping.Rule]]
+                ) -> Callable[[Any], list[mapping.Rule]]:
+  """`eagle_rules` of a port whose EAGLE table is `table()` whatever the run's config
+  (the release stores the tower as its reference checkpoint does)."""
+
+  def eagle_rules(cfg: Any) -> list[mapping.Rule]:
+    del cfg
+    return table()
+  return eagle_rules
+
+
 def members(protocol: type) -> tuple[str, ...]:
   """The public members a protocol declares, its bases' included."""
   names = set()
@@ -64,4 +91,5 @@ def missing_members(name: str, module: Any) -> list[str]:
   return [member for member in wanted if not hasattr(module, member)]
 
 
-__all__ = ["ExpertPort", "EaglePort", "members", "protocol_of", "missing_members"]
+__all__ = ["ExpertPort", "EaglePort", "RUNTIME_FIELDS", "run_fields", "config_free", "members",
+           "protocol_of", "missing_members"]

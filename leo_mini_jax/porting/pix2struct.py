@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from leo_mini_jax.models.vision import pix2struct as p2s_lib
+from leo_mini_jax.porting import expert_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
@@ -235,16 +236,9 @@ def load_encoder(path: str | os.PathLike, image_size: int = 1024, max_patches: i
 
 
 load_expert = load_pix2struct
-
-
-def eagle_rules(cfg: p2s_lib.Pix2StructConfig) -> list[mapping.Rule]:
-  """EAGLE's Pix2Struct tower holds HF's Pix2StructVisionModel; no config needed."""
-  del cfg
-  return pix2struct_rules()
-
-# Pix2StructConfig fields a checkpoint does not determine (taken from the run's config).
-RUN_FIELDS = ("image_size", "max_patches", "mean", "std", "dtype", "param_dtype", "remat",
-              "attention_impl")
+# EAGLE's Pix2Struct tower holds HF's Pix2StructVisionModel.
+eagle_rules = expert_port.config_free(pix2struct_rules)
+RUN_FIELDS = expert_port.run_fields(p2s_lib.Pix2StructConfig, "image_size", "max_patches")
 
 
 def open_source(path: str, cfg: p2s_lib.Pix2StructConfig, overrides: dict):

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from leo_mini_jax.models.vision import experts
 from leo_mini_jax.models.vision import sam as sam_lib
+from leo_mini_jax.porting import expert_port
 from leo_mini_jax.porting import mapping
 from leo_mini_jax.porting import readers
 
@@ -306,8 +307,7 @@ def eagle_rules(cfg: sam_lib.SamConfig) -> list[mapping.Rule]:
   return sam_rules(neck="eagle", config=cfg)
 
 # SamConfig fields a checkpoint does not determine (taken from the run's config).
-RUN_FIELDS = ("neck", "pixel_unshuffle", "mean", "std", "dtype", "param_dtype", "remat",
-              "attention_impl")
+RUN_FIELDS = expert_port.run_fields(sam_lib.SamConfig, "neck", "pixel_unshuffle")
 
 
 def open_source(path: str, cfg: sam_lib.SamConfig, overrides: dict):

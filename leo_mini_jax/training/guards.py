@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from leo_mini_jax import cli
+from leo_mini_jax import tree_checks
 
 # Checked per step; all are scalars the step computes anyway.
 CHECKED_METRICS = ("loss", "balance_loss", "grad_norm")
@@ -51,7 +52,7 @@ def skip_nonfinite(train_step: Callable, trainable: Any) -> Callable:
     # Finite gradients can still give a non-finite update: check what would be kept.
     new_trainable = [p for p, m in zip(jax.tree.leaves(new_state.params),
                                        jax.tree.leaves(trainable)) if m]
-    finite_update = _all_finite((new_trainable, new_state.opt_state))
+    finite_update = tree_checks.all_finite((new_trainable, new_state.opt_state))
     finite = finite_metrics & finite_update
     keep = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(lambda new, old, m: keep(new, old) if m else new,
@@ -117,20 +118,8 @@ def _cause(row: dict[str, float]) -> str:
   return values
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def check_finite_state(state: Any, step: int) -> None:
   """Raises NonFiniteError when any float leaf of `state` is NaN/inf (before a save)."""
-  if not bool(_all_finite((state.params, state.opt_state))):
+  if not bool(tree_checks.all_finite((state.params, state.opt_state))):
     raise NonFiniteError(f"step {step}: the train state holds non-finite values; "
                          "refusing to write a checkpoint from it")
-
-
-def tree_is_finite(tree: Any) -> bool:
-  """True when every float leaf of `tree` is finite (one device reduction, one sync)."""
-  return bool(_all_finite(tree))

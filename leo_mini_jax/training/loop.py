@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from leo_mini_jax import batch as batch_lib
+from leo_mini_jax import checkpoints as checkpoints_lib
 from leo_mini_jax import config_validation
 from leo_mini_jax import run_record
 from leo_mini_jax import runtime as runtime_lib
+from leo_mini_jax import stages as stages_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.models import factory
 from leo_mini_jax.parallel import mesh as mesh_lib
@@ -122,9 +124,9 @@ def initial_state(setup: TrainSetup, checkpointer: checkpoint_lib.Checkpointer,
     return state, f"resumed from step {step}"
   if config.get("init_from"):
     recovery_lib.check_init_from(config.init_from)
-    allow_missing = optimizer_lib.STAGE_NEW_PARAMS.get(config.stage, r"$^")
+    allow_missing = stages_lib.STAGE_NEW_PARAMS.get(config.stage, r"$^")
     source = {}
-    params, fresh = checkpoint_lib.load_params(
+    params, fresh = checkpoints_lib.load_params(
         config.init_from, setup.abstract_state.params,
         lambda paths: setup.init_params_subset(paths, config.seed), allow_missing,
         source=source)
@@ -181,16 +183,22 @@ def check_batch(config: ml_collections.ConfigDict, mesh, process_count: int | No
 
 def train(config: ml_collections.ConfigDict, workdir: str, *args, **kwargs
           ) -> dict[str, Any]:
-  """`_train` holding the workdir's lock (process 0): a second run on it stops at start."""
+  """`_train` holding the workdir's lock (process 0): a second run on it stops at start.
+
+  What `_train` opens (checkpointer, data iterator, metrics writer, ...) it registers on
+  `closing` as it opens it; however `_train` ends (done, preempted, stop_at, non-finite
+  steps, any exception) they close here, newest first, before the lock is released.
+  """
   lock = (workdir_lock_lib.WorkdirLock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
-  with lock:
-    return _train(config, workdir, *args, **kwargs)
+  with lock, contextlib.ExitStack() as closing:
+    return _train(config, workdir, *args, closing=closing, **kwargs)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
            mesh=None, stop_at: int | None = None,
-           preemption: preemption_lib.PreemptionWatcher | None = None) -> dict[str, Any]:
+           preemption: preemption_lib.PreemptionWatcher | None = None, *,
+           closing: contextlib.ExitStack) -> dict[str, Any]:
   """Runs `config.total_steps` steps (resuming if the workdir has a checkpoint).
 
   total_steps=0 derives the length from the data: `config.num_epochs` passes over the
@@ -206,6 +214,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
       still span `config.total_steps`.
     preemption: the watcher asked after every step (default: a new one, which owns
       SIGTERM in a single-process run).
+    closing: where what this opens is registered to be closed (see `train`).
 
   Returns a summary: the final state, logged history, final metrics, the TrainSetup, and
   'stopped' ('done', 'stop_at' or 'preempted').
@@ -234,6 +243,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
       .compile())
   compiler.shutdown(wait=False)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+  closing.callback(checkpointer.close)
+  closing.callback(checkpointer.wait)  # runs first: an async save finishes before close
   latest = checkpointer.latest_step()
   state, how = initial_state(setup, checkpointer, latest)
   latest = None if latest is None else int(state.step)  # a broken latest falls back
@@ -251,18 +262,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     raise ValueError(f"config.model.llm.vocab_size={config.model.llm.vocab_size} is smaller "
                      f"than the tokenizer's vocabulary ({data.tokenizer.vocab_size})")
   data_iter = data.iterator()
+  # Grain worker processes and their shared memory go when the run ends, not whenever the
+  # iterator is garbage-collected (in whatever thread, during whatever the caller runs next).
+  closing.callback(data_iter.close)
   watcher = preemption or preemption_lib.PreemptionWatcher()
+  if preemption is None:
+    closing.callback(watcher.close)
   policy = checkpoint_lib.SavePolicy(config.checkpoint)
   start_step = int(state.step)
   recovery_lib.truncate_metrics(workdir, start_step)  # rows a killed run wrote
   # TensorBoard is rebuilt from the (truncated) metrics.jsonl: both show the same steps.
   writer = metrics_lib.MetricsWriter(workdir)
+  closing.callback(writer.close)
   nonfinite = guards_lib.NonFiniteTracker(guards_lib.max_bad_steps(config))
   total = int(config.total_steps) if stop_at is None else min(stop_at, config.total_steps)
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, initial=start_step, desc=f"stage {config.stage}", leave=True)
+    closing.callback(bar.close)
   history, pending = [], []
   timer_start, timer_steps, timer_tokens, timer_examples = None, 0, 0.0, 0
   last_metrics: dict[str, float] = {}
@@ -280,14 +298,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     reason = policy.reason(done, total, watcher.reached(done))
     if (len(pending) >= MAX_QUEUED_STEPS or done % config.log_every == 0 or reason):
       fetched = [metrics_lib.scalar_metrics(m) for m in jax.device_get(pending)]
-      try:  # before any save below: a run that keeps diverging stops, naming the step
-        nonfinite.observe(fetched, done - len(pending) + 1)
-      except guards_lib.NonFiniteError:
-        data_iter.close()
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
-        raise
+      # Before any save below: a run that keeps diverging stops, naming the step.
+      nonfinite.observe(fetched, done - len(pending) + 1)
       pending = []
       if timer_start is None:  # the first fetch includes compilation: start timing after it
         timer_start = time.perf_counter()
@@ -320,16 +332,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
       logging.warning("preemption notice: saved step %d, stopping", done)
       stopped = "preempted"
       break
-  # Grain worker processes and their shared memory go now, not whenever the iterator is
-  # garbage-collected (in whatever thread, during whatever the caller runs next).
-  data_iter.close()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  if preemption is None:
-    watcher.close()
-  if bar is not None:
-    bar.close()
   return {"state": state, "history": history, "final": last_metrics, "setup": setup,
           "stopped": stopped, "total_steps": int(config.total_steps)}
 

@@ -9,8 +9,7 @@ from etils import epath
 import jax
 import numpy as np
 
-TENSORBOARD = "tensorboard"
-EVAL_EVENTS = "eval"  # evaluations' scalars: a run of their own beside the training curves
+from leo_mini_jax import run_events
 
 
 def _is_remote(path: epath.Path) -> bool:
@@ -49,7 +48,7 @@ class MetricsWriter:
     except ImportError:
       logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
       return
-    events = epath.Path(workdir) / TENSORBOARD
+    events = epath.Path(workdir) / run_events.TENSORBOARD
     if events.exists():  # the training events only: evaluations keep their own folder
       for old in events.glob("events.*"):
         old.unlink()
@@ -89,23 +88,6 @@ class MetricsWriter:
     if self.tensorboard is not None:
       self.tensorboard.close()
       self.tensorboard = None
-
-
-def write_tensorboard(workdir: str, step: int, scalars: dict[str, float]) -> None:
-  """Adds `scalars` at `step` to the run's TensorBoard (process 0), e.g. held-out
-  accuracy after training: under tensorboard/eval, which the training events' rebuild at
-  each start leaves alone, so TensorBoard shows them as a run beside the training curves."""
-  if jax.process_index() != 0:
-    return
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  writer = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD / EVAL_EVENTS))
-  for name, value in scalars.items():
-    if value is not None:
-      writer.add_scalar(name, float(value), step)
-  writer.close()
 
 
 def _read_rows(path: epath.Path) -> list[dict]:

@@ -16,10 +16,8 @@ inspection, out of the way of the next save of that step). If no step passes, no
 is renamed and the run stops with an error naming the directory: the cause is then more
 likely a config that does not fit the checkpoints than damage to all of them.
 
-Checksums are, per leaf, the sum of its bits read as unsigned integers modulo 2^32:
-exact integer sums, so they do not depend on the mesh or the order of reduction, and a
-single changed bit changes them (orbax reads a flipped byte in an uncompressed chunk
-without complaint).
+Checksums are exact per-leaf bit sums (`tree_checks.tree_checksums`): a single changed
+bit changes them, whatever the mesh.
 
 `truncate_metrics` drops metrics.jsonl rows after the restored step, a half-written
 last line and repeated steps, so after any number of restarts the file holds one row per
@@ -34,43 +32,15 @@ from typing import Any
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 
-from leo_mini_jax import cli
-
-CHECKSUMS = "checksums"
-
-
-class BrokenCheckpointError(cli.UserError, RuntimeError):
-  """No checkpoint in the directory can be restored."""
-
-
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-  if x.dtype == jnp.bool_:
-    words = x.astype(jnp.uint32)
-  elif x.dtype.itemsize == 8:  # 64-bit leaves (x64 mode): two 32-bit words each
-    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  else:
-    words = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
-  return jnp.sum(words, dtype=jnp.uint32)
-
-
-@jax.jit
-def _checksums(tree: Any) -> Any:
-  return jax.tree.map(_leaf_checksum, tree)
+from leo_mini_jax import checkpoints as checkpoints_lib
+from leo_mini_jax import tree_checks
 
 
 def state_checksums(state: Any) -> dict[str, int]:
   """{"['params']['llm']...": checksum} over the train state's leaves (one small fetch)."""
-  return tree_checksums(
+  return tree_checks.tree_checksums(
       {"step": state.step, "params": state.params, "opt_state": state.opt_state})
-
-
-def tree_checksums(tree: Any) -> dict[str, int]:
-  """{key path: checksum} of a tree (a subtree of the state keeps the state's keys)."""
-  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(_checksums(tree)))[0]
-  return {jax.tree_util.keystr(path): int(value) for path, value in flat}
 
 
 def _tree_differences(restored: Any, abstract: Any) -> list[str]:
@@ -91,26 +61,20 @@ def _tree_differences(restored: Any, abstract: Any) -> list[str]:
 def check_restored(state: Any, abstract_state: Any, step: int,
                    position: dict | None) -> None:
   """Raises ValueError saying what is wrong with a restored checkpoint of `step`."""
-  from leo_mini_jax.training import guards  # pylint: disable=g-import-not-at-top
   problems = _tree_differences(state, abstract_state)
   if problems:
     raise ValueError("restored tree does not match the train state: "
                      + "; ".join(problems[:5]))
   if int(state.step) != step:
     raise ValueError(f"its step counter is {int(state.step)}, not {step}")
-  if not guards.tree_is_finite((state.params, state.opt_state)):
+  if not tree_checks.tree_is_finite((state.params, state.opt_state)):
     raise ValueError("it holds non-finite values (never saved by the loop)")
-  saved = (position or {}).get(CHECKSUMS)
+  saved = (position or {}).get(checkpoints_lib.CHECKSUMS)
   if saved:
     got = state_checksums(state)
     bad = sorted(k for k in saved if got.get(k) != saved[k])
     if bad:
       raise ValueError(f"checksum mismatch in {len(bad)} arrays: {', '.join(bad[:3])}")
-
-
-def short_error(error: Exception) -> str:
-  text = f"{type(error).__name__}: {error}".replace("\n", " ")
-  return text if len(text) <= 300 else text[:300] + " ..."
 
 
 def restore_complete(checkpointer: Any, abstract_state: Any, step: int | None = None
@@ -136,7 +100,7 @@ def restore_complete(checkpointer: Any, abstract_state: Any, step: int | None = 
                      checkpointer.data_position(candidate))
     except Exception as e:  # pylint: disable=broad-except
       logging.error("checkpoint %s is broken (%s); trying the previous one",
-                    checkpointer.directory / str(candidate), short_error(e))
+                    checkpointer.directory / str(candidate), checkpoints_lib.short_error(e))
       rejected.append((candidate, e))
       continue
     if rejected:
@@ -144,8 +108,8 @@ def restore_complete(checkpointer: Any, abstract_state: Any, step: int | None = 
       logging.warning("resuming from checkpoint %s, the latest complete one",
                       checkpointer.directory / str(candidate))
     return state, candidate
-  details = "; ".join(f"step {s}: {short_error(e)}" for s, e in rejected) or "no steps"
-  raise BrokenCheckpointError(
+  details = "; ".join(f"step {s}: {checkpoints_lib.short_error(e)}" for s, e in rejected) or "no steps"
+  raise checkpoints_lib.BrokenCheckpointError(
       f"no complete checkpoint in {checkpointer.directory} ({details}). If the config "
       "changed since these were written, use another workdir (or init_from)")
 
@@ -206,7 +170,7 @@ def read_metrics(workdir: str) -> dict[int, dict]:
 
 
 def check_init_from(path: str) -> None:
-  """Fails naming `path` when it holds nothing `checkpoint.load_params` can read."""
+  """Fails naming `path` when it holds nothing `checkpoints.load_params` can read."""
   root = epath.Path(path)
   if not root.exists():
     raise FileNotFoundError(f"config.init_from: {path} does not exist")
@@ -227,7 +191,7 @@ def warn_skipped_stage(source: dict, stage: int) -> bool:
   """Warns (and returns True) when `init_from` read a run more than one stage before
   `stage` (stage 1 into stage 3 skips the projector-and-reducer training of stage 2).
 
-  `source` is what `checkpoint.load_params` filled; its record names the source stage
+  `source` is what `checkpoints.load_params` filled; its record names the source stage
   (checkpoints from before the stage was recorded, and ports, say nothing).
   """
   from_stage = (source.get("record") or {}).get("stage")

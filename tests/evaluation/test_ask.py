@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from configs import tiny
+from leo_mini_jax import checkpoints as checkpoints_lib
 from leo_mini_jax.evaluation import ask
 from leo_mini_jax.evaluation import generate as generate_lib
-from leo_mini_jax.training import checkpoint as checkpoint_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/tiny.py:stage=3"
@@ -115,7 +115,7 @@ def test_params_only_checkpoint_gives_the_same_answer(run_dir, image_path, tmp_p
   config = tiny.get_config("stage=3")
   from_run = ask.Assistant(config, run_dir)
   params_dir = str(tmp_path / "params")  # the format porting.convert writes
-  checkpoint_lib.save_params(params_dir, from_run.params)
+  checkpoints_lib.save_params(params_dir, from_run.params)
   from_params = ask.Assistant(config, params_dir)
   image = ask.load_image(image_path, config.data)
   replies = []

@@ -21,6 +21,7 @@ torch, transformers, timm = reference_libraries("torch", "transformers", "timm")
 import torch.nn.functional as F  # noqa: E402
 
 from configs import tiny  # noqa: E402
+from leo_mini_jax import checkpoints as checkpoints_lib  # noqa: E402
 from leo_mini_jax.batch import IMAGE_PLACEHOLDER_ID  # noqa: E402
 from leo_mini_jax.porting import PortError  # noqa: E402
 from leo_mini_jax.porting import convert  # noqa: E402
@@ -312,7 +313,7 @@ def _restore(config, out):
   batch = loop.dummy_batch(config)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
   import flax.linen as nn
-  params, fresh = checkpoint_lib.load_params(str(out), nn.meta.unbox(abstract))
+  params, fresh = checkpoints_lib.load_params(str(out), nn.meta.unbox(abstract))
   assert fresh == []
   return model, params
 

@@ -1,13 +1,16 @@
 """The expert registry is the one place an expert plugs in: its port, its EAGLE tower
 names and its parameters that are new on top of its checkpoint are read from there."""
 
+import dataclasses
 import importlib
 import pkgutil
 import re
 
+import jax.numpy as jnp
 import pytest
 
 from leo_mini_jax import porting
+from leo_mini_jax.models.vision import expert_config
 from leo_mini_jax.models.vision import experts
 from leo_mini_jax.models.vision import eva02 as eva02_lib
 from leo_mini_jax.models.vision import sam as sam_lib
@@ -17,7 +20,7 @@ from leo_mini_jax.porting import eagle
 from leo_mini_jax.porting import eva02 as eva02_port
 from leo_mini_jax.porting import expert_port
 from leo_mini_jax.porting import sam as sam_port
-from leo_mini_jax.training import optimizer
+from leo_mini_jax import stages
 
 
 @pytest.fixture
@@ -46,6 +49,63 @@ def test_every_port_module_is_registered():
       found.add(info.name)
   assert found == registered
   assert porting.VISION_PORTS == experts.port_modules()
+
+
+def test_every_port_takes_how_its_tower_computes_from_the_run():
+  """A checkpoint never says the dtypes, rematerialisation, attention kernel or input
+  normalisation: every port takes each of them its config has from the run's config."""
+  for name in experts.registered_experts():
+    config_fields = {f.name for f in dataclasses.fields(experts.expert_spec(name).config_cls)}
+    runtime = {"dtype", "param_dtype", "remat", "mean", "std"}
+    assert runtime <= config_fields, name  # ExpertConfig's fields, and every tower's mean/std
+    runtime |= config_fields & {"attention_impl", "scan_layers"}
+    run_fields = porting.vision_port(name).RUN_FIELDS
+    assert runtime <= set(run_fields), (name, runtime - set(run_fields))
+    assert len(set(run_fields)) == len(run_fields), name
+
+
+@pytest.mark.parametrize("name", ["clip", "convnext", "pix2struct"])
+def test_a_config_free_eagle_table_ignores_the_config(name):
+  """The towers EAGLE stores as their reference checkpoints do: one table for any config."""
+  port = porting.vision_port(name)
+  default = experts.expert_spec(name).config_cls()
+  small = (dataclasses.replace(default, depths=(1,) * len(default.dims)) if name == "convnext"
+           else dataclasses.replace(default, num_layers=2))
+  table = lambda cfg: [(r.source, r.targets, r.transform.name, r.stack)
+                       for r in port.eagle_rules(cfg)]
+  assert table(small) == table(default)
+  assert table(small) and not any(s.startswith("visual") for s, *_ in table(small))
+
+
+def test_a_new_experts_config_and_port_reuse_the_shared_fields_and_checks():
+  """What a sixth expert writes: its own fields; dtypes, remat, the ViT size checks and
+  its port's RUN_FIELDS come from the shared pieces."""
+
+  @dataclasses.dataclass(frozen=True)
+  class ToyConfig(expert_config.ExpertConfig):
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 16
+    num_heads: int = 4
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    attention_impl: str | None = "auto"
+
+    def __post_init__(self):
+      self.check_vit_sizes()
+
+  assert (ToyConfig().dtype, ToyConfig().param_dtype, ToyConfig().remat) == (
+      "float32", "float32", False)
+  assert ToyConfig.from_config({"dtype": "bfloat16"}).dtypes == (
+      jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+  with pytest.raises(ValueError, match="ToyConfig.image_size=36 is not a multiple of "
+                                       "patch_size=8"):
+    ToyConfig(image_size=36)
+  with pytest.raises(ValueError, match="ToyConfig.hidden_size=18 is not divisible by "
+                                       "num_heads=4"):
+    ToyConfig(hidden_size=18)
+  assert expert_port.run_fields(ToyConfig, "image_size") == (
+      "image_size", "mean", "std", "dtype", "param_dtype", "remat", "attention_impl")
 
 
 def test_missing_members_names_what_a_port_lacks(registry):
@@ -104,13 +164,13 @@ def test_fresh_parameters_come_from_the_registry(registry):
   tower = "vision/sam/layers/blocks_0/attn/proj/kernel"
   assert experts.fresh_params() == "vision/sam/eagle_neck/.*"
   assert sam_port.EAGLE_NECK == experts.expert_spec("sam").fresh
-  for regex in (convert.NEW_MODULES, optimizer.STAGE_NEW_PARAMS[1], optimizer.SAM_NECK_RULE[0]):
+  for regex in (convert.NEW_MODULES, stages.STAGE_NEW_PARAMS[1], stages.SAM_NECK_RULE[0]):
     assert regex.endswith(experts.fresh_params())
     assert re.fullmatch(regex, neck) and not re.fullmatch(regex, tower)
   # Stage 1 still starts the projector and CoTR fresh, and nothing else.
   for path, fresh in (("projector/fc1/kernel", True), ("reducer/x", True),
                       ("llm/layers/mlp/mmoe_a", False), ("vision/clip/x", False)):
-    assert bool(re.fullmatch(optimizer.STAGE_NEW_PARAMS[1], path)) == fresh, path
+    assert bool(re.fullmatch(stages.STAGE_NEW_PARAMS[1], path)) == fresh, path
   experts.register_expert("toy", sam_lib.SamConfig, sam_lib.SamVisionTower,
                           port="leo_mini_jax.porting.sam", fresh="adapter/.*")
   combined = experts.fresh_params()

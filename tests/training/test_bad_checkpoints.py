@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from leo_mini_jax import checkpoints as checkpoints_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import loop
 from leo_mini_jax.training import recovery
@@ -86,7 +87,7 @@ def test_no_complete_checkpoint_stops_naming_the_directory(stage3_run, tmp_path)
   for step in (1, 2, 3, 4):
     truncate(os.path.join(copy, "checkpoints", str(step)))
   directory = os.path.join(copy, "checkpoints")
-  with pytest.raises(recovery.BrokenCheckpointError,
+  with pytest.raises(checkpoints_lib.BrokenCheckpointError,
                      match=f"no complete checkpoint in {directory}.*step 4.*step 1"):
     _resume(config, copy, mesh)
   assert sorted(os.listdir(directory)) == ["1", "2", "3", "4"]  # nothing renamed
@@ -131,7 +132,7 @@ def test_init_from_the_wrong_model_names_the_path_and_first_keys(tmp_path, one_d
   # Only the tree and shapes matter here: zeros of the abstract params, no init compiled.
   params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
                         loop.TrainSetup(other, one_device_mesh).abstract_state.params)
-  checkpoint_lib.save_params(str(tmp_path / "other"), params)
+  checkpoints_lib.save_params(str(tmp_path / "other"), params)
   config = small_config(2, init_from=str(tmp_path / "other"))
   setup = loop.TrainSetup(config, one_device_mesh)
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / "new"), config.checkpoint)

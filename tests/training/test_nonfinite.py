@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from leo_mini_jax import tree_checks
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import guards as guards_lib
@@ -50,7 +51,7 @@ def test_a_nan_step_leaves_params_and_optimizer_state_unchanged(one_device_mesh)
   state, metrics = train_step(state, setup.global_batch(batch))
   assert float(metrics["nonfinite"]) == 0.0 and np.isfinite(float(metrics["loss"]))
   changed = jax.device_get(state)
-  assert guards_lib.tree_is_finite(changed.params)
+  assert tree_checks.tree_is_finite(changed.params)
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(changed.params), jax.tree.leaves(before.params)))
 
@@ -124,7 +125,7 @@ def test_bad_steps_are_counted_and_too_many_in_a_row_stop_the_run(
   for before, after in ((1, 2), (3, 4)):
     _equal_trees(saved[after].params, saved[before].params)
     _equal_trees(saved[after].opt_state, saved[before].opt_state)
-  assert all(guards_lib.tree_is_finite(s.params) for s in saved.values())
+  assert all(tree_checks.tree_is_finite(s.params) for s in saved.values())
 
 
 def test_a_non_finite_state_is_never_saved(one_device_mesh):

@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 
+from leo_mini_jax import checkpoints as checkpoints_lib
 from leo_mini_jax.data import pipeline as pipeline_lib
 from leo_mini_jax.parallel import mesh as mesh_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
@@ -93,7 +94,7 @@ def test_init_from_restores_what_exists_and_names_what_does_not(tmp_path, one_de
 
   # Stage 2 from a stage-3 checkpoint: everything stage 3 added is unexpected, by name.
   back = small_config(2, init_from=str(tmp_path / "s2"))
-  checkpoint_lib.save_params(str(tmp_path / "params3"), new)
+  checkpoints_lib.save_params(str(tmp_path / "params3"), new)
   back.init_from = str(tmp_path / "params3")
   setup = loop.TrainSetup(back, one_device_mesh)
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / "s2b"), back.checkpoint)

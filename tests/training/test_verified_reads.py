@@ -6,6 +6,7 @@ import pytest
 import jax
 import ml_collections
 
+from leo_mini_jax import checkpoints as checkpoints_lib
 from leo_mini_jax.training import checkpoint as checkpoint_lib
 from leo_mini_jax.training import recovery
 from leo_mini_jax.training import step as step_lib
@@ -36,7 +37,7 @@ def test_a_broken_latest_step_is_named_and_the_previous_one_read(tmp_path, corru
   abstract, params = _workdir_with_two_steps(tmp_path)
   corrupt(str(tmp_path / "checkpoints" / "2"))
   source = {}
-  loaded, _ = checkpoint_lib.load_params(str(tmp_path), abstract, source=source)
+  loaded, _ = checkpoints_lib.load_params(str(tmp_path), abstract, source=source)
   np.testing.assert_array_equal(np.asarray(loaded["proj"]["kernel"]),
                                 params[1]["proj"]["kernel"])
   assert source["step"] == 1
@@ -48,16 +49,16 @@ def test_no_complete_step_stops_naming_each(tmp_path):
   abstract, _ = _workdir_with_two_steps(tmp_path)
   for step in (1, 2):
     flip_one_byte(str(tmp_path / "checkpoints" / str(step)))
-  with pytest.raises(recovery.BrokenCheckpointError,
+  with pytest.raises(checkpoints_lib.BrokenCheckpointError,
                      match=r"no complete checkpoint.*2/state: ValueError: checksum mismatch"
                            r".*1/state: ValueError: checksum mismatch"):
-    checkpoint_lib.load_params(str(tmp_path), abstract)
+    checkpoints_lib.load_params(str(tmp_path), abstract)
 
 
 def test_init_from_a_stage_1_run_into_stage_3_warns(tmp_path, caplog):
   abstract, _ = _workdir_with_two_steps(tmp_path)  # saved as stage 2
   source = {}
-  checkpoint_lib.load_params(str(tmp_path), abstract, source=source)
+  checkpoints_lib.load_params(str(tmp_path), abstract, source=source)
   assert source["record"]["stage"] == 2
   assert not recovery.warn_skipped_stage(source, 3)
   source["record"]["stage"] = 1

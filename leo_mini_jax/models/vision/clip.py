@@ -61,9 +61,6 @@ class ClipConfig(ExpertConfig):
   pretrained_image_size: int | None = None
   mean: tuple[float, ...] = OPENAI_CLIP_MEAN
   std: tuple[float, ...] = OPENAI_CLIP_STD
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: bool = False                  # rematerialise each encoder layer in the backward pass
   attention_impl: str | None = "auto"  # see models/attention.py ('auto': cuDNN on GPU)
 
   def __post_init__(self):
@@ -74,14 +71,7 @@ class ClipConfig(ExpertConfig):
     if self.cls_token not in CLS_TOKEN_MODES:
       raise ValueError(
           f"ClipConfig.cls_token={self.cls_token!r}: expected one of {CLS_TOKEN_MODES}")
-    for field in ("image_size", "pretrained_image_size"):
-      size = getattr(self, field)
-      if size % self.patch_size:
-        raise ValueError(
-            f"ClipConfig.{field}={size} is not a multiple of patch_size={self.patch_size}")
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"ClipConfig.hidden_size={self.hidden_size} is not divisible by "
-                       f"num_heads={self.num_heads}")
+    self.check_vit_sizes("image_size", "pretrained_image_size")
     self.check_normalisation()
     attention_lib.check_implementation(self.attention_impl, "ClipConfig.attention_impl")
 

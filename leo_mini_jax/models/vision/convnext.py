@@ -44,9 +44,6 @@ class ConvNextConfig(ExpertConfig):
   ls_init_value: float | None = 1e-6
   mean: tuple[float, ...] = OPENAI_CLIP_MEAN
   std: tuple[float, ...] = OPENAI_CLIP_STD
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: bool = False   # rematerialise each block in the backward pass
 
   def __post_init__(self):
     if len(self.depths) != len(self.dims) or not self.dims:

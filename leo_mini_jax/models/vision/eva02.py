@@ -76,9 +76,6 @@ class Eva02Config(ExpertConfig):
   rope_theta: float = 10000.0
   mean: tuple[float, ...] = OPENAI_CLIP_MEAN
   std: tuple[float, ...] = OPENAI_CLIP_STD
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: bool = False                  # rematerialise each block in the backward pass
   attention_impl: str | None = "auto"  # see models/attention.py ('auto': cuDNN on GPU)
   scan_layers: bool = True             # nn.scan over repeating block groups (else unrolled)
 
@@ -86,12 +83,7 @@ class Eva02Config(ExpertConfig):
     attention_lib.check_implementation(self.attention_impl, "Eva02Config.attention_impl")
     object.__setattr__(self, "window_block_indexes",
                        tuple(int(i) for i in self.window_block_indexes))
-    if self.image_size % self.patch_size:
-      raise ValueError(f"Eva02Config.image_size={self.image_size} is not a multiple of "
-                       f"patch_size={self.patch_size}")
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"Eva02Config.hidden_size={self.hidden_size} is not divisible by "
-                       f"num_heads={self.num_heads}")
+    self.check_vit_sizes()
     if self.head_dim % 4:
       raise ValueError(f"Eva02Config: head_dim={self.head_dim} must be a multiple of 4 "
                        "(2-D rotary embeddings rotate pairs in each half of a head)")

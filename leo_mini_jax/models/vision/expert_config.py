@@ -4,8 +4,12 @@ Each expert's config is a frozen dataclass that subclasses `ExpertConfig`; the r
 (experts.py) reads `input_size`, `mean`, `std`, `output_grid` and `feature_dim`. The
 defaults here fit a patch-embedding ViT (`image_size`, `patch_size`, `hidden_size`
 fields); experts whose token grid or width differ override the property.
+
+`ExpertConfig` holds the fields every tower has that say how it computes, not what its
+weights are (dtypes, rematerialisation); they come after a subclass's own fields.
 """
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,8 +21,12 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+@dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-  """Mixin for the experts' frozen config dataclasses."""
+  """Base of the experts' frozen config dataclasses."""
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False   # rematerialise each block (encoder layer) in the backward pass
 
   @classmethod
   def from_config(cls, cfg: Any, **overrides: Any):
@@ -43,6 +51,19 @@ class ExpertConfig:
   @property
   def feature_dim(self) -> int:
     return self.hidden_size
+
+  def check_vit_sizes(self, *image_fields: str) -> None:
+    """Raises ValueError unless each of `image_fields` (default: image_size) is a
+    multiple of patch_size and hidden_size splits into num_heads heads."""
+    name = type(self).__name__
+    for field in image_fields or ("image_size",):
+      size = getattr(self, field)
+      if size % self.patch_size:
+        raise ValueError(
+            f"{name}.{field}={size} is not a multiple of patch_size={self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"{name}.hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}")
 
   def check_normalisation(self) -> None:
     """Raises ValueError unless mean and std hold one value per RGB channel."""

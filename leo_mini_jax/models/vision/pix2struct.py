@@ -85,9 +85,6 @@ class Pix2StructConfig(ExpertConfig):
   image_size: int = 1024               # EAGLE's master image: standardised before resizing
   mean: tuple[float, ...] = (0.0, 0.0, 0.0)
   std: tuple[float, ...] = (1.0, 1.0, 1.0)
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: bool = False                  # rematerialise each encoder layer in the backward pass
   attention_impl: str | None = "auto"  # see models/attention.py ('auto': cuDNN on GPU)
 
   def __post_init__(self):

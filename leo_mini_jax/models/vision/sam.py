@@ -71,9 +71,6 @@ class SamConfig(ExpertConfig):
   pixel_unshuffle: int = 2
   mean: tuple[float, ...] = SAM_MEAN
   std: tuple[float, ...] = SAM_STD
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: bool = False                  # rematerialise each block in the backward pass
   attention_impl: str | None = "auto"  # see models/attention.py ('auto': cuDNN on GPU)
 
   def __post_init__(self):
@@ -82,12 +79,7 @@ class SamConfig(ExpertConfig):
                        tuple(int(i) for i in self.global_attn_indexes))
     if self.neck not in NECKS:
       raise ValueError(f"SamConfig.neck={self.neck!r}: expected one of {NECKS}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"SamConfig.image_size={self.image_size} is not a multiple of "
-                       f"patch_size={self.patch_size}")
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"SamConfig.hidden_size={self.hidden_size} is not divisible by "
-                       f"num_heads={self.num_heads}")
+    self.check_vit_sizes()
     bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_layers]
     if bad:
       raise ValueError(f"SamConfig.global_attn_indexes {bad} are not blocks of a "
