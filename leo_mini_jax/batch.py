@@ -36,29 +36,48 @@ PACKED_BATCH_KEYS = BATCH_KEYS + ("segment_ids",)
 IMAGE_PLACEHOLDER_ID = -200
 
 
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1
-                ) -> dict[str, np.ndarray]:
-  """A zero batch with the pipeline's shapes (for init and abstract compilation)."""
+def is_packed_config(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's training batches are packed (data.packing)."""
+  return bool(config.data.get("packing", False))
+
+
+def batch_keys(batch: dict) -> tuple[str, ...]:
+  """The contract keys of `batch`, packed or not."""
+  return PACKED_BATCH_KEYS if "segment_ids" in batch else BATCH_KEYS
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1,
+                packed: bool | None = None) -> dict[str, np.ndarray]:
+  """A zero batch with the pipeline's shapes (for init and abstract compilation).
+
+  packed: the training batches' form (default: data.packing); evaluation and generation
+  batches are never packed.
+  """
   length, resolution = config.data.max_length, config.data.resolution
+  packed = is_packed_config(config) if packed is None else packed
   ids = np.zeros((batch_size, length), np.int32)
   ids[:, 1] = IMAGE_PLACEHOLDER_ID
-  return {
+  slots = (int(config.data.get("max_images_per_row", 1)),) if packed else ()
+  batch = {
       "input_ids": ids,
       "attention_mask": np.ones((batch_size, length), np.int32),
       "loss_mask": np.zeros((batch_size, length), np.int32),
       "instruction_mask": np.zeros((batch_size, length), np.int32),
-      "image": np.zeros((batch_size, resolution, resolution, 3), np.uint8),
-      "has_image": np.ones((batch_size,), bool),
+      "image": np.zeros((batch_size,) + slots + (resolution, resolution, 3), np.uint8),
+      "has_image": np.zeros((batch_size,) + slots, bool),
   }
+  batch["has_image"][(slice(None),) + (0,) * len(slots)] = True
+  if packed:
+    batch["segment_ids"] = np.ones((batch_size, length), np.int32)
+  return batch
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, sharding=None
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, sharding=None,
+                   packed: bool | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes and dtypes of a `batch_size`-row batch (no memory), in `sharding`."""
-  row = dummy_batch(config, 1)
-  return {k: jax.ShapeDtypeStruct((batch_size,) + row[k].shape[1:], row[k].dtype,
-                                  sharding=sharding)
-          for k in BATCH_KEYS}
+  row = dummy_batch(config, 1, packed)
+  return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=sharding)
+          for k, v in row.items()}
 
 
 def llm_length_limit(data_cfg) -> int:

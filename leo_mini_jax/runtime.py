@@ -99,5 +99,5 @@ class ModelRuntime:
                                     self.batch_sharding)
 
   def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    local = {k: local_batch[k] for k in batch_lib.BATCH_KEYS}
+    local = {k: local_batch[k] for k in batch_lib.batch_keys(local_batch)}
     return mesh_lib.make_global_batch(local, self.mesh)

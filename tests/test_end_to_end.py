@@ -69,7 +69,7 @@ def test_llava_json_with_bad_records_trains_and_reports_them(tmp_path):
            f"--config.data.eval_json={bad_path}"]
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  cmd = [sys.executable, "train.py", "--config=configs/tiny.py:stage=2,steps=3",
+  cmd = [sys.executable, "train.py", "--config=configs/tiny.py:stage=2,steps=3,experts=clip",
          f"--workdir={tmp_path / 'run'}", "--config.data.batch_size=4", *flags]
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -12,7 +12,7 @@ from leo_mini_jax import batch as batch_lib
 
 def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """A full-length batch: every row an image example with a supervised answer."""
-  batch = batch_lib.dummy_batch(config, config.data.batch_size)
+  batch = batch_lib.dummy_batch(config, config.data.batch_size, packed=False)
   rng = np.random.default_rng(0)
   batch["input_ids"][:, 2:] = rng.integers(1, 200, batch["input_ids"][:, 2:].shape)
   batch["loss_mask"][:, config.data.max_length // 2:] = 1

@@ -90,6 +90,21 @@ def masked_pool(tokens: Array, mask: Array | None, pool: str) -> Array:
   return total / count if pool == "mean" else total
 
 
+def pool_text_per_image(text_hat: Array, text_mask: Array, pool: str) -> Array:
+  """Pools T̂ [B, L, c] for each image → [B·K, c] (float32).
+
+  text_mask: [B, L] (one image per row) or [B, K, L] (packed rows: image k's own
+  example's instruction tokens), so T̂ is projected once per row, not once per image.
+  """
+  if text_mask.ndim == 2:
+    return masked_pool(text_hat, text_mask, pool)
+  weights = text_mask.astype(jnp.float32)
+  total = jnp.einsum("bkl,blc->bkc", weights, text_hat.astype(jnp.float32))
+  count = jnp.maximum(jnp.sum(weights, axis=-1), 1.0)[..., None]
+  pooled = total / count if pool == "mean" else total
+  return pooled.reshape((-1, pooled.shape[-1]))
+
+
 class CoTR(layers.PerExpertModule):
   """Reduces every expert's tokens to N^V, conditioned on the other experts and the text.
 
@@ -104,7 +119,8 @@ class CoTR(layers.PerExpertModule):
     Args:
       features: per expert, I_i [B, N_i, d_i].
       text_embeds: T [B, L, d_text], the LLM's input embeddings of the prompt.
-      text_mask: [B, L] 1 on instruction tokens.
+      text_mask: [B, L] 1 on instruction tokens; or [B, K, L] when each row has K images
+        (features then hold B·K images, row-major), image k conditioned on its mask.
       return_alpha: also return the per-expert α_i [B, N^V, N_i] (float32).
 
     Returns:
@@ -130,7 +146,7 @@ class CoTR(layers.PerExpertModule):
     pooled_visual = [masked_pool(v, None, cfg.pool) for v in visual_hat]  # [B, c] f32
     pooled_all = sum(pooled_visual)
     text_hat = norm("text_norm", dense(("embed", "cotr"), "text_proj")(text_embeds))
-    pooled_text = masked_pool(text_hat, text_mask, cfg.pool)  # [B, c] f32
+    pooled_text = pool_text_per_image(text_hat, text_mask, cfg.pool)  # [B·K, c] f32
     f32_einsum = lambda spec, a, b: jnp.einsum(spec, a, b,
                                                preferred_element_type=jnp.float32)
 

@@ -2,10 +2,11 @@
 
 The model takes the data pipeline's batch (the contract is `leo_mini_jax/batch.py`):
 token ids with one image placeholder per image example, masks, and one uint8
-master-resolution image per example. The projected visual tokens replace each example's
-placeholder; the text after it shifts right by N^V − 1. Every output row has length
-L + N^V − 1, so examples without an image (text-only) end in N^V − 1 padding slots and run
-in the same batch. With `max_llm_length` (data.max_length_counts_visual_tokens) the training
+master-resolution image per example — or, packed, several examples per row with up to K
+images (`segment_ids`). The projected visual tokens replace each image's placeholder; the
+text after it shifts right by N^V − 1 (`models/sequence.py`). A row's LLM sequence is
+L + K(N^V − 1) long (K = 1 unpacked), so text-only examples end in padding slots and run in
+the same batch. With `max_llm_length` (data.max_length_counts_visual_tokens) the training
 forward cuts rows to that length, as the references cut to model_max_length.
 """
 
@@ -21,7 +22,7 @@ from leo_mini_jax.batch import IMAGE_PLACEHOLDER_ID
 from leo_mini_jax.models import llama as llama_lib
 from leo_mini_jax.models import projector as projector_lib
 from leo_mini_jax.models import reducers as reducers_lib
-from leo_mini_jax.models.cotr import masked_pool
+from leo_mini_jax.models import sequence as sequence_lib
 from leo_mini_jax.models.vision import experts as experts_lib
 
 Array = jax.Array
@@ -84,54 +85,7 @@ class LeoMiniConfig:
     return self.reducer.output_tokens
 
 
-def assemble_sequence(text_embeds: Array, visual_tokens: Array, batch: dict[str, Array]
-                      ) -> dict[str, Array]:
-  """Places each example's visual tokens at its image placeholder.
-
-  Args:
-    text_embeds: [B, L, D] embeddings of input_ids (placeholder rows arbitrary).
-    visual_tokens: [B, N^V, D] projected visual tokens.
-    batch: input_ids, attention_mask, has_image, and optionally loss_mask [B, L].
-
-  Returns:
-    dict of [B, L + N^V − 1, ...] arrays: inputs_embeds, attention_mask, is_visual,
-    targets (the token each position must predict, i.e. the next token) and target_mask.
-  """
-  input_ids = batch["input_ids"]
-  batch_size, length = input_ids.shape
-  num_visual = visual_tokens.shape[1]
-  out_length = length + num_visual - 1
-  placeholder = input_ids == IMAGE_PLACEHOLDER_ID
-  uses_image = jnp.any(placeholder, axis=1) & batch["has_image"].astype(bool)
-  start = jnp.argmax(placeholder, axis=1)[:, None]  # first placeholder
-  out_pos = jnp.arange(out_length)[None, :]
-  is_visual = uses_image[:, None] & (out_pos >= start) & (out_pos < start + num_visual)
-  after = uses_image[:, None] & (out_pos >= start + num_visual)
-  text_index = jnp.where(after, out_pos - num_visual + 1, out_pos)
-  text_index = jnp.broadcast_to(text_index, (batch_size, out_length))
-  clipped = jnp.clip(text_index, 0, length - 1)
-  take = lambda x: jnp.take_along_axis(x, clipped, axis=1)
-  # A stray placeholder (no image) is dropped like padding.
-  text_valid = ((text_index < length) & ~is_visual & (take(batch["attention_mask"]) > 0)
-                & ~take(placeholder))
-  visual_index = jnp.clip(out_pos - start, 0, num_visual - 1)
-  visual = jnp.take_along_axis(visual_tokens, visual_index[..., None], axis=1)
-  text = jnp.take_along_axis(text_embeds, clipped[..., None], axis=1)
-  inputs_embeds = jnp.where(is_visual[..., None], visual.astype(text.dtype),
-                            jnp.where(text_valid[..., None], text, 0))
-  attention_mask = (is_visual | text_valid).astype(jnp.int32)
-  token_ids = jnp.where(text_valid, take(input_ids), 0)
-  loss_mask = batch.get("loss_mask")
-  loss_mask = (jnp.zeros_like(text_valid) if loss_mask is None
-               else text_valid & (take(loss_mask) > 0))
-  shift = lambda x: jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
-  return {
-      "inputs_embeds": inputs_embeds,
-      "attention_mask": attention_mask,
-      "is_visual": is_visual,
-      "targets": shift(token_ids),
-      "target_mask": shift(loss_mask.astype(jnp.int32)),
-  }
+assemble_sequence = sequence_lib.assemble_sequence  # the batch's rows → the LLM sequence
 
 
 class VisionExperts(nn.Module):
@@ -163,26 +117,45 @@ class LeoMini(nn.Module):
 
   def encode_images(self, images: Array, text_embeds: Array,
                     instruction_mask: Array) -> Array:
-    """uint8 [B, S, S, 3] → projected visual tokens [B, N^V, d_LLM]."""
+    """uint8 [B·K, S, S, 3] → projected visual tokens [B·K, N^V, d_LLM].
+
+    instruction_mask: [B, L] (K = 1) or [B, K, L], the text each image is conditioned on.
+    """
     features = self.vision(images)
     grids = tuple(info.output_grid for info in self.config.expert_infos)
     reduced = self.reducer(features, grids, text_embeds, instruction_mask)
     return self.projector(reduced)
 
   def _inputs(self, batch: dict[str, Array]):
-    text_embeds = self._text_embeds(batch["input_ids"])
-    instruction_mask = batch.get("instruction_mask", jnp.zeros_like(batch["input_ids"]))
-    visual = self.encode_images(batch["image"], text_embeds, instruction_mask)
-    sequence = assemble_sequence(text_embeds, visual, batch)
-    router_context = None
-    if self.config.llm.mmoe.enabled:
-      # Pooled once per example from the LLM's input embeddings (docs/design.md §2.3).
-      has_image = batch["has_image"].astype(visual.dtype)[:, None]
-      pooled_visual = jnp.mean(visual, axis=1) * has_image
-      pooled_text = masked_pool(text_embeds, instruction_mask, "mean")
-      router_context = jnp.concatenate(
-          [pooled_visual.astype(text_embeds.dtype), pooled_text], axis=-1)
-    return sequence, router_context
+    """The LLM sequence (`sequence.assemble_sequence`) and the MMoE router context:
+    [B, 2D] per row for unpacked batches, [B, T, 2D] per token (its own example's) for
+    packed ones; None without MMoE."""
+    rows = sequence_lib.as_packed(batch)
+    text_embeds = self._text_embeds(rows["input_ids"])
+    batch_size, num_slots = rows["has_image"].shape
+    position, active = sequence_lib.image_slots(rows["input_ids"], rows["has_image"])
+    text_masks = sequence_lib.image_text_masks(rows, position, active)
+    images = rows["image"].reshape((batch_size * num_slots,) + rows["image"].shape[2:])
+    visual = self.encode_images(images, text_embeds, text_masks)
+    visual = visual.reshape((batch_size, num_slots) + visual.shape[1:])
+    sequence = assemble_sequence(text_embeds, visual, rows)
+    if not self.config.llm.mmoe.enabled:
+      return sequence, None
+    # Pooled per example from the LLM's input embeddings (docs/design.md §2.3).
+    num_segments = rows["input_ids"].shape[1]  # an example has at least one token
+    slot_segment = jnp.take_along_axis(rows["segment_ids"], position, axis=1)
+    pooled_visual = sequence_lib.segment_means(
+        jnp.mean(visual.astype(jnp.float32), axis=2), active, slot_segment, num_segments)
+    instruction = rows.get("instruction_mask", jnp.zeros_like(rows["input_ids"]))
+    pooled_text = sequence_lib.segment_means(text_embeds, instruction, rows["segment_ids"],
+                                             num_segments)
+    context = jnp.concatenate([pooled_visual, pooled_text], axis=-1).astype(
+        text_embeds.dtype)  # [B, segments, 2D]
+    if not sequence_lib.is_packed(batch):
+      return sequence, context[:, 1]
+    context = jnp.take_along_axis(context, sequence["segment_ids"][..., None], axis=1)
+    return sequence, nn.with_logical_constraint(
+        context, ("activation_batch", "activation_length", None))
 
   def __call__(self, batch: dict[str, Array]) -> tuple[Array, dict[str, Any]]:
     """Training / scoring forward.
@@ -195,11 +168,16 @@ class LeoMini(nn.Module):
       num_visual_tokens.
     """
     sequence, router_context = self._inputs(batch)
-    length = self.training_sequence_length(batch["input_ids"].shape[1])
+    packed = sequence_lib.is_packed(batch)
+    num_slots = batch["has_image"].shape[1] if packed else 1
+    length = self.training_sequence_length(batch["input_ids"].shape[1], num_slots)
     sequence = {k: v[:, :length] for k, v in sequence.items()}
-    logits, layer_aux = self.llm.forward(sequence["inputs_embeds"],
-                                         token_mask=sequence["attention_mask"],
-                                         router_context=router_context)
+    if packed:
+      router_context = None if router_context is None else router_context[:, :length]
+    logits, layer_aux = self.llm.forward(
+        sequence["inputs_embeds"], positions=sequence["positions"],
+        token_mask=sequence["attention_mask"], router_context=router_context,
+        segment_ids=sequence["segment_ids"] if packed else None)
     mmoe_cfg = self.config.llm.mmoe
     reduce_layers = jnp.sum if mmoe_cfg.balance_reduce == "sum" else jnp.mean
     balance = (mmoe_cfg.balance_coef * reduce_layers(layer_aux["balance_loss"])
@@ -244,8 +222,8 @@ class LeoMini(nn.Module):
     cut, prompts are checked against the context instead)."""
     return text_length + self.config.num_visual_tokens - 1
 
-  def training_sequence_length(self, text_length: int) -> int:
-    """Length of the training/scoring forward's LLM sequence: `sequence_length`, cut to
-    `max_llm_length` when set."""
-    full = self.sequence_length(text_length)
+  def training_sequence_length(self, text_length: int, num_slots: int = 1) -> int:
+    """Length of the training/scoring forward's LLM sequence for rows of `num_slots`
+    image slots: text_length + num_slots·(N^V − 1), cut to `max_llm_length` when set."""
+    full = text_length + num_slots * (self.config.num_visual_tokens - 1)
     return min(full, self.config.max_llm_length) if self.config.max_llm_length else full

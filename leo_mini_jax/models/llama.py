@@ -17,6 +17,8 @@ vocabulary never sees bf16-rounded logits.
 Sequences are right-padded: the real tokens of every row form a prefix. Causal masking
 alone then keeps real tokens from seeing padding, so training and prefill need no padding
 mask (and can use cuDNN flash attention); decoding masks the cache by each row's length.
+Packed rows (several examples per row, `segment_ids`) add a block-diagonal mask to the
+causal one, which 'auto' attention runs on XLA.
 """
 
 import dataclasses
@@ -184,12 +186,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, cache: dict | None, layer: Array | int,
-               cache_lengths: Array | None) -> tuple[Array, dict | None]:
+               cache_lengths: Array | None, segment_ids: Array | None = None
+               ) -> tuple[Array, dict | None]:
     """Causal GQA self-attention.
 
     Args:
       x: [B, T, D].
       positions: [B, T].
+      segment_ids: [B, T] or None (training only): a token attends only to earlier
+        tokens of its own segment (packed rows: block-diagonal causal).
       cache: None (training), or the whole cache {'k','v': [L, B, S, Hkv, Dh]}: this
         layer fills slots [0, T) of its entry (prefill, cache_lengths None) or appends
         the T new tokens of row b at slot cache_lengths[b] (decode, T = 1).
@@ -219,7 +224,11 @@ class Attention(nn.Module):
     k = apply_rotary(k, positions, inv_freq)
 
     attend = functools.partial(attention_lib.dot_product_attention, impl=cfg.attention_impl)
-    if cache is None:
+    if cache is None and segment_ids is not None:
+      # XLA materialises the [T, T] scores anyway; 'auto' keeps masked calls off cuDNN.
+      same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+      out, new_cache = attend(q, k, v, is_causal=True, mask=same), None
+    elif cache is None:
       out, new_cache = attend(q, k, v, is_causal=True), None
     elif cache_lengths is None:  # prefill: attend causally, store the keys and values
       out = attend(q, k, v, is_causal=True)
@@ -279,8 +288,8 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, carry: tuple[Array, dict | None], positions: Array,
-               router_context: Array | None, token_mask: Array, cache_lengths: Array | None,
-               layer: Array | int):
+               router_context: Array | None, token_mask: Array, segment_ids: Array | None,
+               cache_lengths: Array | None, layer: Array | int):
     """One pre-norm block. Signature fits nn.scan: (carry, broadcasts..., scanned).
 
     carry = (hidden [B, T, D], the whole KV cache or None); `layer` is the scanned
@@ -291,7 +300,8 @@ class DecoderLayer(nn.Module):
     norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                              param_dtype=cfg.weight_dtype)
     attn_out, new_cache = Attention(cfg, name="attention")(
-        norm(name="input_norm")(hidden), positions, cache, layer, cache_lengths)
+        norm(name="input_norm")(hidden), positions, cache, layer, cache_lengths,
+        segment_ids)
     hidden = hidden + attn_out
     mlp_out, aux = MLP(cfg, name="mlp")(norm(name="post_attention_norm")(hidden),
                                         router_context, token_mask)
@@ -327,7 +337,7 @@ class LlamaForCausalLM(nn.Module):
           layer_cls,
           variable_axes={"params": 0},
           split_rngs={"params": True, "dropout": True},  # a different mask per layer
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+          in_axes=(nn.broadcast,) * 5 + (0,),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg)
@@ -342,7 +352,8 @@ class LlamaForCausalLM(nn.Module):
     logits, _ = self.forward(self.embed(input_ids))
     return logits
 
-  def decoder(self, hidden, positions, router_context, token_mask, cache_lengths, cache):
+  def decoder(self, hidden, positions, router_context, token_mask, cache_lengths, cache,
+              segment_ids=None):
     """Runs every layer; returns (hidden, new cache or None, aux stacked over layers).
 
     `cache` ({'k','v': [L, B, S, Hkv, Dh]} or None) is carried, not scanned over: each
@@ -351,12 +362,13 @@ class LlamaForCausalLM(nn.Module):
     if self.config.scan_layers:
       layer_index = jnp.arange(self.config.num_layers, dtype=jnp.int32)
       (hidden, new_cache), aux = self.layers((hidden, cache), positions, router_context,
-                                             token_mask, cache_lengths, layer_index)
+                                             token_mask, segment_ids, cache_lengths,
+                                             layer_index)
       return hidden, new_cache, aux
     auxes = []
     for index, layer in enumerate(self.layers):
       (hidden, cache), aux = layer((hidden, cache), positions, router_context, token_mask,
-                                   cache_lengths, index)
+                                   segment_ids, cache_lengths, index)
       auxes.append(aux)
     return hidden, cache, jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
 
@@ -377,20 +389,25 @@ class LlamaForCausalLM(nn.Module):
         logits, ("activation_batch", "activation_length", "activation_vocab"))
 
   def forward(self, inputs_embeds: Array, positions: Array | None = None,
-              token_mask: Array | None = None, router_context: Array | None = None):
+              token_mask: Array | None = None, router_context: Array | None = None,
+              segment_ids: Array | None = None):
     """Full-sequence forward.
 
     Args:
       inputs_embeds: [B, T, D].
       positions: [B, T]; default arange.
       token_mask: [B, T] non-padding tokens (for the MMoE balance loss); default all.
-      router_context: [B, 2D] pooled visual + instruction embeddings (MMoE only).
+      router_context: [B, 2D] pooled visual + instruction embeddings, or [B, T, 2D] per
+        token (MMoE only).
+      segment_ids: [B, T] examples of packed rows (attention stays within one); None =
+        one example per row.
 
     Returns:
       logits [B, T, vocab] and aux: per-layer MMoE outputs (empty without MMoE).
     """
     hidden, positions, token_mask = self._prepare(inputs_embeds, positions, token_mask)
-    hidden, _, aux = self.decoder(hidden, positions, router_context, token_mask, None, None)
+    hidden, _, aux = self.decoder(hidden, positions, router_context, token_mask, None, None,
+                                  segment_ids)
     return self.logits(hidden), aux
 
   def _prepare(self, inputs_embeds, positions, token_mask):

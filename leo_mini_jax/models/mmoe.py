@@ -147,8 +147,8 @@ class MMoERouter(nn.Module):
 
     Args:
       x: [B, T, D] block input hidden states (the MLP's input).
-      router_context: [B, 2D] pooled visual and instruction embeddings (ignored when
-        router_inputs='hidden').
+      router_context: [B, 2D] pooled visual and instruction embeddings, or [B, T, 2D]
+        per token (packed rows) (ignored when router_inputs='hidden').
       token_mask: [B, T] non-padding tokens, for the balance loss.
 
     Returns:
@@ -165,7 +165,9 @@ class MMoERouter(nn.Module):
                          "(pooled visual and instruction tokens)")
       context = dense(cfg.router_hidden_dim, ("router_context", "router_hidden"),
                       "context_proj", use_bias=False)(router_context)
-      hidden = hidden + context[:, None, :]
+      # One context per row ([B, 2D]: one example) or per token ([B, T, 2D]: packed
+      # rows, each token its own example's).
+      hidden = hidden + (context[:, None, :] if context.ndim == 2 else context)
     hidden = nn.gelu(hidden, approximate=False)
     axes = ("router_hidden", "router_experts")
     logits = nn.Dense(  # float32 accumulation and output under bf16 compute

@@ -32,6 +32,13 @@ def token_losses(logits: jax.Array, aux: dict) -> tuple[jax.Array, jax.Array, ja
   return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct * mask)
 
 
+def num_examples(batch: dict) -> jax.Array:
+  """Real examples in a batch: one per row, or per segment of packed rows."""
+  if "segment_ids" in batch:
+    return jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32)
+  return jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+
+
 def split_micro(batch: dict, steps: int) -> dict:
   """[N, ...] leaves → [steps, N / steps, ...]; micro-batch m holds rows m, m + steps, ...
 
@@ -80,7 +87,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     loss_sum, count, correct = token_losses(logits, aux)
     routing = aux["routing"].get("expert_fraction")
     return loss_sum, (count, correct, aux["balance_loss"], routing,
-                      jnp.sum(aux["attention_mask"]))
+                      jnp.sum(aux["attention_mask"]), num_examples(batch),
+                      jnp.asarray(aux["attention_mask"].size, jnp.float32))
 
   def objective(trainable_params, frozen_params, batch, total_count, key):
     loss_sum, extra = sums(trainable_params, frozen_params, batch, key)
@@ -118,8 +126,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           body, (zeros, stats0), (micro, jnp.arange(grad_accum_steps)))
       extra = extra[:2] + (extra[2] / grad_accum_steps,
                            None if extra[3] is None else extra[3] / grad_accum_steps,
-                           extra[4])
-    count, correct, balance, routing, num_tokens = extra
+                           ) + extra[4:]
+    count, correct, balance, routing, num_tokens, examples, capacity = extra
     # Frozen leaves: zeros that the update never reads (multi_transform → set_to_zero).
     full_grads = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g,
                               grads, state.params, is_leaf=lambda x: x is None)
@@ -134,6 +142,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "lr": lr_schedule(state.step),
         "supervised_tokens": count,
         "tokens": num_tokens,
+        "examples": examples,
+        # Real LLM tokens per position the step computed: what packing raises.
+        "density": num_tokens / capacity,
     }
     if routing is not None:
       metrics["routing_fraction"] = routing  # [layers, experts]

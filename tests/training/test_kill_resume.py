@@ -29,7 +29,7 @@ OVERRIDES = {
 
 
 def _config():
-  config = tiny.get_config(f"stage=3,steps={STEPS}")
+  config = tiny.get_config(f"stage=3,steps={STEPS},experts=clip")
   for key, value in OVERRIDES.items():
     section, _, field = key.rpartition(".")
     (config[section] if section else config)[field] = value
@@ -38,7 +38,8 @@ def _config():
 
 def _start(workdir, cache, log):
   flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  command = [sys.executable, "train.py", f"--config=configs/tiny.py:stage=3,steps={STEPS}",
+  command = [sys.executable, "train.py",
+             f"--config=configs/tiny.py:stage=3,steps={STEPS},experts=clip",
              f"--workdir={workdir}", f"--config.compilation_cache_dir={cache}"] + flags
   # One CPU device (not the 4 fake ones of the test process): the same mesh every time.
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="", JAX_PLATFORMS="cpu")

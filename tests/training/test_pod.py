@@ -145,7 +145,7 @@ def test_sigterm_during_train_py_saves_and_resumes(tmp_path):
            "--config.log_every=1", "--config.checkpoint.every_steps=0",
            "--config.optimizer.warmup_steps=1", "--config.optimizer.decay=constant",
            "--config.data.read_threads=1"]
-  cmd = [sys.executable, "train.py", "--config=configs/tiny.py:stage=2,steps=500",
+  cmd = [sys.executable, "train.py", "--config=configs/tiny.py:stage=2,steps=500,experts=clip",
          f"--workdir={workdir}", *small]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -172,7 +172,7 @@ def test_sigterm_during_train_py_saves_and_resumes(tmp_path):
   steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert steps == [reached]
 
-  cmd[2] = f"--config=configs/tiny.py:stage=2,steps={reached + 2}"
+  cmd[2] = f"--config=configs/tiny.py:stage=2,steps={reached + 2},experts=clip"
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,6 @@
 """validate_config names the field for each bad value, in every entry point."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -9,9 +10,13 @@ import pytest
 from leo_mini_jax import config_ranges
 from leo_mini_jax import config_validation
 from leo_mini_jax.training import loop
-from tests.training.conftest import small_config
+from tests.training import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# Both experts: some checks name the second one (model.experts[1]).
+small_config = functools.partial(conftest.small_config, experts=("clip", "convnext"))
 
 
 def _set(config, field, value):
