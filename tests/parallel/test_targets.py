@@ -165,6 +165,29 @@ def test_fit_finds_the_smallest_accumulation_that_fits():
   assert aot.fit(config, mesh, _fake_target(1 * GIB), measure_fn=fake_measure) is None
 
 
+@pytest.mark.parametrize("start, memory, tried, best", [
+    (4, 16, [4, 2], 4),        # fits at the guess, not below: 2 compiles
+    (16, 16, [16, 8, 4, 2], 4),  # a guess too large walks down
+    (1, 16, [1, 2, 4], 4),     # too small walks up
+    (16, 1, [16], None),       # the largest accumulation does not fit: nothing does
+])
+def test_fit_walks_from_a_starting_accumulation(start, memory, tried, best):
+  config = tiny_bf16()
+  config.data.batch_size = 64
+  mesh = aot.target_mesh(config, targets.cpu_target(4))
+
+  def fake_measure(trial, mesh, top, target):
+    accum = int(trial.optimizer.grad_accum_steps)
+    peak = 64 * GIB // accum
+    return {"grad_accum_steps": accum, "peak": peak, "fits": peak <= target.memory_bytes}
+
+  rows = []
+  row = aot.fit(config, mesh, _fake_target(memory * GIB), report=rows.append,
+                measure_fn=fake_measure, start=start)
+  assert [r["grad_accum_steps"] for r in rows] == tried
+  assert (row and row["grad_accum_steps"]) == best
+
+
 def test_fit_tries_stronger_remat_when_asked():
   config = tiny_bf16()
   config.model.llm["remat_policy"] = "dots"
