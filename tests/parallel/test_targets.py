@@ -130,6 +130,33 @@ def test_tpu_v5e_measure_and_attention_stays_xla():
   assert row["peak"] < 1 * GIB
 
 
+@pytest.mark.slow
+def test_tpu_v5e_llm_trains_with_splash_attention_under_fsdp():
+  target = _target("tpu")
+  config = tiny_bf16()
+  config.model.llm["head_dim"] = 128  # splash needs the lane width; the tiny LLM has 32
+  mesh = aot.target_mesh(config, target, {"fsdp": -1})
+  compiled = []
+  row = aot.measure(config, mesh, top=0, target=target, on_compiled=compiled.append)
+  kernels = _custom_calls(compiled[0].as_text(), "tpu_custom_call")
+  # Forward, and the dq and dkv kernels of the backward, in the LLM only (the towers'
+  # attention is not causal).
+  assert len(kernels) >= 3 and all("llm" in name for name in kernels), kernels
+  assert row["fits"] is True
+
+
+@pytest.mark.slow
+def test_tpu_v5e_splash_attention_needs_less_memory_than_xla():
+  from benchmarks import tpu_attention
+  _target("tpu")
+  device = targets.tpu_target("v5e:2x2").devices[0]
+  xla = tpu_attention.measure("xla", 2048, 1, device)
+  splash = tpu_attention.measure("splash", 2048, 1, device)
+  assert xla["kernel_calls"] == 0 and splash["kernel_calls"] >= 3
+  # XLA keeps [16 heads, 2048, 2048] f32 scores (256 MiB) and more; splash keeps none.
+  assert splash["temp"] < xla["temp"] - 256 * 2**20, (splash, xla)
+
+
 def test_multi_slice_tpu_target_puts_slices_on_data():
   target = _target("tpu")  # skips without libtpu
   two = targets.tpu_target("v5e:2x2", slices=2)
