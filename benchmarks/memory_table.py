@@ -158,6 +158,13 @@ def summarise(rows: list[dict]) -> dict:
   return dict(tried[largest], verdict=verdict)
 
 
+def slice_label(slice_: str, devices: int) -> str:
+  """'8×H100', 'v5e-8', 'v5p-8 (4 chips)'."""
+  if slice_.startswith("h100x"):
+    return f"{slice_[5:]}×H100"
+  return slice_ if slice_.endswith(f"-{devices}") else f"{slice_} ({devices} chips)"
+
+
 def gib(value) -> str:
   return "–" if value is None else f"{value / GIB:.1f}"
 
@@ -197,7 +204,7 @@ def table(out: str) -> str:
     else:
       total_text = gib(total)
     lines.append(
-        f"| {MODELS[model][0]} | {stage} | {slice_} ({line['devices']}) | "
+        f"| {MODELS[model][0]} | {stage} | {slice_label(slice_, line['devices'])} | "
         f"{mesh_text(line['mesh'])} | {line['grad_accum_steps']} | {gib(line['params'])} | "
         f"{gib(line['optimizer'])} | {gib(line.get('temp'))} | {gib(line.get('peak'))} | "
         f"{total_text} | {gib(line['memory'])} | {line['verdict']} |")

@@ -65,10 +65,12 @@ def test_table_from_results_into_docs(tmp_path):
     f.write(json.dumps(_row(16, False, error="Used 29.7G of 15.75G hbm")) + "\n")
   text = memory_table.table(str(out))
   lines = text.splitlines()
-  assert lines[2] == ("| Llama-3-8B | 2 | v5e-8 (8) | fsdp 8 | 16 | 5.0 | 0.2 | – | – | "
+  assert lines[2] == ("| Llama-3-8B | 2 | v5e-8 | fsdp 8 | 16 | 5.0 | 0.2 | – | – | "
                       "needs 29.7 | 16.0 | does not fit at any accum |")
-  assert lines[3] == ("| Llama-3-8B | 3 | v5e-8 (8) | fsdp 8 | 16 | 5.0 | 0.2 | 8.0 | 12.0 "
+  assert lines[3] == ("| Llama-3-8B | 3 | v5e-8 | fsdp 8 | 16 | 5.0 | 0.2 | 8.0 | 12.0 "
                       "| 13.0 | 16.0 | fits |")
+  assert memory_table.slice_label("h100x64", 64) == "64×H100"
+  assert memory_table.slice_label("v5p-8", 4) == "v5p-8 (4 chips)"
   assert "Not compiled: h100x8 (all), h100x64 (all), v5e-8 (Llama-3-8B s1, Vicuna-7B s1, "\
       "Vicuna-7B s2, Vicuna-7B s3), v5e-64 (all)" in text
   docs = tmp_path / "scale.md"
