@@ -53,14 +53,26 @@ def _local(q, k, v, segment_ids, interpret: bool):
   return heads_first(out)
 
 
-def _sharded(fn, segmented: bool):
+def _spec(axes, shape, mesh) -> jax.sharding.PartitionSpec:
+  """The activation spec of `axes`, the sequence whole, and any dimension its mesh axes
+  do not divide (a batch of 1 on 4 devices) whole too: shard_map needs even shards."""
+  spec = list(nn.logical_to_mesh_axes(axes))
+  spec[1] = None
+  for dim, entry in enumerate(spec):
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    if shape[dim] % math.prod(mesh.shape[name] for name in names):
+      spec[dim] = None
+  return jax.sharding.PartitionSpec(*spec)
+
+
+def _sharded(fn, q_shape, kv_shape, segmented: bool):
   """`fn` per shard of the current mesh, or `fn` itself where no mesh is set."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn
-  q_spec, kv_spec = nn.logical_to_mesh_axes(Q_AXES), nn.logical_to_mesh_axes(KV_AXES)
-  whole_length = lambda spec: jax.sharding.PartitionSpec(spec[0], None, *spec[2:])
-  q_spec, kv_spec = whole_length(q_spec), whole_length(kv_spec)
+  q_spec, kv_spec = _spec(Q_AXES, q_shape, mesh), _spec(KV_AXES, kv_shape, mesh)
+  if q_spec[0] != kv_spec[0]:
+    q_spec = kv_spec = jax.sharding.PartitionSpec()  # never with the default rules
   ids_spec = jax.sharding.PartitionSpec(q_spec[0], None)
   in_specs = (q_spec, kv_spec, kv_spec) + ((ids_spec,) if segmented else ())
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
@@ -89,5 +101,5 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   def local(q, k, v, ids=None):
     return _local(q, k, v, ids, interpret)
 
-  out = _sharded(local, segmented)(*args)
+  out = _sharded(local, args[0].shape, args[1].shape, segmented)(*args)
   return out[:, :length]
