@@ -135,8 +135,9 @@ def accumulation_choices(row: dict) -> list[int]:
 
 
 def needed_bytes(row: dict) -> float | None:
-  """A TPU program over budget reports what it needed only in its error."""
-  match = re.search(r"[Uu]sed ([\d.]+)([KMG]) of ([\d.]+)([KMG]) hbm", row.get("error", ""))
+  """A TPU program over budget reports what its temporaries needed only in its error:
+  'the total memory required for HLO temporaries (22.83G) exceeds available HBM'."""
+  match = re.search(r"temporaries \(([\d.]+)([KMG])\)", row.get("error", ""))
   if not match:
     return None
   return float(match.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30}[match.group(2)]
@@ -198,16 +199,14 @@ def table(out: str) -> str:
       rows = [json.loads(line) for line in f if line.strip()]
     model, stage, slice_ = parse_key(key)
     line = summarise(rows)
-    total = line.get("total")
-    if total is None and needed_bytes(line) is not None:
-      total_text = f"needs {gib(needed_bytes(line))}"
-    else:
-      total_text = gib(total)
+    temp_text = gib(line.get("temp"))
+    if line.get("temp") is None and needed_bytes(line) is not None:
+      temp_text = f"{gib(needed_bytes(line))} needed"
     lines.append(
         f"| {MODELS[model][0]} | {stage} | {slice_label(slice_, line['devices'])} | "
         f"{mesh_text(line['mesh'])} | {line['grad_accum_steps']} | {gib(line['params'])} | "
-        f"{gib(line['optimizer'])} | {gib(line.get('temp'))} | {gib(line.get('peak'))} | "
-        f"{total_text} | {gib(line['memory'])} | {line['verdict']} |")
+        f"{gib(line['optimizer'])} | {temp_text} | {gib(line.get('peak'))} | "
+        f"{gib(line.get('total'))} | {gib(line['memory'])} | {line['verdict']} |")
   lines.append("")
   lines.append(f"Per device, GiB; {versions()}. Not compiled: {not_compiled(missing)}.")
   return "\n".join(lines) + "\n"

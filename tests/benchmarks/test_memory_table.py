@@ -45,9 +45,9 @@ def test_summary_is_the_smallest_accumulation_that_fits_and_says_if_it_is_proven
   assert memory_table.summarise([_row(1, True)])["verdict"] == "fits"  # nothing smaller
 
 
-def test_summary_of_a_row_that_never_fits_reads_the_tpu_compilers_need():
-  error = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
-           "memory space hbm. Used 29.71G of 15.75G hbm. Exceeded hbm capacity by 13.96G.")
+def test_summary_of_a_row_that_never_fits_reads_what_the_tpu_compiler_needed():
+  error = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+           "HLO temporaries (29.71G) exceeds available HBM (15.75G).")
   line = memory_table.summarise([_row(16, False, error=error)])
   assert line["verdict"] == "does not fit at any accum"
   assert memory_table.needed_bytes(line) == pytest.approx(29.71 * GIB)
@@ -59,14 +59,14 @@ def test_table_from_results_into_docs(tmp_path):
   out = tmp_path / "rows"
   out.mkdir()
   with open(out / "llama3_8b-s3-v5e-8.jsonl", "w") as f:
-    for row in (_row(16, True, total=13 * GIB), _row(8, False, error="Used 17.5G of 15.75G hbm")):
+    for row in (_row(16, True, total=13 * GIB), _row(8, False, error="required for HLO temporaries (17.5G) exceeds")):
       f.write(json.dumps(row) + "\n")
   with open(out / "llama3_8b-s2-v5e-8.jsonl", "w") as f:
-    f.write(json.dumps(_row(16, False, error="Used 29.7G of 15.75G hbm")) + "\n")
+    f.write(json.dumps(_row(16, False, error="required for HLO temporaries (29.7G) exceeds")) + "\n")
   text = memory_table.table(str(out))
   lines = text.splitlines()
-  assert lines[2] == ("| Llama-3-8B | 2 | v5e-8 | fsdp 8 | 16 | 5.0 | 0.2 | – | – | "
-                      "needs 29.7 | 16.0 | does not fit at any accum |")
+  assert lines[2] == ("| Llama-3-8B | 2 | v5e-8 | fsdp 8 | 16 | 5.0 | 0.2 | 29.7 needed | – | "
+                      "– | 16.0 | does not fit at any accum |")
   assert lines[3] == ("| Llama-3-8B | 3 | v5e-8 | fsdp 8 | 16 | 5.0 | 0.2 | 8.0 | 12.0 "
                       "| 13.0 | 16.0 | fits |")
   assert memory_table.slice_label("h100x64", 64) == "64×H100"
