@@ -85,8 +85,9 @@ def test_nothing_that_runs_a_model_imports_training():
 
 # Modules stay under ~400 lines (STYLE.md): past that a module holds more than one idea.
 MAX_MODULE_LINES = 400
-# Over the limit today, each to be split along its own seams.
-LONG_MODULES = {"leo_mini_jax/data/pipeline.py", "leo_mini_jax/models/llama.py"}
+# Over the limit: the LLaMA decoder (config, attention, MLP, block, prefill and decode
+# with the cache) is one idea at ~430 lines; its rotary embeddings live in rotary.py.
+LONG_MODULES = {"leo_mini_jax/models/llama.py"}
 
 
 def test_modules_stay_small():

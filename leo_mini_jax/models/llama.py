@@ -34,9 +34,12 @@ import jax.numpy as jnp
 from leo_mini_jax.models import attention as attention_lib
 from leo_mini_jax.models import layers
 from leo_mini_jax.models import mmoe as mmoe_lib
+from leo_mini_jax.models import rotary
 from leo_mini_jax.parallel import mesh as mesh_lib
 
 Array = jax.Array
+RopeScaling = rotary.RopeScaling
+apply_rotary = rotary.apply_rotary
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation
@@ -46,15 +49,6 @@ REMAT_POLICIES = {
     "everything": "everything_saveable",
 }
 ATTENTION_IMPLEMENTATIONS = attention_lib.IMPLEMENTATIONS
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-  """Llama-3 frequency-dependent rope scaling (HF rope_type 'llama3')."""
-  factor: float = 8.0
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +62,7 @@ class LlamaConfig:
   num_kv_heads: int | None = None  # None = num_heads (no GQA)
   head_dim: int | None = None  # None = hidden_size // num_heads
   rope_theta: float = 10000.0
-  rope_scaling: RopeScaling | None = None
+  rope_scaling: rotary.RopeScaling | None = None
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = False
   max_position_embeddings: int = 4096
@@ -113,43 +107,10 @@ class LlamaConfig:
     return jnp.dtype(self.param_dtype)
 
 
-# ----------------------------------------------------------------------------- rotary
-
-
 def rope_inverse_frequencies(config: LlamaConfig) -> Array:
-  """inv_freq [head_dim // 2] as HF computes it, with Llama-3 scaling when configured."""
-  dim = config.dim_per_head
-  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  scaling = config.rope_scaling
-  if scaling is None:
-    return inv_freq
-  old_context = scaling.original_max_position_embeddings
-  low_freq_wavelen = old_context / scaling.low_freq_factor
-  high_freq_wavelen = old_context / scaling.high_freq_factor
-  wavelen = 2 * math.pi / inv_freq
-  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-  smooth = (old_context / wavelen - scaling.low_freq_factor) / (
-      scaling.high_freq_factor - scaling.low_freq_factor)
-  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-  return jnp.where(is_medium, smoothed, scaled)
-
-
-def apply_rotary(x: Array, positions: Array, inv_freq: Array) -> Array:
-  """Rotate-half rotary embedding.
-
-  Args:
-    x: [B, T, H, Dh].
-    positions: [B, T] integer positions.
-    inv_freq: [Dh // 2].
-  """
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x32 = x.astype(jnp.float32)
-  first, second = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-second, first], axis=-1)
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+  """inv_freq [head_dim // 2] of `config` (rotary.inverse_frequencies)."""
+  return rotary.inverse_frequencies(config.dim_per_head, config.rope_theta,
+                                    config.rope_scaling)
 
 
 # ----------------------------------------------------------------------------- layers
