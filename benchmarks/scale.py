@@ -8,7 +8,7 @@
   # NVIDIA GPUs: 'slices x hosts x GPUs per host', with the CUDA compiler
   python -m benchmarks.scale --config ... --gpu h100 --topology 1x8x8
   # the smallest gradient accumulation (and with --fit_remat, remat policy) that fits
-  python -m benchmarks.scale --config ... --topology v5e:8x8 --fit [--fit_remat]
+  python -m benchmarks.scale --config ... --topology v5e:8x8 --fit [--fit_remat] [--fit_start 16]
 
 TPU and GPU targets need requirements-aot.txt's packages (no accelerator needed). Each
 row prints the device kind, per-device params / optimizer / temporaries / total, the
@@ -46,6 +46,8 @@ def define_flags():
   flags.DEFINE_string("mesh", "", "Mesh sizes within a slice, e.g. 'fsdp=-1' or "
                       "'fsdp=32,tensor=2' (default: the config's mesh).")
   flags.DEFINE_bool("fit", False, "Search the smallest grad accumulation that fits.")
+  flags.DEFINE_integer("fit_start", 0, "With --fit: walk from this accumulation (a "
+                       "guess) instead of a binary search; 2 compiles when it is right.")
   flags.DEFINE_bool("fit_remat", False, "With --fit: also try stronger LLM "
                     f"remat policies, in the order {aot.REMAT_ORDER}.")
   flags.DEFINE_integer("top", 6, "Largest state arrays to list.")
@@ -116,7 +118,8 @@ def main(argv):
     def report(row):
       print_row(row)
       write_json(row)
-    best = aot.fit(config, mesh, target, try_remat=FLAGS.fit_remat, report=report)
+    best = aot.fit(config, mesh, target, try_remat=FLAGS.fit_remat, report=report,
+                   start=FLAGS.fit_start or None)
     print("fit: " + (f"grad_accum_steps={best['grad_accum_steps']} remat_policy="
                      f"{best['remat_policy']}" if best else "nothing tried fits"))
     return

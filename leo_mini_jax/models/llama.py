@@ -17,8 +17,9 @@ vocabulary never sees bf16-rounded logits.
 Sequences are right-padded: the real tokens of every row form a prefix. Causal masking
 alone then keeps real tokens from seeing padding, so training and prefill need no padding
 mask (and can use cuDNN flash attention); decoding masks the cache by each row's length.
-Packed rows (several examples per row, `segment_ids`) add a block-diagonal mask to the
-causal one, which 'auto' attention runs on XLA.
+Packed rows (several examples per row, `segment_ids`) keep attention within each example
+(`models/attention.py`: splash's segment ids on TPU, a block-diagonal mask elsewhere,
+which keeps 'auto' off cuDNN).
 """
 
 import dataclasses
@@ -224,12 +225,8 @@ class Attention(nn.Module):
     k = apply_rotary(k, positions, inv_freq)
 
     attend = functools.partial(attention_lib.dot_product_attention, impl=cfg.attention_impl)
-    if cache is None and segment_ids is not None:
-      # XLA materialises the [T, T] scores anyway; 'auto' keeps masked calls off cuDNN.
-      same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-      out, new_cache = attend(q, k, v, is_causal=True, mask=same), None
-    elif cache is None:
-      out, new_cache = attend(q, k, v, is_causal=True), None
+    if cache is None:  # packed rows: splash takes segment ids, XLA a block-diagonal mask
+      out, new_cache = attend(q, k, v, is_causal=True, segment_ids=segment_ids), None
     elif cache_lengths is None:  # prefill: attend causally, store the keys and values
       out = attend(q, k, v, is_causal=True)
       new_cache = {

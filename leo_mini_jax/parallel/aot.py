@@ -163,15 +163,50 @@ def accumulation_choices(config: ml_collections.ConfigDict, mesh) -> list[int]:
   return [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % parallel == 0]
 
 
+def _walk_from(choices: list[int], start: int, fits: Callable[[int], dict | None]):
+  """The smallest fitting accumulation, walking from `start` (a good guess: 2 compiles).
+
+  Fits at `start`: step down until one does not; else step up until one fits.
+  """
+  index = min(range(len(choices)), key=lambda i: abs(choices[i] - start))
+  best = fits(choices[index])
+  if best is None:
+    for accum in choices[index + 1:]:
+      best = fits(accum)
+      if best is not None:
+        return best
+    return None
+  for accum in reversed(choices[:index]):
+    row = fits(accum)
+    if row is None:
+      break
+    best = row
+  return best
+
+
+def _binary_search(choices: list[int], fits: Callable[[int], dict | None]):
+  """The smallest fitting accumulation (memory falls as accumulation grows)."""
+  low, high, best = 0, len(choices) - 1, None
+  while low <= high:
+    middle = (low + high) // 2
+    row = fits(choices[middle])
+    if row is not None:
+      best, high = row, middle - 1
+    else:
+      low = middle + 1
+  return best
+
+
 def fit(config: ml_collections.ConfigDict, mesh, target: targets_lib.Target,
         try_remat: bool = False, report: Callable[[dict], None] = lambda row: None,
-        measure_fn: Callable = measure) -> dict | None:
+        measure_fn: Callable = measure, start: int | None = None) -> dict | None:
   """The first (remat policy, smallest accumulation) whose step fits the target.
 
   Memory falls as accumulation grows, so each policy is a binary search over the
-  accumulations the batch allows; `report` sees every compiled try. Policies: the
-  config's, then (with `try_remat`) each that keeps less, in REMAT_ORDER.
-  Returns the fitting row, or None.
+  accumulations the batch allows, or, given `start` (a guess, e.g. from a smaller
+  compile), a walk from it; `report` sees every compiled try. Policies: the config's,
+  then (with `try_remat`) each that keeps less, in REMAT_ORDER. Returns the fitting
+  row, or None.
   """
   if target.memory_bytes is None:
     raise ValueError(f"target {target.name}: its memory is unknown, nothing to fit")
@@ -181,18 +216,15 @@ def fit(config: ml_collections.ConfigDict, mesh, target: targets_lib.Target,
     policies += list(REMAT_ORDER[REMAT_ORDER.index(policy) + 1:])
   choices = accumulation_choices(config, mesh)
   for remat in policies:
-    low, high, best = 0, len(choices) - 1, None
-    while low <= high:
-      middle = (low + high) // 2
+    def fits(accum, remat=remat):
       trial = copy.deepcopy(config)
       trial.model.llm["remat_policy"] = remat
-      trial.optimizer.grad_accum_steps = choices[middle]
+      trial.optimizer.grad_accum_steps = accum
       row = measure_fn(trial, mesh, 0, target)
       report(row)
-      if row["fits"]:
-        best, high = row, middle - 1
-      else:
-        low = middle + 1
+      return row if row["fits"] else None
+    best = (_walk_from(choices, start, fits) if start
+            else _binary_search(choices, fits))
     if best is not None:
       return best
   return None
