@@ -80,10 +80,10 @@ def plan_epoch(costs: Costs, order: Sequence[int], capacity: int, max_images: in
   tokens = np.asarray(costs.tokens, np.int64)
   images = np.asarray(costs.images, bool).astype(np.int64)
   order = np.asarray(order, np.int64)
-  too_long = order[tokens[order] > capacity]
-  if too_long.size or (tokens[order] < 1).any():
-    raise ValueError(f"record {int(too_long[0]) if too_long.size else '?'}: every cost "
-                     f"must be in [1, {capacity}] (data.max_length)")
+  bad = order[(tokens[order] > capacity) | (tokens[order] < 1)]
+  if bad.size:
+    raise ValueError(f"record {int(bad[0])}: cost {int(tokens[bad[0]])} is not in "
+                     f"[1, {capacity}] (data.max_length)")
   free = np.full(window, -1, np.int64)       # tokens left; -1 = no row in this slot
   slots = np.zeros(window, np.int64)         # image slots left
   opened = np.full(window, np.iinfo(np.int64).max, np.int64)  # when the row opened

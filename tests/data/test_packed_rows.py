@@ -205,3 +205,9 @@ def test_rows_consumed_are_the_same_global_rows_for_any_process_count():
   resumed = [pipeline.make_dataset(cfg, process_index=p, process_count=2,
                                    start_position=4).iterator() for p in range(2)]
   assert rows([next(it) for _ in range(2) for it in resumed]) == rows(single[1:])
+
+
+def test_a_cost_beyond_the_row_is_named():
+  costs = packing.Costs(np.array([10, 70, 5]), np.zeros(3, bool))
+  with pytest.raises(ValueError, match=r"record 1: cost 70 is not in \[1, 64\]"):
+    packing.plan_epoch(costs, np.arange(3), 64, 2)
