@@ -19,7 +19,7 @@ from leo_mini_jax.evaluation import ask
 from leo_mini_jax.evaluation import generate as generate_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = "configs/tiny.py:stage=3"
+CONFIG = "configs/tiny.py:stage=3,experts=clip"  # the stage3_run model
 
 
 @pytest.fixture
@@ -59,8 +59,8 @@ def _blocks(text):
 
 def test_one_question_prints_answer_visual_tokens_and_routing(run_dir, image_path):
   out = io.StringIO()
-  ask.run(tiny.get_config("stage=3"), run_dir, image_path, "What colour is the shape?",
-          out=out)
+  ask.run(tiny.get_config("stage=3,experts=clip"), run_dir, image_path,
+          "What colour is the shape?", out=out)
   text = out.getvalue()
   [(answer, visual, layers)] = _blocks(text)
   assert visual == 4
@@ -86,7 +86,7 @@ def test_interactive_conversation_from_stdin(run_dir, image_path):
 
 
 def test_second_turn_prompt_holds_the_first_exchange(run_dir, image_path, monkeypatch):
-  config = tiny.get_config("stage=3")
+  config = tiny.get_config("stage=3,experts=clip")
   assistant = ask.Assistant(config, run_dir)
   tokenizer = assistant.tokenizer
   prompts = []
@@ -112,7 +112,7 @@ def test_second_turn_prompt_holds_the_first_exchange(run_dir, image_path, monkey
 
 @pytest.mark.slow
 def test_params_only_checkpoint_gives_the_same_answer(run_dir, image_path, tmp_path):
-  config = tiny.get_config("stage=3")
+  config = tiny.get_config("stage=3,experts=clip")
   from_run = ask.Assistant(config, run_dir)
   params_dir = str(tmp_path / "params")  # the format porting.convert writes
   checkpoints_lib.save_params(params_dir, from_run.params)
@@ -127,7 +127,7 @@ def test_params_only_checkpoint_gives_the_same_answer(run_dir, image_path, tmp_p
 
 
 def test_sampling_at_zero_temperature_is_greedy_generation(run_dir):
-  config = tiny.get_config("stage=3")
+  config = tiny.get_config("stage=3,experts=clip")
   assistant = ask.Assistant(config, run_dir, max_new_tokens=5)
   assistant.reset(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
   batch = assistant._batch([1, -200, 85, 83, 69, 82, 58], [0, 0, 1, 1, 1, 1, 0])
@@ -188,7 +188,7 @@ def test_a_config_with_another_tokenizer_is_refused(run_dir, image_path, tmp_pat
   # Decoding the run's ids with another tokenizer prints garbage: refuse instead.
   tokenizer = tmp_path / "tokenizer.json"
   tokenizer.write_text('{"model": {"type": "BPE"}}')
-  config = tiny.get_config("stage=3")
+  config = tiny.get_config("stage=3,experts=clip")
   config.data.tokenizer = str(tokenizer)
   with pytest.raises(ask.cli.UserError, match=r"data.tokenizer: the run was trained with "
                      r"byte .*the config gives .*tokenizer.json"):

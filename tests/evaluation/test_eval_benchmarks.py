@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _eval_py(workdir, *flags):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one device: no collectives queued on 2 cores
-  cmd = [sys.executable, "eval.py", "--config=configs/tiny.py:stage=3,steps=2",
+  cmd = [sys.executable, "eval.py", "--config=configs/tiny.py:stage=3,steps=2,experts=clip",
          f"--workdir={workdir}", "--config.data.batch_size=4", "--config.data.num_train=8",
          "--config.data.num_eval=4", "--config.eval.max_new_tokens=4", *flags]
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,

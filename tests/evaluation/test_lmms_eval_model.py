@@ -22,7 +22,7 @@ from tests.evaluation import benchmark_fixtures
 
 NAMES = ("mme", "pope")
 # The run's model (tests/conftest.py's small_config(3)) as lmms-eval's model_args give it.
-CONFIG_SPEC = "configs/tiny.py:stage=3;steps=4"
+CONFIG_SPEC = "configs/tiny.py:stage=3;steps=4;experts=clip"
 MAX_NEW_TOKENS = 4
 
 

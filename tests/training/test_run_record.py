@@ -81,8 +81,8 @@ def test_tokenizer_identity_hashes_only_the_tokenizer_files(tmp_path):
 def test_resume_with_another_tokenizer_stops_before_training(run_copy, tmp_path):
   tokenizer = tmp_path / "tokenizer.json"
   tokenizer.write_text('{"model": {"type": "BPE"}}')
-  result = _cli("train.py", "--config=configs/tiny.py:stage=3,steps=8", f"--workdir={run_copy}",
-                f"--config.data.tokenizer={tokenizer}")
+  result = _cli("train.py", "--config=configs/tiny.py:stage=3,steps=8,experts=clip",
+                f"--workdir={run_copy}", f"--config.data.tokenizer={tokenizer}")
   assert result.returncode == 1, result.stderr[-2000:]
   assert "data.tokenizer" in result.stderr and str(tokenizer) in result.stderr
   assert "byte" in result.stderr and "Traceback" not in result.stderr
