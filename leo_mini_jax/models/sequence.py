@@ -18,6 +18,7 @@ Per segment, not per row:
 So an example's logits, loss and routing do not depend on what shares its row.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -100,16 +101,17 @@ def segment_means(values: Array, weights: Array, segment_ids: Array, num_segment
     (zeros for a segment with no weight), so `take_along_axis(means, ids)` gives every
     position its own segment's mean. One scatter-add, linear in N (no [N, N] mask).
   """
-  batch, length, channels = values.shape
   weights = jnp.where(segment_ids < num_segments, weights.astype(jnp.float32), 0.0)
-  flat_ids = (jnp.minimum(segment_ids, num_segments - 1)
-              + num_segments * jnp.arange(batch)[:, None]).reshape(-1)
-  segment_sum = lambda x: jax.ops.segment_sum(x.reshape((batch * length,) + x.shape[2:]),
-                                              flat_ids, num_segments=batch * num_segments)
-  totals = segment_sum(values.astype(jnp.float32) * weights[..., None])
-  counts = segment_sum(weights)
-  means = totals / jnp.maximum(counts, 1.0)[:, None]
-  return means.reshape(batch, num_segments, channels)
+  ids = jnp.minimum(segment_ids, num_segments - 1)
+
+  def one_row(row_values, row_weights, row_ids):  # per row: the batch axis stays sharded
+    total = jax.ops.segment_sum(row_values.astype(jnp.float32) * row_weights[:, None],
+                                row_ids, num_segments=num_segments)
+    count = jax.ops.segment_sum(row_weights, row_ids, num_segments=num_segments)
+    return total / jnp.maximum(count, 1.0)[:, None]
+
+  means = jax.vmap(one_row)(values, weights, ids)
+  return nn.with_logical_constraint(means, ("activation_batch", None, None))
 
 
 def assemble_sequence(text_embeds: Array, visual_tokens: Array, batch: dict[str, Array]
