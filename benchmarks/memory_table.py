@@ -159,6 +159,12 @@ def summarise(rows: list[dict]) -> dict:
   return dict(tried[largest], verdict=verdict)
 
 
+def stage_label(stage: int, row: dict) -> str:
+  """'3', or '3 (packed, 4 images)' where rows hold several examples."""
+  images = row.get("images_per_row", 1)
+  return f"{stage} (packed, {images} images)" if images > 1 else str(stage)
+
+
 def slice_label(slice_: str, devices: int) -> str:
   """'8×H100', 'v5e-8', 'v5p-8 (4 chips)'."""
   if slice_.startswith("h100x"):
@@ -203,7 +209,8 @@ def table(out: str) -> str:
     if line.get("temp") is None and needed_bytes(line) is not None:
       temp_text = f"{gib(needed_bytes(line))} needed"
     lines.append(
-        f"| {MODELS[model][0]} | {stage} | {slice_label(slice_, line['devices'])} | "
+        f"| {MODELS[model][0]} | {stage_label(stage, line)} | "
+        f"{slice_label(slice_, line['devices'])} | "
         f"{mesh_text(line['mesh'])} | {line['grad_accum_steps']} | {gib(line['params'])} | "
         f"{gib(line['optimizer'])} | {temp_text} | {gib(line.get('peak'))} | "
         f"{gib(line.get('total'))} | {gib(line['memory'])} | {line['verdict']} |")
