@@ -50,7 +50,11 @@ def test_summary_of_a_row_that_never_fits_reads_what_the_tpu_compiler_needed():
            "HLO temporaries (29.71G) exceeds available HBM (15.75G).")
   line = memory_table.summarise([_row(16, False, error=error)])
   assert line["verdict"] == "does not fit at any accum"
-  assert memory_table.needed_bytes(line) == pytest.approx(29.71 * GIB)
+  assert memory_table.needed_bytes(line) == ("temp", pytest.approx(29.71 * GIB))
+  error = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. "
+           "Ran out of memory in memory space hbm. Used 15.79G of 15.75G hbm. Exceeded hbm "
+           "capacity by 41.57M.")
+  assert memory_table.needed_bytes({"error": error}) == ("total", pytest.approx(15.79 * GIB))
   line = memory_table.summarise([_row(4, False)])
   assert line["verdict"] == "does not fit up to accum 4"
 
