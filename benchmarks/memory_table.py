@@ -134,13 +134,21 @@ def accumulation_choices(row: dict) -> list[int]:
   return [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % parallel == 0]
 
 
-def needed_bytes(row: dict) -> float | None:
-  """A TPU program over budget reports what its temporaries needed only in its error:
-  'the total memory required for HLO temporaries (22.83G) exceeds available HBM'."""
-  match = re.search(r"temporaries \(([\d.]+)([KMG])\)", row.get("error", ""))
-  if not match:
-    return None
-  return float(match.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30}[match.group(2)]
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+# libtpu's two over-budget messages: what the temporaries needed, or all of HBM used.
+_NEEDED = {"temp": r"temporaries \(([\d.]+)([KMG])\)",
+           "total": r"[Uu]sed ([\d.]+)([KMG]) of [\d.]+[KMG] hbm"}
+
+
+def needed_bytes(row: dict) -> tuple[str, float] | None:
+  """(column, bytes) a TPU program over budget needed, from the compiler's error:
+  'the total memory required for HLO temporaries (22.83G) exceeds available HBM', or
+  'Used 15.79G of 15.75G hbm'."""
+  for column, pattern in _NEEDED.items():
+    match = re.search(pattern, row.get("error", ""))
+    if match:
+      return column, float(match.group(1)) * _UNITS[match.group(2)]
+  return None
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -157,6 +165,12 @@ def summarise(rows: list[dict]) -> dict:
   verdict = ("does not fit at any accum" if largest == choices[-1]
              else f"does not fit up to accum {largest}")
   return dict(tried[largest], verdict=verdict)
+
+
+def stage_label(stage: int, row: dict) -> str:
+  """'3', or '3 (packed, 4 images)' where rows hold several examples."""
+  images = row.get("images_per_row", 1)
+  return f"{stage} (packed, {images} images)" if images > 1 else str(stage)
 
 
 def slice_label(slice_: str, devices: int) -> str:
@@ -199,14 +213,16 @@ def table(out: str) -> str:
       rows = [json.loads(line) for line in f if line.strip()]
     model, stage, slice_ = parse_key(key)
     line = summarise(rows)
-    temp_text = gib(line.get("temp"))
-    if line.get("temp") is None and needed_bytes(line) is not None:
-      temp_text = f"{gib(needed_bytes(line))} needed"
+    text = {name: gib(line.get(name)) for name in ("temp", "total")}
+    needed = needed_bytes(line) if line.get("total") is None else None
+    if needed:
+      text[needed[0]] = f"{gib(needed[1])} needed"
     lines.append(
-        f"| {MODELS[model][0]} | {stage} | {slice_label(slice_, line['devices'])} | "
+        f"| {MODELS[model][0]} | {stage_label(stage, line)} | "
+        f"{slice_label(slice_, line['devices'])} | "
         f"{mesh_text(line['mesh'])} | {line['grad_accum_steps']} | {gib(line['params'])} | "
-        f"{gib(line['optimizer'])} | {temp_text} | {gib(line.get('peak'))} | "
-        f"{gib(line.get('total'))} | {gib(line['memory'])} | {line['verdict']} |")
+        f"{gib(line['optimizer'])} | {text['temp']} | {gib(line.get('peak'))} | "
+        f"{text['total']} | {gib(line['memory'])} | {line['verdict']} |")
   lines.append("")
   lines.append(f"Per device, GiB; {versions()}. Not compiled: {not_compiled(missing)}.")
   return "\n".join(lines) + "\n"

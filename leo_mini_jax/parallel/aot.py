@@ -127,6 +127,9 @@ def measure(config: ml_collections.ConfigDict, mesh, top: int = 6,
       "batch_size": int(config.data.batch_size),
       "grad_accum_steps": int(config.optimizer.grad_accum_steps),
       "max_length": int(config.data.max_length),
+      # Packed rows hold several examples and up to this many images (each a tower pass).
+      "images_per_row": (int(config.data.get("max_images_per_row", 1))
+                         if config.data.get("packing") else 1),
       "remat_policy": config.model.llm.get("remat_policy", "none"),
       "params": shard_bytes(setup.abstract_state.params),
       "optimizer": shard_bytes(setup.abstract_state.opt_state),

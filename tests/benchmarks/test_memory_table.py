@@ -50,7 +50,11 @@ def test_summary_of_a_row_that_never_fits_reads_what_the_tpu_compiler_needed():
            "HLO temporaries (29.71G) exceeds available HBM (15.75G).")
   line = memory_table.summarise([_row(16, False, error=error)])
   assert line["verdict"] == "does not fit at any accum"
-  assert memory_table.needed_bytes(line) == pytest.approx(29.71 * GIB)
+  assert memory_table.needed_bytes(line) == ("temp", pytest.approx(29.71 * GIB))
+  error = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. "
+           "Ran out of memory in memory space hbm. Used 15.79G of 15.75G hbm. Exceeded hbm "
+           "capacity by 41.57M.")
+  assert memory_table.needed_bytes({"error": error}) == ("total", pytest.approx(15.79 * GIB))
   line = memory_table.summarise([_row(4, False)])
   assert line["verdict"] == "does not fit up to accum 4"
 
@@ -70,6 +74,8 @@ def test_table_from_results_into_docs(tmp_path):
   assert lines[3] == ("| Llama-3-8B | 3 | v5e-8 | fsdp 8 | 16 | 5.0 | 0.2 | 8.0 | 12.0 "
                       "| 13.0 | 16.0 | fits |")
   assert memory_table.slice_label("h100x64", 64) == "64×H100"
+  assert memory_table.stage_label(3, {"images_per_row": 4}) == "3 (packed, 4 images)"
+  assert memory_table.stage_label(2, {"images_per_row": 1}) == "2"
   assert memory_table.slice_label("v5p-8", 4) == "v5p-8 (4 chips)"
   assert "Not compiled: h100x8 (all), h100x64 (all), v5e-8 (Llama-3-8B s1, Vicuna-7B s1, "\
       "Vicuna-7B s2, Vicuna-7B s3), v5e-64 (all)" in text
