@@ -90,7 +90,6 @@ def _losses(workdir):
     return {row["step"]: row for row in map(json.loads, f)}
 
 
-@pytest.mark.slow  # > 20 s on the 2-core CI machine (two tiny runs: ~50 s)
 def test_killed_packed_run_resumes_with_identical_losses(tmp_path, one_device_mesh):
   """Steps 3–4 of a packed run, killed after saving step 2 and run again from there,
   have exactly the losses they had; the position counts rows."""
