@@ -176,17 +176,23 @@ def _fake_target(memory):
   return targets.Target("fake", "cpu", jax.devices()[:4], "cpu", memory)
 
 
-def test_fit_finds_the_smallest_accumulation_that_fits():
+def fake_measure(trial, mesh, top, target):
+  """A step whose memory halves with each doubling of accumulation: 64 GiB / accum."""
+  del mesh, top
+  accum = int(trial.optimizer.grad_accum_steps)
+  peak = 64 * GIB // accum
+  return {"grad_accum_steps": accum, "remat_policy": trial.model.llm["remat_policy"],
+          "peak": peak, "fits": peak <= target.memory_bytes}
+
+
+def _fit_config_and_mesh():
   config = tiny_bf16()
   config.data.batch_size = 64
-  mesh = aot.target_mesh(config, targets.cpu_target(4))
-  # A step whose memory halves with each doubling of accumulation: 64 GiB / accum.
-  def fake_measure(trial, mesh, top, target):
-    accum = int(trial.optimizer.grad_accum_steps)
-    peak = 64 * GIB // accum
-    return {"grad_accum_steps": accum, "remat_policy": trial.model.llm["remat_policy"],
-            "peak": peak, "fits": peak <= target.memory_bytes}
+  return config, aot.target_mesh(config, targets.cpu_target(4))
 
+
+def test_fit_finds_the_smallest_accumulation_that_fits():
+  config, mesh = _fit_config_and_mesh()
   tried = []
   best = aot.fit(config, mesh, _fake_target(16 * GIB), report=tried.append,
                  measure_fn=fake_measure)
@@ -203,15 +209,7 @@ def test_fit_finds_the_smallest_accumulation_that_fits():
     (16, 1, [16], None),       # the largest accumulation does not fit: nothing does
 ])
 def test_fit_walks_from_a_starting_accumulation(start, memory, tried, best):
-  config = tiny_bf16()
-  config.data.batch_size = 64
-  mesh = aot.target_mesh(config, targets.cpu_target(4))
-
-  def fake_measure(trial, mesh, top, target):
-    accum = int(trial.optimizer.grad_accum_steps)
-    peak = 64 * GIB // accum
-    return {"grad_accum_steps": accum, "peak": peak, "fits": peak <= target.memory_bytes}
-
+  config, mesh = _fit_config_and_mesh()
   rows = []
   row = aot.fit(config, mesh, _fake_target(memory * GIB), report=rows.append,
                 measure_fn=fake_measure, start=start)
