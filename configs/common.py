@@ -124,6 +124,7 @@ def full_size_model(llm: dict, stage: int, tokens: int, reducer: str, router: st
                    cotr_dim=1024, grid_size=32),
       dtype="bfloat16",
       image_resize="eagle",
+      vision_passes=1,
   )
 
 
@@ -155,7 +156,9 @@ def base_config(stage: int, train_sam_neck: bool = False) -> ml_collections.Conf
   config.num_epochs = 1.0
   config.log_every = 50
   # A NaN/inf step is not applied; this many in a row stop the run (training/guards.py).
-  config.train = dict(max_bad_steps=10)
+  # loss_chunk_length > 0: the loss takes the LM head that many positions at a time, so
+  # the [batch, length, vocab] float32 logits never exist whole (training/step.py).
+  config.train = dict(max_bad_steps=10, loss_chunk_length=0)
   # A previous stage's workdir or a ported params checkpoint (porting.convert).
   config.init_from = ""
   # Axis sizes within a slice (ICI; -1 = the rest); `dcn`: slices per axis across the

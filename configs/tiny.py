@@ -44,6 +44,7 @@ def get_model_config(stage: int, tokens: int, reducer: str, router: str,
       reducer=dict(kind=reducer if cotr_stage else "none", num_visual_tokens=tokens,
                    cotr_dim=32, grid_size=4, mqt_heads=2),
       image_resize="antialias",  # 'eagle' for a model ported from an EAGLE release
+      vision_passes=1,  # > 1: the experts encode the images in that many passes
   )
   unknown = sorted(set(names) - {e["name"] for e in model["experts"]})
   if unknown:

@@ -85,6 +85,8 @@ RANGES: dict[str, Range] = {
     "checkpoint.keep": COUNT,
     "checkpoint.keep_period": COUNT_OR_OFF,
     "train.max_bad_steps": COUNT,
+    "train.loss_chunk_length": COUNT_OR_OFF,  # 0 = the whole sequence's logits at once
+    "model.vision_passes": COUNT,
     "eval.max_new_tokens": COUNT_OR_OFF,      # 0 = each benchmark's own length
     "eval.batch_size": COUNT,
     "eval.num_examples": COUNT_OR_OFF,

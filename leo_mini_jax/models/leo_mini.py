@@ -11,6 +11,7 @@ forward cuts rows to that length, as the references cut to model_max_length.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -43,11 +44,20 @@ class LeoMiniConfig:
   # data.max_length_counts_visual_tokens (the pipeline then fits image rows to
   # max_length − (N^V − 1) text tokens, so only padding is cut). 0: L + N^V − 1.
   max_llm_length: int = 0
+  # The vision experts encode a batch's images in this many sequential passes (a scan,
+  # each pass 1/vision_passes of the images, spread over the batch's devices). Frozen
+  # towers (stages 1 and 3) keep nothing for the backward pass, so their peak activation
+  # memory (SAM's global attention above all) falls by this factor; trained towers
+  # (stage 2) keep every pass's residuals, so it only adds a loop there. A batch whose
+  # image count it does not divide runs gcd(images, vision_passes) passes.
+  vision_passes: int = 1
 
   def __post_init__(self):
     if self.image_resize not in experts_lib.IMAGE_RESIZES:
       raise ValueError(f"model.image_resize={self.image_resize!r}: expected one of "
                        f"{experts_lib.IMAGE_RESIZES}")
+    if self.vision_passes < 1:
+      raise ValueError(f"model.vision_passes={self.vision_passes}: must be >= 1")
 
   @classmethod
   def from_config(cls, cfg: Any, max_llm_length: int = 0) -> "LeoMiniConfig":
@@ -70,6 +80,7 @@ class LeoMiniConfig:
         param_dtype=values.get("param_dtype", "float32"),
         image_resize=values.get("image_resize", "antialias"),
         max_llm_length=int(max_llm_length),
+        vision_passes=int(values.get("vision_passes", 1)),
     )
 
   @property
@@ -89,15 +100,36 @@ assemble_sequence = sequence_lib.assemble_sequence  # the batch's rows → the L
 
 
 class VisionExperts(nn.Module):
-  """All experts on the one uint8 master-resolution batch; params under vision/<name>."""
+  """All experts on the one uint8 master-resolution batch; params under vision/<name>.
+
+  With `passes` > 1 the images go through the towers in that many sequential passes
+  (LeoMiniConfig.vision_passes).
+  """
   experts: tuple[tuple[str, Any], ...]
   image_resize: str = "antialias"
+  passes: int = 1
 
-  @nn.compact
+  def setup(self):
+    for name, cfg in self.experts:  # attribute names are the parameter scopes
+      setattr(self, name, experts_lib.VisionExpert(expert=name, config=cfg,
+                                                   image_resize=self.image_resize))
+
+  def _encode(self, images: Array) -> list[Array]:
+    return [getattr(self, name)(images) for name, _ in self.experts]
+
   def __call__(self, images: Array) -> list[Array]:
-    return [experts_lib.VisionExpert(expert=name, config=cfg, image_resize=self.image_resize,
-                                     name=name)(images)
-            for name, cfg in self.experts]
+    passes = math.gcd(images.shape[0], self.passes)
+    if passes == 1 or self.is_initializing():
+      return self._encode(images)
+    # Pass p takes images p, p + passes, ...: a batch sharded in contiguous blocks keeps
+    # each pass spread over all of its devices (no image moves between devices).
+    per_pass = images.reshape((images.shape[0] // passes, passes) + images.shape[1:])
+    per_pass = nn.with_logical_constraint(
+        per_pass.swapaxes(0, 1), (None, "activation_batch", None, None, None))
+    encode = nn.scan(lambda module, carry, chunk: (carry, module._encode(chunk)),  # pylint: disable=protected-access
+                     variable_broadcast="params", split_rngs={"params": False})
+    _, features = encode(self, None, per_pass)
+    return [f.swapaxes(0, 1).reshape((images.shape[0],) + f.shape[2:]) for f in features]
 
 
 class LeoMini(nn.Module):
@@ -106,7 +138,7 @@ class LeoMini(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.vision = VisionExperts(cfg.experts, cfg.image_resize)
+    self.vision = VisionExperts(cfg.experts, cfg.image_resize, cfg.vision_passes)
     self.reducer = reducers_lib.build_reducer(cfg.reducer, cfg.expert_names, dtype,
                                               param_dtype, name=None)
     self.projector = projector_lib.Projector(cfg.llm.hidden_size, dtype, param_dtype)
@@ -157,11 +189,14 @@ class LeoMini(nn.Module):
     return sequence, nn.with_logical_constraint(
         context, ("activation_batch", "activation_length", None))
 
-  def __call__(self, batch: dict[str, Array]) -> tuple[Array, dict[str, Any]]:
+  def __call__(self, batch: dict[str, Array], return_hidden: bool = False
+               ) -> tuple[Array, dict[str, Any]]:
     """Training / scoring forward.
 
     Returns:
       logits [B, training_sequence_length(L), vocab] (L + N^V − 1, or max_llm_length)
+      — with return_hidden the LLM's last hidden states [B, ·, D] instead, which
+      `logits` maps to them (a loss can then take the vocabulary a chunk at a time) —
       and aux: targets and target_mask aligned with the
       logits, attention_mask, balance_loss (already × λ; 0 without MMoE), routing
       (per-layer expert_fraction [layers, E] and top_expert [layers, B, T]),
@@ -177,7 +212,8 @@ class LeoMini(nn.Module):
     logits, layer_aux = self.llm.forward(
         sequence["inputs_embeds"], positions=sequence["positions"],
         token_mask=sequence["attention_mask"], router_context=router_context,
-        segment_ids=sequence["segment_ids"] if packed else None)
+        segment_ids=sequence["segment_ids"] if packed else None,
+        return_hidden=return_hidden)
     mmoe_cfg = self.config.llm.mmoe
     reduce_layers = jnp.sum if mmoe_cfg.balance_reduce == "sum" else jnp.mean
     balance = (mmoe_cfg.balance_coef * reduce_layers(layer_aux["balance_loss"])
@@ -191,6 +227,11 @@ class LeoMini(nn.Module):
         "num_visual_tokens": self.config.num_visual_tokens,
     }
     return logits, aux
+
+  def logits(self, hidden: Array) -> Array:
+    """The LLM's last hidden states [..., D] (`__call__(..., return_hidden=True)`) →
+    float32 logits [..., vocab]."""
+    return self.llm.logits(hidden)
 
   def prefill(self, batch: dict[str, Array], cache_size: int):
     """Prompt batch → (logits of the next token [B, vocab], cache, routing).

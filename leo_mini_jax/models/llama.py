@@ -348,7 +348,7 @@ class LlamaForCausalLM(nn.Module):
 
   def forward(self, inputs_embeds: Array, positions: Array | None = None,
               token_mask: Array | None = None, router_context: Array | None = None,
-              segment_ids: Array | None = None):
+              segment_ids: Array | None = None, return_hidden: bool = False):
     """Full-sequence forward.
 
     Args:
@@ -361,12 +361,14 @@ class LlamaForCausalLM(nn.Module):
         one example per row.
 
     Returns:
-      logits [B, T, vocab] and aux: per-layer MMoE outputs (empty without MMoE).
+      logits [B, T, vocab] — or, with return_hidden, the last layer's output [B, T, D]
+      that `logits` turns into them — and aux: per-layer MMoE outputs (empty without
+      MMoE).
     """
     hidden, positions, token_mask = self._prepare(inputs_embeds, positions, token_mask)
     hidden, _, aux = self.decoder(hidden, positions, router_context, token_mask, None, None,
                                   segment_ids)
-    return self.logits(hidden), aux
+    return (hidden if return_hidden else self.logits(hidden)), aux
 
   def _prepare(self, inputs_embeds, positions, token_mask):
     batch, length = inputs_embeds.shape[:2]

@@ -90,7 +90,8 @@ class TrainSetup(runtime_lib.ModelRuntime):
   def jit_train_step(self):
     step_fn = step_lib.make_train_step(
         self.model, self.tx, self.trainable, self.lr_schedule,
-        int(self.config.optimizer.grad_accum_steps), dropout_seed=int(self.config.seed))
+        int(self.config.optimizer.grad_accum_steps), dropout_seed=int(self.config.seed),
+        loss_chunk_length=int((self.config.get("train") or {}).get("loss_chunk_length", 0)))
     # A NaN/inf step leaves params and optimizer state as they were (no host sync).
     step_fn = guards_lib.skip_nonfinite(step_fn, self.trainable)
     jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),

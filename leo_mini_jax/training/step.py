@@ -32,6 +32,49 @@ def token_losses(logits: jax.Array, aux: dict) -> tuple[jax.Array, jax.Array, ja
   return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct * mask)
 
 
+def chunked_token_losses(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                         aux: dict, chunk_length: int
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`token_losses` of `logits_fn(hidden)` without ever holding the whole logits.
+
+  The sequence goes through the LM head `chunk_length` positions at a time (a scan;
+  each chunk's logits are recomputed for the backward pass), so the [B, T, vocab] float32
+  logits and their gradient — at Llama-3's 128k vocabulary the largest arrays of the
+  step — take T / chunk_length less memory, for one extra head matmul.
+  """
+  batch, length = hidden.shape[:2]
+  pad = -length % chunk_length
+
+  def by_chunk(x):  # [B, T, ...] → [T / chunk, B, chunk, ...], padding unsupervised
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((batch, -1, chunk_length) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def add_chunk(totals, chunk):
+    hidden_chunk, targets, mask = chunk
+    sums = token_losses(logits_fn(hidden_chunk), {"targets": targets, "target_mask": mask})
+    return tuple(t + s for t, s in zip(totals, sums)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  totals, _ = jax.lax.scan(add_chunk, (zero, zero, zero),
+                           (by_chunk(hidden), by_chunk(aux["targets"]),
+                            by_chunk(aux["target_mask"])))
+  return totals
+
+
+def forward_losses(model: nn.Module, params: Any, batch: dict, loss_chunk_length: int = 0,
+                   **apply_kwargs) -> tuple[tuple[jax.Array, jax.Array, jax.Array], dict]:
+  """The model's forward on `batch` → ((loss sum, supervised tokens, correct), aux);
+  with loss_chunk_length > 0 through `chunked_token_losses`."""
+  variables = {"params": params}
+  if not loss_chunk_length:
+    logits, aux = model.apply(variables, batch, **apply_kwargs)
+    return token_losses(logits, aux), aux
+  hidden, aux = model.apply(variables, batch, return_hidden=True, **apply_kwargs)
+  logits_fn = lambda h: model.apply(variables, h, method=model.logits)
+  return chunked_token_losses(logits_fn, hidden, aux, loss_chunk_length), aux
+
+
 def num_examples(batch: dict) -> jax.Array:
   """Real examples in a batch: one per row, or per segment of packed rows."""
   if "segment_ids" in batch:
@@ -69,7 +112,8 @@ def dropout_key(seed: int, step: jax.Array, micro_batch: jax.Array | int = 0) ->
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     trainable: Any, lr_schedule: optax.Schedule,
-                    grad_accum_steps: int = 1, dropout_seed: int = 0) -> Callable:
+                    grad_accum_steps: int = 1, dropout_seed: int = 0,
+                    loss_chunk_length: int = 0) -> Callable:
   """Builds `train_step(state, batch) -> (state, metrics)` (jit it with shardings).
 
   Args:
@@ -79,12 +123,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     lr_schedule: base schedule, for the metric.
     grad_accum_steps: micro-batches per update.
     dropout_seed: seed of the dropout masks (`dropout_key`; used by mmoe.lora_dropout).
+    loss_chunk_length: > 0: the loss takes the LM head this many positions at a time
+      (`chunked_token_losses`; config.train.loss_chunk_length).
   """
 
   def sums(trainable_params, frozen_params, batch, key):
     params = optimizer_lib.merge_trainable(trainable_params, frozen_params)
-    logits, aux = model.apply({"params": params}, batch, rngs={"dropout": key})
-    loss_sum, count, correct = token_losses(logits, aux)
+    (loss_sum, count, correct), aux = forward_losses(model, params, batch, loss_chunk_length,
+                                                     rngs={"dropout": key})
     routing = aux["routing"].get("expert_fraction")
     return loss_sum, (count, correct, aux["balance_loss"], routing,
                       jnp.sum(aux["attention_mask"]), num_examples(batch),
@@ -151,15 +197,3 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return TrainState(state.step + 1, new_params, opt_state), metrics
 
   return train_step
-
-
-def make_eval_loss(model: nn.Module) -> Callable:
-  """`eval_loss(params, batch) -> metrics` on a teacher-forced batch."""
-
-  def eval_loss(params, batch):
-    logits, aux = model.apply({"params": params}, batch)
-    loss_sum, count, correct = token_losses(logits, aux)
-    return {"loss": loss_sum / jnp.maximum(count, 1.0),
-            "token_accuracy": correct / jnp.maximum(count, 1.0)}
-
-  return eval_loss
