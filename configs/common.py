@@ -228,6 +228,11 @@ def full_size_config(llm: dict, template: str, arg_string: str | None,
     config.data.packing = True
     config.data.max_images_per_row = min(STAGE3_IMAGES_PER_ROW,
                                          config.data.max_length // arg.tokens)
+    # One pass of the frozen experts per image slot: they hold one slot's images at a
+    # time, as many as unpacked rows would give them (SAM's global attention and
+    # ConvNeXt's 256×256 maps over four slots needed 23 GiB of a v5e's 15.75; one pass
+    # at a time, 9.3: docs/scale.md).
+    config.model.vision_passes = config.data.max_images_per_row
   config.optimizer.lr = FULL_SIZE_LEARNING_RATES[arg.stage]
   if arg.stage == 3:
     config.optimizer.lr_mults = dict(STAGE3_LR_MULTS)

@@ -176,6 +176,21 @@ def check_packing(config: Any, num_visual_tokens: int) -> None:
           f"{fit} or less")
 
 
+def check_vision_passes(config: Any) -> None:
+  """`model.vision_passes` divides a training micro-batch's images (else the model would
+  quietly run fewer passes: their greatest common divisor)."""
+  passes = int(config.model.get("vision_passes", 1))
+  if passes == 1:
+    return
+  data, optimizer = config.get("data") or {}, config.get("optimizer") or {}
+  slots = int(data.get("max_images_per_row", 1)) if data.get("packing") else 1
+  rows = int(data.batch_size) // int(optimizer.get("grad_accum_steps", 1))
+  if (rows * slots) % passes:
+    _fail("model.vision_passes", f"{passes} passes do not divide the {rows * slots} "
+          f"images of a training micro-batch ({rows} rows = data.batch_size / "
+          f"optimizer.grad_accum_steps, × {slots} image slots)")
+
+
 def check_tokenizer(config: Any) -> None:
   """The tokenizer's vocabulary fits `model.llm.vocab_size` (larger ids would embed as
   NaN: `jnp.take` fills out-of-range rows)."""
@@ -232,6 +247,7 @@ def validate_config(config: Any, *, device_count: int | None = None,
   from leo_mini_jax.models import leo_mini  # pylint: disable=g-import-not-at-top
   model_config = leo_mini.LeoMiniConfig.from_config(config.model)  # names bad fields
   check_packing(config, model_config.num_visual_tokens)
+  check_vision_passes(config)
   if paths is None and trace_model:
     paths = parameter_paths(config)
   if paths is not None:

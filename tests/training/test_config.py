@@ -112,3 +112,10 @@ def test_sam_neck_frozen_in_stage1_like_eagle_pretraining(arg, stage1_group):
       optimizer_lib.FROZEN
   stage2 = leo_mini_vicuna_7b.get_config("stage=2").schedule
   assert optimizer_lib.group_of(NECK, stage2) == "main"
+
+
+@pytest.mark.parametrize("module", [leo_mini_vicuna_7b, leo_mini_llama3_8b])
+def test_paper_stage3_runs_the_frozen_experts_one_image_slot_at_a_time(module):
+  stage3 = module.get_config("stage=3")
+  assert stage3.model.vision_passes == stage3.data.max_images_per_row == 4
+  assert module.get_config("stage=2").model.vision_passes == 1  # the towers train there

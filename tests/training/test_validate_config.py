@@ -44,6 +44,9 @@ def _drop_mmoe(config):
      r"config.data.tokenizer: 'byte' has 262 tokens, more than config.model.llm.vocab_size=200"),
     (lambda c: _set(c, "init_from", "/nonexistent/stage2"),
      "config.init_from: /nonexistent/stage2 does not exist"),
+    (lambda c: _set(c, "model.vision_passes", c.data.batch_size * 2),
+     r"config.model.vision_passes: \d+ passes do not divide the \d+ images of a training "
+     r"micro-batch"),
 ])
 def test_bad_value_names_the_field(change, field):
   config = change(small_config(3))
@@ -125,6 +128,8 @@ def test_entry_points_validate_the_config(entry):
     ("data.max_length", 0, r"must be >= 2, got 0"),
     ("data.resolution", 0, r"must be >= 1, got 0"),
     ("optimizer.grad_accum_steps", 0, r"must be >= 1, got 0"),
+    ("model.vision_passes", 0, r"must be >= 1, got 0"),
+    ("train.loss_chunk_length", -8, r"must be >= 0, got -8"),
 ])
 def test_numeric_fields_out_of_range_stop_at_start_naming_the_field(field, value, message):
   config = _set(small_config(2), field, value)
