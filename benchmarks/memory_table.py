@@ -168,9 +168,14 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def stage_label(stage: int, row: dict) -> str:
-  """'3', or '3 (packed, 4 images)' where rows hold several examples."""
-  images = row.get("images_per_row", 1)
-  return f"{stage} (packed, {images} images)" if images > 1 else str(stage)
+  """'3', '3 (packed, 4 images)' where rows hold several examples, '…, 4 expert passes'
+  where the experts take the images in passes (model.vision_passes)."""
+  notes = []
+  if row.get("images_per_row", 1) > 1:
+    notes.append(f"packed, {row['images_per_row']} images")
+  if row.get("vision_passes", 1) > 1:
+    notes.append(f"{row['vision_passes']} expert passes")
+  return f"{stage} ({', '.join(notes)})" if notes else str(stage)
 
 
 def slice_label(slice_: str, devices: int) -> str:

@@ -131,6 +131,8 @@ def measure(config: ml_collections.ConfigDict, mesh, top: int = 6,
       "images_per_row": (int(config.data.get("max_images_per_row", 1))
                          if config.data.get("packing") else 1),
       "remat_policy": config.model.llm.get("remat_policy", "none"),
+      "vision_passes": int(config.model.get("vision_passes", 1)),
+      "loss_chunk_length": int((config.get("train") or {}).get("loss_chunk_length", 0)),
       "params": shard_bytes(setup.abstract_state.params),
       "optimizer": shard_bytes(setup.abstract_state.opt_state),
       "batch": shard_bytes(batch),

@@ -76,6 +76,8 @@ def test_table_from_results_into_docs(tmp_path):
   assert memory_table.slice_label("h100x64", 64) == "64×H100"
   assert memory_table.stage_label(3, {"images_per_row": 4}) == "3 (packed, 4 images)"
   assert memory_table.stage_label(2, {"images_per_row": 1}) == "2"
+  assert (memory_table.stage_label(3, {"images_per_row": 4, "vision_passes": 4})
+          == "3 (packed, 4 images, 4 expert passes)")
   assert memory_table.slice_label("v5p-8", 4) == "v5p-8 (4 chips)"
   assert "Not compiled: h100x8 (all), h100x64 (all), v5e-8 (Llama-3-8B s1, Vicuna-7B s1, "\
       "Vicuna-7B s2, Vicuna-7B s3), v5e-64 (all)" in text
