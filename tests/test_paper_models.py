@@ -128,7 +128,7 @@ def test_toy_expert_sets_build_and_run(variant, stage):
   config.model.image_resize = "eagle"
   model = LeoMini(LeoMiniConfig.from_config(config.model))
   batch = {k: jnp.asarray(v) for k, v in dummy_batch(config, batch_size=2).items()}
-  variables = model.init(jax.random.key(0), batch)
+  variables = jax.jit(model.init)(jax.random.key(0), batch)
   logits, aux = jax.jit(model.apply)(variables, batch)
   visual = 16 if stage == 2 else 4  # 4×4 fusion grid / N^V
   assert aux["num_visual_tokens"] == visual

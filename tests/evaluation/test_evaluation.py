@@ -30,7 +30,7 @@ def test_greedy_generation_matches_step_by_step_full_forward():
   batch["input_ids"][:, 2:] = rng.integers(1, 200, (2, 10))
   batch["attention_mask"][1, 8:] = 0
   batch["instruction_mask"][:, 2:6] = 1
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch))["params"]
   tokens = np.asarray(generate.make_generate(model, 4, eos_id=-1)(params, batch)["tokens"])
   # One compiled forward: every prefix right-padded to the same width.
   width = batch["input_ids"].shape[1] + 4
@@ -86,7 +86,7 @@ def test_generation_returns_the_routing_of_a_full_forward():
   batch["instruction_mask"][:, 2:7] = 1
   batch["loss_mask"] = np.zeros((3, width), np.int32)
   batch["has_image"] = np.array([True, True, False])
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch))["params"]
   valid = np.array([True, False, True])
   new = 5
   out = jax.jit(generate.make_generate(model, new, eos_id=-1))(params, batch, valid)
@@ -167,7 +167,7 @@ def test_decoding_stops_when_every_valid_row_has_ended():
   model = leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(config.model))
   batch = dummy_batch(config, 2)
   batch["input_ids"][:, 2:] = np.random.default_rng(1).integers(1, 200, (2, 10))
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch))["params"]
   full = np.asarray(generate.make_generate(model, 8, eos_id=-1)(params, batch)["tokens"])
   eos = int(full[0, 2])  # row 0 ends at its third token
   end = int(np.argmax(full[0] == eos))

@@ -65,7 +65,7 @@ def test_assemble_sequence_places_visual_tokens_at_the_placeholder():
 def _model(arg):
   cfg = leo_mini_lib.LeoMiniConfig.from_config(tiny.get_config(arg).model)
   model = leo_mini_lib.LeoMini(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), _batch()))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), _batch()))["params"]
   return cfg, model, params
 
 
@@ -74,7 +74,7 @@ def _model(arg):
     ("stage=3,tokens=4,reducer=mqt", 4), ("stage=3,tokens=4,router=hidden", 4)])
 def test_output_shapes_for_every_reducer(arg, num_visual):
   cfg, model, params = _model(arg)
-  logits, aux = model.apply({"params": params}, _batch())
+  logits, aux = jax.jit(model.apply)({"params": params}, _batch())
   assert aux["num_visual_tokens"] == num_visual
   assert logits.shape == (3, LENGTH + num_visual - 1, cfg.llm.vocab_size)
   assert aux["targets"].shape == logits.shape[:2]
@@ -98,10 +98,11 @@ def test_text_only_row_matches_the_plain_llm():
 def test_image_changes_only_image_rows():
   _, model, params = _model("stage=3,tokens=4")
   batch = _batch()
-  logits, _ = model.apply({"params": params}, batch)
+  forward = jax.jit(model.apply)
+  logits, _ = forward({"params": params}, batch)
   changed = dict(batch, image=255 - batch["image"])
   changed["image"][2] = 0
-  logits2, _ = model.apply({"params": params}, changed)
+  logits2, _ = forward({"params": params}, changed)
   diff = np.abs(np.asarray(logits2) - np.asarray(logits)).max(axis=(1, 2))
   assert diff[0] > 1e-4 and diff[1] > 1e-4
   assert diff[2] < 1e-6
@@ -147,7 +148,7 @@ def test_balance_loss_sum_over_layers_is_layers_times_the_mean():
   for reduce in ("mean", "sum"):
     config.llm.mmoe.balance_reduce = reduce
     model = leo_mini_lib.LeoMini(leo_mini_lib.LeoMiniConfig.from_config(config))
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), _batch()))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), _batch()))["params"]
     losses[reduce] = float(model.apply({"params": params}, _batch())[1]["balance_loss"])
   layers = config.llm.num_layers
   assert layers > 1 and losses["mean"] > 0

@@ -66,7 +66,7 @@ def test_trained_towers_get_the_same_gradients():
 
 def test_the_passes_run_as_a_loop_over_the_images():
   batch = _rows()
-  params = nn.unbox(_model(3, 1).init(jax.random.PRNGKey(0), batch))["params"]
+  params = nn.unbox(jax.jit(_model(3, 1).init)(jax.random.PRNGKey(0), batch))["params"]
 
   def loops(passes):
     model = _model(3, passes)

@@ -119,3 +119,10 @@ def test_paper_stage3_runs_the_frozen_experts_one_image_slot_at_a_time(module):
   stage3 = module.get_config("stage=3")
   assert stage3.model.vision_passes == stage3.data.max_images_per_row == 4
   assert module.get_config("stage=2").model.vision_passes == 1  # the towers train there
+
+
+@pytest.mark.parametrize("module", [leo_mini_vicuna_7b, leo_mini_llama3_8b])
+def test_paper_configs_take_the_lm_head_a_chunk_at_a_time(module):
+  for stage in (1, 2, 3):
+    assert module.get_config(f"stage={stage}").train.loss_chunk_length == 256
+  assert tiny.get_config().train.loss_chunk_length == 0  # small vocabulary: whole logits

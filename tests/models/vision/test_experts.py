@@ -52,7 +52,7 @@ def test_experts_run_on_uint8_batch():
       return [expert(images) for expert in self.experts]
 
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3)), jnp.uint8)
-  variables = Vision().init(jax.random.key(0), images)
+  variables = jax.jit(Vision().init)(jax.random.key(0), images)
   assert set(variables["params"]) == {"clip", "convnext"}
   # The tower's parameters sit directly under the expert's name (no wrapper level).
   assert "pre_layernorm" in variables["params"]["clip"]
