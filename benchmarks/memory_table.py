@@ -55,7 +55,7 @@ ORDER = ["*-h100x8", "*-h100x64", "llama3_8b-s3-v5e-8", "llama3_8b-s3-v5e-64",
          "llama3_8b-s2-v5e-64", "llama3_8b-s2-v5e-8", "llama3_8b-s2-v5p-8", "*-v6e-64",
          "*-v5e-256", "*-v6e-256", "*"]
 # Accumulation guesses to walk from (--fit_start); others are binary-searched.
-START = {"*-s3-h100x8": 1, "*-s2-h100x8": 2, "*-s1-h100x8": 2, "*-s3-v5e-8": 16,
+START = {"*-s3-h100x8": 1, "*-s2-h100x8": 1, "*-s1-h100x8": 1, "*-s3-v5e-8": 16,
          "*-s2-v5e-8": 16, "*-s1-v5e-8": 4, "*-v5p-8": 8}
 
 
