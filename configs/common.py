@@ -240,10 +240,6 @@ def full_size_config(llm: dict, template: str, arg_string: str | None,
   # 0: one epoch of the records validation keeps (EAGLE's and LLaVA-1.5's scripts train
   # --num_train_epochs 1 per stage); `steps=N` fixes the length instead.
   config.total_steps = arg.steps
-  # The LM head 256 positions at a time: Llama-3's 128k-vocabulary float32 logits (and
-  # their gradient) at 16 rows a device are 15.7 GiB each; chunked, stage 2 fits 8 H100s
-  # unaccumulated (peak 54.3 GiB, 73.9 whole; docs/scale.md) for ~1.5% more FLOPs.
-  config.train.loss_chunk_length = 256
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   config.checkpoint.update(every_steps=1000, every_seconds=3600)
   config.log_every = 10

@@ -121,8 +121,9 @@ def test_paper_stage3_runs_the_frozen_experts_one_image_slot_at_a_time(module):
   assert module.get_config("stage=2").model.vision_passes == 1  # the towers train there
 
 
-@pytest.mark.parametrize("module", [leo_mini_vicuna_7b, leo_mini_llama3_8b])
-def test_paper_configs_take_the_lm_head_a_chunk_at_a_time(module):
+def test_llama3_takes_the_lm_head_a_chunk_at_a_time():
   for stage in (1, 2, 3):
-    assert module.get_config(f"stage={stage}").train.loss_chunk_length == 256
-  assert tiny.get_config().train.loss_chunk_length == 0  # small vocabulary: whole logits
+    assert leo_mini_llama3_8b.get_config(f"stage={stage}").train.loss_chunk_length == 256
+    # 32k vocabularies: whole logits (chunked, Vicuna stage 3 on 8 H100s peaked higher)
+    assert leo_mini_vicuna_7b.get_config(f"stage={stage}").train.loss_chunk_length == 0
+  assert tiny.get_config().train.loss_chunk_length == 0
