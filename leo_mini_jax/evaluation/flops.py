@@ -115,7 +115,8 @@ def component_of(name_stack: str, expand: tuple[str, ...] = ("vision",)) -> str:
   'LeoMini.prefill/LeoMini.encode_images/vision/clip/tower/...' → 'vision/clip' (scopes in
   `expand` take their child's name too: one entry per vision expert), 'llm.prefill/...' →
   'llm'. Segments are module names or `name.method` frames; `Class.method` frames of the
-  unnamed top-level module and jax transform frames are skipped. No scope → 'other'.
+  unnamed top-level module, jax transform frames and a module's calls of its own methods
+  ('vision/vision._encode/clip' → 'vision/clip') are skipped. No scope → 'other'.
   """
   names = []
   for segment in name_stack.split("/"):
@@ -123,6 +124,8 @@ def component_of(name_stack: str, expand: tuple[str, ...] = ("vision",)) -> str:
     head, dot, _ = segment.partition(".")
     if not re.fullmatch(r"[A-Za-z_]\w*", head) or (dot and head[0].isupper()):
       continue  # top-level Class.method frames, jit(...)/vmap(...) and other transforms
+    if dot and names and names[-1] == head:
+      continue  # the module already named calling one of its own methods
     names.append(head)
   if not names:
     return OTHER

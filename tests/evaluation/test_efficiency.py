@@ -77,6 +77,9 @@ def test_component_of_reads_flax_scopes():
                             "bqn,bnd->bqd") == "reducer"
   assert flops.component_of("LeoMini.prefill/LeoMini._inputs") == "other"
   assert flops.component_of("") == "other"
+  # VisionExperts calls its own _encode (inside the passes' scan or not).
+  assert flops.component_of("LeoMini.prefill/LeoMini.encode_images/vision/vision._encode/clip/"
+                            "tower/patch_embedding") == "vision/clip"
 
 
 def _model_config(arg="stage=3,tokens=4", scan_layers=True):
