@@ -25,6 +25,7 @@ from leo_mini_jax.models import projector as projector_lib
 from leo_mini_jax.models import reducers as reducers_lib
 from leo_mini_jax.models import sequence as sequence_lib
 from leo_mini_jax.models.vision import experts as experts_lib
+from leo_mini_jax.parallel import strided
 
 Array = jax.Array
 
@@ -121,15 +122,14 @@ class VisionExperts(nn.Module):
     passes = math.gcd(images.shape[0], self.passes)
     if passes == 1 or self.is_initializing():
       return self._encode(images)
-    # Pass p takes images p, p + passes, ...: a batch sharded in contiguous blocks keeps
-    # each pass spread over all of its devices (no image moves between devices).
-    per_pass = images.reshape((images.shape[0] // passes, passes) + images.shape[1:])
-    per_pass = nn.with_logical_constraint(
-        per_pass.swapaxes(0, 1), (None, "activation_batch", None, None, None))
+    # Pass p takes images p, p + passes, ... (parallel/strided.py): each pass stays spread
+    # over all of the batch's devices, and no image moves between devices.
+    per_pass = nn.with_logical_constraint(strided.strided_split(images, passes),
+                                          (None, "activation_batch", None, None, None))
     encode = nn.scan(lambda module, carry, chunk: (carry, module._encode(chunk)),  # pylint: disable=protected-access
                      variable_broadcast="params", split_rngs={"params": False})
     _, features = encode(self, None, per_pass)
-    return [f.swapaxes(0, 1).reshape((images.shape[0],) + f.shape[2:]) for f in features]
+    return [strided.strided_merge(f) for f in features]
 
 
 class LeoMini(nn.Module):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from leo_mini_jax.parallel import strided
 from leo_mini_jax.training import optimizer as optimizer_lib
 
 
@@ -84,18 +85,13 @@ def num_examples(batch: dict) -> jax.Array:
 
 def split_micro(batch: dict, steps: int) -> dict:
   """[N, ...] leaves → [steps, N / steps, ...]; micro-batch m holds rows m, m + steps, ...
-
-  Strided, not contiguous blocks: the global batch is sharded over the data-parallel
-  devices in contiguous row blocks, so contiguous micro-batches would each sit on
-  1/steps of the devices (the rest idle, plus resharding). With N / devices divisible by
-  `steps`, every strided micro-batch keeps N / (steps · devices) rows on each device, and
-  the reshape splits no device's block (no communication).
+  (strided, so each micro-batch stays on every data-parallel device: parallel/strided.py).
   """
   def split(x):
     if x.shape[0] % steps:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by "
                        f"optimizer.grad_accum_steps={steps}")
-    return jnp.swapaxes(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 0, 1)
+    return strided.strided_split(x, steps)
   return jax.tree.map(split, batch)
 
 
