@@ -12,6 +12,7 @@ from scipy.special import erf
 
 from leo_mini_jax.models.vision.clip import ClipConfig, ClipVisionTower
 from leo_mini_jax.models.vision.positions import interpolate_patch_positions, torch_bicubic_matrix
+from tests.models.vision import tower_params
 
 
 @pytest.fixture(autouse=True)
@@ -26,15 +27,8 @@ TINY = ClipConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size
 
 
 def random_params(config, seed=0):
-  """Initialised parameters with every leaf replaced by noise (no all-ones / all-zeros)."""
-  pixels = jnp.zeros((1, config.image_size, config.image_size, 3))
-  params = nn.meta.unbox(ClipVisionTower(config).init(jax.random.key(seed), pixels)["params"])
-  rng = np.random.default_rng(seed)
-
-  def noise(path, leaf):
-    base = 1.0 if path[-1].key == "scale" else 0.0
-    return jnp.asarray(base + 0.3 * rng.standard_normal(leaf.shape), jnp.float32)
-  return jax.tree_util.tree_map_with_path(noise, params)
+  return tower_params.noise_params(ClipVisionTower(config), jnp.zeros((1, config.image_size, config.image_size, 3)), seed,
+                                   scale=0.3)
 
 
 # ---------------------------------------------------------------- NumPy references
@@ -122,7 +116,9 @@ def reference_clip(params, pixels, cfg):
 def test_output_shape(cls_token, image_size):
   cfg = dataclasses.replace(TINY, cls_token=cls_token, image_size=image_size)
   pixels = jnp.zeros((2, image_size, image_size, 3))
-  out = ClipVisionTower(cfg).apply({"params": random_params(TINY)}, pixels)
+  # Shapes only: traced, not run (the parity tests run the tower).
+  out = jax.eval_shape(lambda p, x: ClipVisionTower(cfg).apply({"params": p}, x),
+                       random_params(TINY), pixels)
   grid = image_size // 8
   assert out.shape == (2, grid * grid, 32)
   assert cfg.output_grid == (grid, grid) and cfg.feature_dim == 32

@@ -10,6 +10,7 @@ import pytest
 from scipy.special import erf
 
 from leo_mini_jax.models.vision.convnext import ConvNextConfig, ConvNextTower
+from tests.models.vision import tower_params
 
 
 @pytest.fixture(autouse=True)
@@ -23,14 +24,8 @@ TINY = ConvNextConfig(image_size=64, dims=(8, 16, 32, 64), depths=(1, 1, 2, 1))
 
 
 def random_params(config, seed=0):
-  pixels = jnp.zeros((1, config.image_size, config.image_size, 3))
-  params = nn.meta.unbox(ConvNextTower(config).init(jax.random.key(seed), pixels)["params"])
-  rng = np.random.default_rng(seed)
-
-  def noise(path, leaf):
-    base = 1.0 if path[-1].key == "scale" else 0.0
-    return jnp.asarray(base + 0.2 * rng.standard_normal(leaf.shape), jnp.float32)
-  return jax.tree_util.tree_map_with_path(noise, params)
+  return tower_params.noise_params(ConvNextTower(config), jnp.zeros((1, config.image_size, config.image_size, 3)), seed,
+                                   scale=0.2)
 
 
 def np_layer_norm(x, p, eps):
@@ -84,8 +79,9 @@ def reference_convnext(params, pixels, cfg):
 @pytest.mark.parametrize("image_size", [64, 96])
 def test_output_shape(image_size):
   cfg = dataclasses.replace(TINY, image_size=image_size)
-  out = ConvNextTower(cfg).apply({"params": random_params(TINY)},
-                                 jnp.zeros((2, image_size, image_size, 3)))
+  # Shapes only: traced, not run (the parity tests run the tower).
+  out = jax.eval_shape(lambda p, x: ConvNextTower(cfg).apply({"params": p}, x),
+                       random_params(TINY), jnp.zeros((2, image_size, image_size, 3)))
   side = image_size // 32
   assert out.shape == (2, side * side, 64)
   assert cfg.output_grid == (side, side) and cfg.feature_dim == 64

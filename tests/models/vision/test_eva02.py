@@ -9,6 +9,7 @@ import pytest
 from leo_mini_jax.models.vision.eva02 import (EVA02_L_WINDOW_BLOCKS, Eva02Config, Eva02Tower,
                                               rope_tables, window_partition,
                                               window_unpartition)
+from tests.models.vision import tower_params
 
 
 @pytest.fixture(autouse=True)
@@ -26,16 +27,8 @@ TINY = Eva02Config(image_size=96, patch_size=16, hidden_size=32, intermediate_si
 
 
 def random_params(config, seed=0):
-  """Parameters of the tower's shapes, every leaf noise."""
-  pixels = jnp.zeros((1, config.image_size, config.image_size, 3))
-  params = nn.meta.unbox(jax.eval_shape(
-      lambda: Eva02Tower(config).init(jax.random.key(seed), pixels))["params"])
-  rng = np.random.default_rng(seed)
-
-  def noise(path, leaf):
-    base = 1.0 if path[-1].key == "scale" else 0.0
-    return jnp.asarray(base + 0.1 * rng.standard_normal(leaf.shape), jnp.float32)
-  return jax.tree_util.tree_map_with_path(noise, params)
+  return tower_params.noise_params(Eva02Tower(config), jnp.zeros((1, config.image_size, config.image_size, 3)), seed,
+                                   scale=0.1)
 
 
 def unstack(params, config):

@@ -11,6 +11,7 @@ import pytest
 
 from leo_mini_jax.models.vision import pix2struct as p2s
 from leo_mini_jax.models.vision.experts import build_expert, registered_experts
+from tests.models.vision import tower_params
 
 
 @pytest.fixture(autouse=True)
@@ -28,16 +29,8 @@ TINY_RESIZED = dataclasses.replace(TINY, image_size=32)
 
 
 def random_params(config, seed=0):
-  """Initialised parameters with every leaf replaced by noise (no all-ones / all-zeros)."""
-  pixels = jnp.zeros((1, config.input_size, config.input_size, 3))
-  params = nn.meta.unbox(jax.eval_shape(p2s.Pix2StructTower(config).init, jax.random.key(seed),
-                                        pixels)["params"])
-  rng = np.random.default_rng(seed)
-
-  def noise(path, leaf):
-    base = 1.0 if path[-1].key == "scale" else 0.0
-    return jnp.asarray(base + 0.3 * rng.standard_normal(leaf.shape), jnp.float32)
-  return jax.tree_util.tree_map_with_path(noise, params)
+  return tower_params.noise_params(p2s.Pix2StructTower(config), jnp.zeros((1, config.input_size, config.input_size, 3)), seed,
+                                   scale=0.3)
 
 
 def apply(module, params, *args):

@@ -11,6 +11,7 @@ import pytest
 from leo_mini_jax.models.vision import experts
 from leo_mini_jax.models.vision import sam as sam_lib
 from leo_mini_jax.models.vision.sam import SamConfig, SamVisionTower
+from tests.models.vision import tower_params
 
 
 @pytest.fixture(autouse=True)
@@ -25,15 +26,8 @@ TINY = SamConfig(image_size=48, patch_size=8, hidden_size=16, mlp_dim=32, num_la
 
 
 def random_params(config, seed=0):
-  """Initialised parameters with every leaf replaced by noise (no all-ones / all-zeros)."""
-  pixels = jnp.zeros((1, config.image_size, config.image_size, 3))
-  params = nn.meta.unbox(SamVisionTower(config).init(jax.random.key(seed), pixels)["params"])
-  rng = np.random.default_rng(seed)
-
-  def noise(path, leaf):
-    base = 1.0 if path[-1].key == "scale" else 0.0
-    return jnp.asarray(base + 0.3 * rng.standard_normal(leaf.shape), jnp.float32)
-  return jax.tree_util.tree_map_with_path(noise, params)
+  return tower_params.noise_params(SamVisionTower(config), jnp.zeros((1, config.image_size, config.image_size, 3)), seed,
+                                   scale=0.3)
 
 
 def pixels(config, batch=2, seed=1):
@@ -44,7 +38,9 @@ def pixels(config, batch=2, seed=1):
 @pytest.mark.parametrize("neck,tokens,dim", [("hf", 36, 4), ("eagle", 9, 16)])
 def test_output_shape(neck, tokens, dim):
   cfg = dataclasses.replace(TINY, neck=neck)
-  out = SamVisionTower(cfg).apply({"params": random_params(cfg)}, pixels(cfg))
+  # Shapes only: traced, not run (the parity tests run the tower).
+  out = jax.eval_shape(lambda p, x: SamVisionTower(cfg).apply({"params": p}, x),
+                       random_params(cfg), pixels(cfg))
   assert out.shape == (2, tokens, dim)
   assert cfg.output_grid[0] * cfg.output_grid[1] == tokens and cfg.feature_dim == dim
 
