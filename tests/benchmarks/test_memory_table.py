@@ -34,6 +34,10 @@ def test_rows_run_gpus_first_and_wide_slices_split_tensor():
   assert "--fit" in command and not any(c.startswith("--fit_start") for c in command)
   assert "--fit_start=16" in memory_table.scale_command("vicuna_7b-s3-v5e-8", "x.jsonl")
   assert "--fit_start=1" in memory_table.scale_command("vicuna_7b-s3-h100x8", "x.jsonl")
+  # The first matching guess wins: Vicuna's stages 1-2 before every v5p-8 row.
+  assert "--fit_start=4" in memory_table.scale_command("vicuna_7b-s2-v5p-8", "x.jsonl")
+  assert "--fit_start=2" in memory_table.scale_command("vicuna_7b-s3-v5p-8", "x.jsonl")
+  assert "--fit_start=2" in memory_table.scale_command("llama3_8b-s1-v5p-8", "x.jsonl")
 
 
 def test_summary_is_the_smallest_accumulation_that_fits_and_says_if_it_is_proven():
