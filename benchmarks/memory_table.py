@@ -58,7 +58,7 @@ ORDER = ["*-h100x8", "*-h100x64", "llama3_8b-s3-v5e-8", "llama3_8b-s3-v5e-64",
 # The first matching pattern wins. v5p-8 guesses scale the 8×H100 results to 4 chips.
 START = {"*-s3-h100x8": 1, "*-s2-h100x8": 1, "*-s1-h100x8": 1, "*-s3-v5e-8": 16,
          "*-s2-v5e-8": 16, "*-s1-v5e-8": 4, "vicuna_7b-s[12]-v5p-8": 4, "*-v5p-8": 2,
-         "*-v5p-64": 1}
+         "*-v5p-64": 1, "*-v5e-256": 1, "*-v6e-*": 1}
 
 
 def define_flags():
