@@ -195,14 +195,22 @@ def mesh_text(mesh: dict) -> str:
   return " × ".join(f"{axis} {size}" for axis, size in mesh.items() if size > 1) or "1"
 
 
-def versions() -> str:
+def installed() -> list[str]:
   found = []
   for package in ("jax", "libtpu", "jax-cuda12-plugin"):
     try:
       found.append(f"{package} {importlib.metadata.version(package)}")
     except importlib.metadata.PackageNotFoundError:
       pass
-  return ", ".join(found)
+  return found
+
+
+def verdict_text(line: dict, compilers: list[str]) -> str:
+  """The verdict, naming the compiler where it is not the installed one (TPU_LIBRARY_PATH)."""
+  compiler = line.get("compiler")
+  if compiler and compiler not in compilers:
+    return f"{line['verdict']} ({compiler})"
+  return line["verdict"]
 
 
 def table(out: str) -> str:
@@ -211,6 +219,7 @@ def table(out: str) -> str:
       "| memory | verdict |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   missing = []
+  compilers = installed()
   for key in row_keys():
     path = os.path.join(out, key + ".jsonl")
     if not os.path.exists(path):
@@ -229,9 +238,10 @@ def table(out: str) -> str:
         f"{slice_label(slice_, line['devices'])} | "
         f"{mesh_text(line['mesh'])} | {line['grad_accum_steps']} | {gib(line['params'])} | "
         f"{gib(line['optimizer'])} | {text['temp']} | {gib(line.get('peak'))} | "
-        f"{text['total']} | {gib(line['memory'])} | {line['verdict']} |")
+        f"{text['total']} | {gib(line['memory'])} | {verdict_text(line, compilers)} |")
   lines.append("")
-  lines.append(f"Per device, GiB; {versions()}. Not compiled: {not_compiled(missing)}.")
+  lines.append(f"Per device, GiB; {', '.join(compilers)} (a verdict names the compiler "
+               f"where another was used). Not compiled: {not_compiled(missing)}.")
   return "\n".join(lines) + "\n"
 
 

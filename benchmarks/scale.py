@@ -88,7 +88,8 @@ def print_row(row: dict) -> None:
   print(f"{row['target']} ({row['device_kind']}), {row['devices']} devices, mesh "
         f"{row['mesh']}, stage {row['stage']}, global batch {row['batch_size']} (accum "
         f"{row['grad_accum_steps']}), max_length {row['max_length']}, llm remat "
-        f"{row['remat_policy']}, compiled in {row['compile_seconds']:.0f} s")
+        f"{row['remat_policy']}, compiled by {row.get('compiler', '?')} in "
+        f"{row['compile_seconds']:.0f} s")
   print("per device:  " + "  ".join(
       f"{name} {human(row.get(name))}"
       for name in ("params", "optimizer", "batch", "temp", "total", "peak", "memory"))

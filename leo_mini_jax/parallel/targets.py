@@ -15,6 +15,8 @@ jax would try to start the TPU / CUDA runtimes this machine does not have.
 """
 
 import dataclasses
+import glob
+import importlib.metadata
 import os
 import re
 
@@ -40,6 +42,7 @@ class Target:
   device_kind: str
   memory_bytes: int | None   # per device; None: not known (fake CPU devices)
   compiler_options: dict = dataclasses.field(default_factory=dict)
+  compiler: str = ""         # what compiled it, e.g. 'libtpu 0.0.42.1'
 
 
 def use_host_cpu() -> None:
@@ -50,6 +53,29 @@ def use_host_cpu() -> None:
   """
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   jax.config.update("jax_platforms", "cpu")
+
+
+def package_version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def tpu_compiler() -> str:
+  """'libtpu 0.0.42.1': the libtpu jax loads, TPU_LIBRARY_PATH's where that is set.
+
+  A libtpu other than the installed one is used by pointing TPU_LIBRARY_PATH at the
+  libtpu.so of an unpacked wheel, whose dist-info folder names its version.
+  """
+  path = os.environ.get("TPU_LIBRARY_PATH")
+  if not path:
+    return f"libtpu {package_version('libtpu')}"
+  wheel_root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  infos = glob.glob(os.path.join(wheel_root, "libtpu-*.dist-info"))
+  if len(infos) == 1:
+    return "libtpu " + os.path.basename(infos[0])[len("libtpu-"):-len(".dist-info")]
+  return f"libtpu at {path}"
 
 
 def gpu_spec_text(gpu: str) -> str:
@@ -88,7 +114,8 @@ def tpu_target(topology: str, chip_config: str = "default", slices: int = 1) -> 
     kwargs["num_slices"] = slices
   devices = list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
   name = topology + (f" x{slices} slices" if slices > 1 else "")
-  return Target(name, "tpu", devices, devices[0].device_kind, tpu_memory_bytes(devices))
+  return Target(name, "tpu", devices, devices[0].device_kind, tpu_memory_bytes(devices),
+                compiler=tpu_compiler())
 
 
 def gpu_memory_fraction() -> float:
@@ -108,7 +135,8 @@ def gpu_target(gpu: str, topology: str) -> Target:
       "", "cuda", target_config=spec, topology=topology).devices)
   return Target(f"{gpu} {topology}", "gpu", devices, devices[0].device_kind,
                 int(gpu_memory_bytes(spec) * gpu_memory_fraction()),
-                dict(GPU_COMPILER_OPTIONS))
+                dict(GPU_COMPILER_OPTIONS),
+                compiler=f"jax-cuda12-plugin {package_version('jax-cuda12-plugin')}")
 
 
 def cpu_target(count: int | None = None) -> Target:
@@ -119,7 +147,8 @@ def cpu_target(count: int | None = None) -> Target:
       raise ValueError(f"{count} CPU devices asked for, {len(devices)} exist (set "
                        "jax_num_cpu_devices before jax starts)")
     devices = devices[:count]
-  return Target(f"cpu x{len(devices)}", "cpu", devices, devices[0].device_kind, None)
+  return Target(f"cpu x{len(devices)}", "cpu", devices, devices[0].device_kind, None,
+                compiler=f"XLA:CPU (jaxlib {package_version('jaxlib')})")
 
 
 def make_target(topology: str = "", gpu: str = "", devices: int | None = None,

@@ -31,7 +31,9 @@ def test_rows_run_gpus_first_and_wide_slices_split_tensor():
   command = memory_table.scale_command("llama3_8b-s3-v5e-256", "x.jsonl")
   assert "--mesh=fsdp=128,tensor=2" in command and "--topology" in command
   assert "--config=configs/leo_mini_llama3_8b.py:stage=3" in command
-  assert "--fit" in command and not any(c.startswith("--fit_start") for c in command)
+  assert "--fit" in command and "--fit_start=1" in command
+  assert not any(c.startswith("--fit_start")
+                 for c in memory_table.scale_command("llama3_8b-s3-v5e-64", "x.jsonl"))
   assert "--fit_start=16" in memory_table.scale_command("vicuna_7b-s3-v5e-8", "x.jsonl")
   assert "--fit_start=1" in memory_table.scale_command("vicuna_7b-s3-h100x8", "x.jsonl")
   # The first matching guess wins: Vicuna's stages 1-2 before every v5p-8 row.
@@ -71,8 +73,13 @@ def test_table_from_results_into_docs(tmp_path):
       f.write(json.dumps(row) + "\n")
   with open(out / "llama3_8b-s2-v5e-8.jsonl", "w") as f:
     f.write(json.dumps(_row(16, False, error="required for HLO temporaries (29.7G) exceeds")) + "\n")
+  # Compiled by a libtpu other than the installed one (TPU_LIBRARY_PATH): the verdict says so.
+  with open(out / "llama3_8b-s1-v5e-8.jsonl", "w") as f:
+    f.write(json.dumps(_row(16, True, compiler="libtpu 9.9.9")) + "\n")
   text = memory_table.table(str(out))
   lines = text.splitlines()
+  assert lines[2].endswith("| fits (smaller accum not tried) (libtpu 9.9.9) |")
+  del lines[2]
   assert lines[2] == ("| Llama-3-8B | 2 | v5e-8 | fsdp 8 | 16 | 5.0 | 0.2 | 29.7 needed | – | "
                       "– | 16.0 | does not fit at any accum |")
   assert lines[3] == ("| Llama-3-8B | 3 | v5e-8 | fsdp 8 | 16 | 5.0 | 0.2 | 8.0 | 12.0 "
@@ -83,7 +90,7 @@ def test_table_from_results_into_docs(tmp_path):
   assert (memory_table.stage_label(3, {"images_per_row": 4, "vision_passes": 4})
           == "3 (packed, 4 images, 4 expert passes)")
   assert memory_table.slice_label("v5p-8", 4) == "v5p-8 (4 chips)"
-  assert "Not compiled: h100x8 (all), h100x64 (all), v5e-8 (Llama-3-8B s1, Vicuna-7B s1, "\
+  assert "Not compiled: h100x8 (all), h100x64 (all), v5e-8 (Vicuna-7B s1, "\
       "Vicuna-7B s2, Vicuna-7B s3), v5e-64 (all)" in text
   docs = tmp_path / "scale.md"
   docs.write_text(f"before\n{memory_table.DOCS_START}\nold\n{memory_table.DOCS_END}\nafter\n")

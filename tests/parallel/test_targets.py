@@ -111,6 +111,7 @@ def test_h100_tiny_train_step_uses_cudnn_in_llm_and_clip(h100_tiny_step):
 def test_h100_measure_reports_the_compilers_memory(h100_tiny_step):
   row, _ = h100_tiny_step
   assert row["device_kind"] == "NVIDIA H100 80GB HBM3"
+  assert row["compiler"] == f"jax-cuda12-plugin {targets.package_version('jax-cuda12-plugin')}"
   assert row["memory"] == int(84942979072 * targets.gpu_memory_fraction())
   assert row["fits"] is True
   assert 0 < row["peak"] < 1 * GIB and row["temp"] > 0
@@ -126,6 +127,7 @@ def test_tpu_v5e_measure_and_attention_stays_xla():
   row = aot.measure(config, mesh, top=2, target=target)
   assert row["fits"] is True and row["devices"] == 4
   assert row["device_kind"] == "TPU v5 lite" and row["memory"] == 16 * GIB
+  assert row["compiler"] == targets.tpu_compiler() != "libtpu unknown"
   assert row["params"] + row["optimizer"] <= row["total"] < 1 * GIB
   assert row["peak"] < 1 * GIB
 
@@ -168,6 +170,18 @@ def test_multi_slice_tpu_target_puts_slices_on_data():
   mesh = aot.target_mesh(tiny_bf16(), two, {"fsdp": -1})
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   assert target.memory_bytes == two.memory_bytes
+
+
+def test_tpu_compiler_names_the_libtpu_that_tpu_library_path_loads(tmp_path, monkeypatch):
+  monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+  assert targets.tpu_compiler() == f"libtpu {targets.package_version('libtpu')}"
+  # An unpacked wheel: <root>/libtpu/libtpu.so beside <root>/libtpu-<version>.dist-info.
+  (tmp_path / "libtpu").mkdir()
+  (tmp_path / "libtpu-0.0.43.2.dist-info").mkdir()
+  monkeypatch.setenv("TPU_LIBRARY_PATH", str(tmp_path / "libtpu" / "libtpu.so"))
+  assert targets.tpu_compiler() == "libtpu 0.0.43.2"
+  monkeypatch.setenv("TPU_LIBRARY_PATH", "/elsewhere/libtpu.so")
+  assert targets.tpu_compiler() == "libtpu at /elsewhere/libtpu.so"
 
 
 # ------------------------------------------------------------------------------ fit
