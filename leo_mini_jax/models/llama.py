@@ -3,12 +3,7 @@
 RMSNorm, rotary embeddings in HF's rotate-half layout (HF q/k weights need no
 permutation), grouped-query attention through `jax.nn.dot_product_attention`, SwiGLU MLP,
 layers under `nn.scan` with an `nn.remat` policy, and a KV cache driven by two pure
-functions: `prefill` and `decode_step`.
-
-The KV cache [layers, B, S, Hkv, Dh] travels through the layer scan as part of the carry
-and each layer writes its own slots in place (a dynamic-update-slice at prefill, a
-scatter of one token per row at decode). Passing it as scanned input/output instead
-would copy the whole cache through the scan on every generated token.
+functions: `prefill` and `decode_step` (the cache's layout: `models/kv_cache.py`).
 
 LM logits come out in float32 (the LM head's matmul accumulates and returns float32 via
 `preferred_element_type`) whatever the compute dtype, so the cross-entropy over a large
@@ -24,7 +19,6 @@ which keeps 'auto' off cuDNN).
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from leo_mini_jax.models import attention as attention_lib
+from leo_mini_jax.models import kv_cache
 from leo_mini_jax.models import layers
 from leo_mini_jax.models import mmoe as mmoe_lib
 from leo_mini_jax.models import rotary
@@ -39,7 +34,6 @@ from leo_mini_jax.parallel import mesh as mesh_lib
 
 Array = jax.Array
 RopeScaling = rotary.RopeScaling
-apply_rotary = rotary.apply_rotary
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation
@@ -48,7 +42,6 @@ REMAT_POLICIES = {
     "dots_no_batch": "checkpoint_dots_with_no_batch_dims",
     "everything": "everything_saveable",
 }
-ATTENTION_IMPLEMENTATIONS = attention_lib.IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,26 +175,17 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(
         k, ("activation_batch", "activation_length", "activation_kv_heads", None))
     inv_freq = rope_inverse_frequencies(cfg)
-    q = apply_rotary(q, positions, inv_freq)
-    k = apply_rotary(k, positions, inv_freq)
+    q = rotary.apply_rotary(q, positions, inv_freq)
+    k = rotary.apply_rotary(k, positions, inv_freq)
 
     attend = functools.partial(attention_lib.dot_product_attention, impl=cfg.attention_impl)
     if cache is None:  # packed rows: splash takes segment ids, XLA a block-diagonal mask
       out, new_cache = attend(q, k, v, is_causal=True, segment_ids=segment_ids), None
     elif cache_lengths is None:  # prefill: attend causally, store the keys and values
       out = attend(q, k, v, is_causal=True)
-      new_cache = {
-          name: jax.lax.dynamic_update_slice(
-              cache[name], t.astype(cache[name].dtype)[None], (layer, 0, 0, 0, 0))
-          for name, t in (("k", k), ("v", v))
-      }
+      new_cache = kv_cache.write_prompt(cache, layer, k, v)
     else:  # decode: row b's new token goes to slot cache_lengths[b] (a scatter, in place)
-      rows = jnp.arange(batch)[:, None]
-      slots = cache_lengths[:, None] + jnp.arange(length)[None, :]
-      new_cache = {
-          name: cache[name].at[layer, rows, slots].set(t.astype(cache[name].dtype))
-          for name, t in (("k", k), ("v", v))
-      }
+      new_cache = kv_cache.append(cache, layer, cache_lengths, k, v)
       out = attend(q, new_cache["k"][layer].astype(dt), new_cache["v"][layer].astype(dt),
                    key_value_seq_lengths=cache_lengths + length)
     out = out.reshape(batch, length, heads * head_dim)
@@ -400,8 +384,8 @@ class LlamaForCausalLM(nn.Module):
     batch, length = inputs_embeds.shape[:2]
     token_mask = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
     hidden, positions, token_mask = self._prepare(inputs_embeds, None, token_mask)
-    shape = (cfg.num_layers, batch, cache_size, cfg.kv_heads, cfg.dim_per_head)
-    empty = {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+    empty = kv_cache.empty(cfg.num_layers, batch, cache_size, cfg.kv_heads,
+                           cfg.dim_per_head, cfg.compute_dtype)
     hidden, cache, aux = self.decoder(hidden, positions, router_context, token_mask, None,
                                       empty)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
@@ -430,7 +414,3 @@ def routing_of(layer_aux: dict[str, Array]) -> dict[str, Array]:
   """The decoder's per-layer MMoE outputs without the balance loss (a training term):
   top_expert [layers, B, T] and expert_fraction [layers, E]; {} without MMoE."""
   return {k: v for k, v in layer_aux.items() if k != "balance_loss"}
-
-
-def count_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
