@@ -133,8 +133,10 @@ def test_remat_gives_the_same_values_and_gradients():
   value, grads = jax.value_and_grad(loss(TINY))(params)
   value_r, grads_r = jax.value_and_grad(loss(dataclasses.replace(TINY, remat=True)))(params)
   np.testing.assert_allclose(float(value_r), float(value), rtol=1e-6)
+  # Recomputing the blocks changes the order of float32 operations: gradients of O(1)
+  # differ by up to ~2e-6 (a wrong recomputation would differ by O(1)).
   for a, b in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_registered_expert_builds_the_paper_variant():
