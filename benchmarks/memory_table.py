@@ -15,7 +15,6 @@ A GPU compile of the 8B step takes ~1 minute on 2 cores, a TPU one 5-15 minutes.
 
 import fnmatch
 import glob
-import importlib.metadata
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from absl import app
 from absl import flags
 
 from configs import common
+from leo_mini_jax.parallel import targets
 
 FLAGS = flags.FLAGS
 GIB = 2.0**30
@@ -196,13 +196,9 @@ def mesh_text(mesh: dict) -> str:
 
 
 def installed() -> list[str]:
-  found = []
-  for package in ("jax", "libtpu", "jax-cuda12-plugin"):
-    try:
-      found.append(f"{package} {importlib.metadata.version(package)}")
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return found
+  """'jax 0.10.2', 'libtpu 0.0.42.1', ...: the compilers installed here."""
+  versions = {p: targets.package_version(p) for p in ("jax", "libtpu", "jax-cuda12-plugin")}
+  return [f"{p} {v}" for p, v in versions.items() if v != "unknown"]
 
 
 def verdict_text(line: dict, compilers: list[str]) -> str:
